@@ -1,0 +1,57 @@
+"""Atomic output: write to a temporary sibling, then rename over the target.
+
+A reader never sees a half-written file, and an interrupted writer leaves the previous good
+output (if any) untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+@contextmanager
+def atomic_path(target: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to `target`; on success it replaces `target`, on error it is removed.
+
+    `suffix` lets writers that infer the format from the extension (e.g. matplotlib) see the right one.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix or target.suffix + ".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes_atomic(target: str | Path, data: bytes) -> None:
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(target: str | Path, text: str) -> None:
+    write_bytes_atomic(target, text.encode("utf-8"))
+
+
+def write_json_atomic(target: str | Path, obj: Any, indent: int | None = None) -> None:
+    """Serialise `obj` deterministically (sorted keys are NOT forced; dict order is kept)."""
+    text = json.dumps(obj, indent=indent, separators=(",", ":") if indent is None else None)
+    write_text_atomic(target, text + "\n")
+
+
+def write_with_atomic(target: str | Path, writer: Callable[[Path], None]) -> None:
+    """Call `writer(tmp_path)` and move the result onto `target` atomically."""
+    with atomic_path(target) as tmp:
+        writer(tmp)

@@ -1,0 +1,81 @@
+"""`pcbkit evaluate`: LVIS metrics of a results file against LVIS ground truth."""
+
+from __future__ import annotations
+
+import click
+
+METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+@click.command("evaluate")
+@click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False), help="LVIS annotation file (e.g. val.json).")
+@click.option("--results", "results_path", required=True, type=click.Path(dir_okay=False), help="LVIS results file (JSON list).")
+@click.option("--iou-type", type=click.Choice(["segm", "bbox", "both"]), default="both", show_default=True)
+@click.option("--fixed-ap", is_flag=True, help="Also report fixed AP (top 10,000 per class, no per-image cap).")
+@click.option("--workers", type=int, default=None, help="Worker processes for matching (default: CPUs, at most 8).")
+@click.option("--reference", is_flag=True, help="Evaluate with lvis-api itself (slow) instead of pcbkit's fast path.")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON here (atomically).")
+def evaluate_cmd(
+    gt_path: str,
+    results_path: str,
+    iou_type: str,
+    fixed_ap: bool,
+    workers: int | None,
+    reference: bool,
+    as_json: bool,
+    out: str | None,
+) -> None:
+    """Evaluate LVIS results: AP, AP50, AP75, APs/m/l, APr/c/f (mask) and APb (box)."""
+    import json
+    import time
+
+    from pcb_analysis.atomic import write_json_atomic
+    from pcb_analysis.errors import PcbkitError
+    from pcb_analysis.lvis_eval import evaluate, load_ground_truth, load_results
+
+    if workers is not None and workers < 1:
+        raise PcbkitError("--workers must be >= 1")
+    types = ("segm", "bbox") if iou_type == "both" else (iou_type,)
+    t0 = time.perf_counter()
+    gt = load_ground_truth(gt_path)
+    report: dict[str, dict[str, float]] = {}
+    for t in types:
+        if reference:
+            from pcb_analysis.lvis_compat import reference_evaluate
+
+            load_results(results_path, gt, t)  # same input checks as the fast path
+            report[t] = reference_evaluate(gt_path, results_path, t)
+            if fixed_ap:
+                raise PcbkitError("--fixed-ap is computed by pcbkit's evaluator only; drop --reference")
+        else:
+            report[t] = evaluate(gt, results_path, t, workers=workers)
+            if fixed_ap:
+                report[f"{t}_fixed"] = evaluate(gt, results_path, t, fixed=True, workers=workers)
+    elapsed = time.perf_counter() - t0
+    if out:
+        write_json_atomic(out, {"gt": gt_path, "results": results_path, "metrics": report}, indent=2)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(format_table(report))
+    click.echo(f"evaluated in {elapsed:.1f} s{' with lvis-api' if reference else ''}")
+
+
+def format_table(report: dict[str, dict[str, float]]) -> str:
+    """One row per evaluation: mask metrics, then APb (box AP) when a bbox evaluation is present."""
+    lines = []
+    header = f"{'eval':<12}" + "".join(f"{m:>8}" for m in METRIC_ORDER)
+    lines.append(header)
+    for name, metrics in report.items():
+        label = {"segm": "mask", "bbox": "box", "segm_fixed": "mask fixed", "bbox_fixed": "box fixed"}.get(name, name)
+        lines.append(f"{label:<12}" + "".join(_fmt(metrics.get(m)) for m in METRIC_ORDER))
+    if "bbox" in report:
+        lines.append(f"APb = {_fmt(report['bbox']['AP']).strip()}")
+    return "\n".join(lines)
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or v < 0:
+        return f"{'-':>8}"
+    return f"{100 * v:8.2f}"
