@@ -10,6 +10,7 @@ import click
 from pcb_analysis import __version__
 from pcb_analysis.errors import PcbkitError
 from pcbkit.cmd_evaluate import evaluate_cmd
+from pcbkit.cmd_plot_confusion import plot_confusion_cmd
 from pcbkit.cmd_synth import synth_cmd
 
 
@@ -26,6 +27,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(synth_cmd)
 cli.add_command(evaluate_cmd)
+cli.add_command(plot_confusion_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,403 @@
+"""Post-hoc calibration of detector scores (PCB_SPEC §3).
+
+R proposals, K foreground classes. `q` [R, K+1] are probabilities (softmax over all K+1 logits,
+background = column K). Calibration acts on the foreground distribution and keeps the background
+probability ("objectness"):
+
+    p  = q[:K] / sum(q[:K])             (= q[:K] / (1 - q[K]) for a normalised q)
+    p~ = f(p)
+    q~[:K] = (1 - q[K]) * p~,   q~[K] = q[K]        (rows of q~ sum to 1)
+
+with f from the literal table `CALIBRATORS`, each a plain function `f(p, operand) -> p~` on float64
+[R, K] rows, whose operand is prepared ONCE per statistic by the matching entry of `OPERANDS`:
+
+    none      p~ = p                                                 operand: none
+    ms        p~[j] ∝ p[j] / s[j],   s = diag(M)                     operand: 1 / s     [K]
+    cm        p~ = clip(p M^-1, 0), renormalised (p if all clip)     operand: M^-1      [K, K]
+    cm-bayes  p~[i] = sum_j p[j] M[i, j] / sum_k M[k, j]             operand: D[j, i] = M[i, j] / sum_k M[k, j]
+    norcal    p~[j] ∝ p[j] / freq[j]^gamma  (NorCal; equals logit adjustment on the foreground logits)
+
+`ridge` l shrinks the matrix toward the identity, M_l = (1 - l) M + l I, for every matrix statistic
+(ms, cm, cm-bayes), so "cm with a diagonal M equals ms" also holds with a ridge. A new statistic is
+one function in `CALIBRATORS` plus its operand builder in `OPERANDS`.
+
+`Calibrator.build(...)` prepares the operand once (the inverse of M is computed once, in float64,
+not per row or per image) and is then applied to any number of `q` (or logits) in row chunks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from pcb_analysis.errors import PcbkitError
+
+if TYPE_CHECKING:
+    from pcb_analysis.stats import ClassStats
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_ROWS = 4096  # float64 [4096, 1203] temporaries: ~40 MB each
+_MIN_SCORE = 1e-12  # floor of a mean score s[j] (only a hand-made matrix can have s[j] = 0)
+
+
+# ------------------------------------------------------------------------------ p -> p~
+
+
+def _renormalise(w: Tensor, fallback: Tensor) -> Tensor:
+    """Rows of w [R, K] scaled to sum 1; rows whose sum is <= 0 are replaced by `fallback`."""
+    total = w.sum(dim=1, keepdim=True)
+    ok = total > 0
+    return torch.where(ok, w / torch.where(ok, total, torch.ones_like(total)), fallback)
+
+
+def identity(p: Tensor, operand: Tensor | None = None) -> Tensor:
+    """`none`: p~ = p."""
+    return p
+
+
+def mean_score_correction(p: Tensor, inv_score: Tensor) -> Tensor:
+    """`ms`: p~[j] = (p[j] / s[j]) / sum_k (p[k] / s[k]); operand `inv_score` = 1 / s [K]."""
+    return _renormalise(p * inv_score, p)
+
+
+def confusion_inverse(p: Tensor, m_inv: Tensor) -> Tensor:
+    """`cm`: p~ = clip(p M^-1, 0) renormalised; rows where everything clips to 0 keep p. Operand M^-1 [K, K]."""
+    return _renormalise((p @ m_inv).clamp_(min=0.0), p)
+
+
+def confusion_bayes(p: Tensor, redistribution: Tensor) -> Tensor:
+    """`cm-bayes`: p~[i] = sum_j p[j] D[j, i] with D[j, i] = M[i, j] / sum_k M[k, j] (operand D [K, K])."""
+    return _renormalise(p @ redistribution, p)
+
+
+def frequency_correction(p: Tensor, weight: Tensor) -> Tensor:
+    """`norcal`: p~[j] ∝ p[j] * w[j] with w = freq^-gamma (operand w [K])."""
+    return _renormalise(p * weight, p)
+
+
+def norcal(p: Tensor, freq: Tensor, gamma: float = 1.0) -> Tensor:
+    """NorCal (Pan et al., NeurIPS 2021) on foreground probabilities p [R, K]: p~[j] ∝ p[j] / freq[j]^gamma."""
+    return frequency_correction(p.to(torch.float64), _frequency_weight(freq, gamma).to(p.device))
+
+
+def logit_adjust(logits: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:
+    """Logit adjustment (Menon et al., ICLR 2021) of the foreground logits: z[:K] - tau * log(prior).
+
+    logits [R, K+1] -> new [R, K+1]; the background logit is unchanged. The foreground-only softmax
+    of the result equals `norcal(p, prior, gamma=tau)`; unlike `calibrate`, a softmax over all K+1
+    adjusted logits also moves the background probability.
+    """
+    k = logits.shape[1] - 1
+    if prior.shape != (k,):
+        raise PcbkitError(f"logit_adjust: prior must be [K] = [{k}], got {list(prior.shape)}")
+    log_prior = torch.log(_positive_floor(prior.to(torch.float64))).to(logits.device)
+    out = logits.to(torch.promote_types(logits.dtype, torch.float32)).clone()
+    out[:, :k] -= float(tau) * log_prior.to(out.dtype)
+    return out
+
+
+CALIBRATORS: dict[str, Callable[[Tensor, Any], Tensor]] = {
+    "none": identity,
+    "ms": mean_score_correction,
+    "cm": confusion_inverse,
+    "cm-bayes": confusion_bayes,
+    "norcal": frequency_correction,
+}
+"""stat name -> f(p [R, K] float64, operand) -> p~ [R, K]."""
+
+
+# ------------------------------------------------------------------------------ operands
+
+
+@dataclass(frozen=True)
+class StatInputs:
+    """What the operand builders may use: the matrix M [K, K] float64 (ridge applied), the mean
+    score s [K] when only that was given, class frequencies [K] and gamma (NorCal)."""
+
+    num_classes: int
+    matrix: Tensor | None = None
+    score: Tensor | None = None
+    freq: Tensor | None = None
+    gamma: float = 1.0
+
+
+def _need_matrix(inp: StatInputs, stat: str) -> Tensor:
+    if inp.matrix is None:
+        raise PcbkitError(f"calibration {stat!r} needs a confusion matrix: pass a ClassStats or a [K, K] matrix")
+    return inp.matrix
+
+
+def _no_operand(inp: StatInputs) -> None:
+    return None
+
+
+def _mean_score_operand(inp: StatInputs) -> Tensor:
+    s = inp.score if inp.score is not None else torch.diagonal(_need_matrix(inp, "ms"))
+    if bool((s < _MIN_SCORE).any()):
+        logger.warning("ms: %d mean score(s) below %g floored (no positive mass on the true class)",
+                       int((s < _MIN_SCORE).sum()), _MIN_SCORE)
+    return 1.0 / s.clamp(min=_MIN_SCORE)
+
+
+def _inverse_operand(inp: StatInputs) -> Tensor:
+    m = _need_matrix(inp, "cm")
+    try:
+        inv = torch.linalg.inv(m)
+    except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
+        raise PcbkitError(f"cm: the confusion matrix is singular ({err}); use a ridge > 0 (e.g. 0.01)") from err
+    if not bool(torch.isfinite(inv).all()):
+        raise PcbkitError("cm: the inverse of the confusion matrix is not finite; use a ridge > 0 (e.g. 0.01)")
+    return inv
+
+
+def _bayes_operand(inp: StatInputs) -> Tensor:
+    m = _need_matrix(inp, "cm-bayes")
+    col = m.sum(dim=0)  # [K]: total mass predicted as j
+    empty = col <= 0
+    post = m / torch.where(empty, torch.ones_like(col), col)[None, :]  # post[i, j] = P(true i | predicted j)
+    if bool(empty.any()):  # no class ever predicted as j: keep its mass where it is (identity column)
+        eye = torch.eye(inp.num_classes, dtype=m.dtype, device=m.device)
+        post = torch.where(empty[None, :], eye, post)
+    return post.t().contiguous()  # D[j, i], so that p~ = p @ D
+
+
+def _frequency_weight(freq: Tensor, gamma: float) -> Tensor:
+    return _positive_floor(freq.to(torch.float64)).pow(-float(gamma))
+
+
+def _positive_floor(x: Tensor) -> Tensor:
+    """Zero (or negative) entries raised to the smallest positive entry (a class never seen in training)."""
+    if bool((x < 0).any()) or not bool(torch.isfinite(x).all()):
+        raise PcbkitError("class frequencies / priors must be finite and non-negative")
+    pos = x[x > 0]
+    if pos.numel() == 0:
+        raise PcbkitError("class frequencies / priors are all zero")
+    return x.clamp(min=float(pos.min()))
+
+
+def _norcal_operand(inp: StatInputs) -> Tensor:
+    if inp.freq is None:
+        raise PcbkitError("calibration 'norcal' needs class frequencies: pass freq= or a ClassStats whose "
+                          "category space has training image counts")
+    return _frequency_weight(inp.freq, inp.gamma)
+
+
+OPERANDS: dict[str, Callable[[StatInputs], Tensor | None]] = {
+    "none": _no_operand,
+    "ms": _mean_score_operand,
+    "cm": _inverse_operand,
+    "cm-bayes": _bayes_operand,
+    "norcal": _norcal_operand,
+}
+"""stat name -> builder of the operand its `CALIBRATORS` function takes (computed once)."""
+
+STATISTICS: tuple[str, ...] = tuple(CALIBRATORS)
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _check_matrix(m: Tensor, k: int | None) -> Tensor:
+    if m.dim() != 2 or m.shape[0] != m.shape[1]:
+        raise PcbkitError(f"confusion matrix must be [K, K], got {list(m.shape)}")
+    if k is not None and m.shape[0] != k:
+        raise PcbkitError(f"confusion matrix has K={m.shape[0]}, the scores have K={k}")
+    m = m.detach().to(torch.float64)
+    if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
+        raise PcbkitError("confusion matrix must be finite and non-negative")
+    worst = float((m.sum(dim=1) - 1).abs().max())
+    if worst > 1e-6:  # e.g. diag(s), the mean-score approximation of M: allowed, but say so
+        logger.warning("confusion matrix rows do not sum to 1 (worst off by %.3g); used as given", worst)
+    return m
+
+
+def _check_ridge(ridge: float) -> float:
+    lam = float(ridge)
+    if not 0.0 <= lam <= 1.0:  # also rejects NaN
+        raise PcbkitError(f"ridge must be in [0, 1], got {ridge}")
+    return lam
+
+
+def ridge_matrix(m: Tensor, ridge: float) -> Tensor:
+    """M_l = (1 - l) M + l I (l in [0, 1])."""
+    lam = _check_ridge(ridge)
+    if lam == 0.0:
+        return m
+    return (1.0 - lam) * m + lam * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+
+
+def _stat_inputs(
+    stats: ClassStats | Tensor | None,
+    k: int | None,
+    ridge: float,
+    freq: Tensor | None,
+    gamma: float,
+) -> StatInputs:
+    """Validate `stats` against K and turn it into operand-builder inputs (ridge applied)."""
+    from pcb_analysis.stats import ClassStats
+
+    lam = _check_ridge(ridge)
+    matrix = score = None
+    if isinstance(stats, ClassStats):
+        matrix = ridge_matrix(_check_matrix(stats.confusion(), k), lam)
+        if freq is None and stats.categories is not None and any(stats.categories.image_count):
+            freq = torch.tensor(stats.categories.image_count, dtype=torch.float64)
+    elif isinstance(stats, Tensor) and stats.dim() == 1:  # a mean-score vector s [K]
+        if k is not None and stats.shape[0] != k:
+            raise PcbkitError(f"mean score has K={stats.shape[0]}, the scores have K={k}")
+        score = stats.detach().to(torch.float64)
+        if not bool(torch.isfinite(score).all()) or bool((score < 0).any()) or bool((score > 1 + 1e-6).any()):
+            raise PcbkitError("mean score must be finite and in [0, 1]")
+        score = (1.0 - lam) * score + lam  # the diagonal of M_l
+    elif isinstance(stats, Tensor):
+        matrix = ridge_matrix(_check_matrix(stats, k), lam)
+    elif stats is not None:
+        raise PcbkitError(f"stats must be a ClassStats, a [K, K] matrix or a [K] mean score, got {type(stats).__name__}")
+    if k is None:
+        k = matrix.shape[0] if matrix is not None else score.shape[0] if score is not None else 0
+    if freq is not None:
+        freq = torch.as_tensor(freq).detach().to(torch.float64).flatten()
+        if k and freq.shape[0] != k:
+            raise PcbkitError(f"freq has {freq.shape[0]} entries, K={k}")
+    return StatInputs(num_classes=k, matrix=matrix, score=score, freq=freq, gamma=float(gamma))
+
+
+# ------------------------------------------------------------------------------ application
+
+
+@dataclass(frozen=True)
+class Calibrator:
+    """One statistic with its operand prepared once: `cal(q)` -> q~, `cal.from_logits(z)` -> q~."""
+
+    stat: str
+    num_classes: int
+    operand: Tensor | None
+
+    @classmethod
+    def build(
+        cls,
+        stat: str,
+        stats: ClassStats | Tensor | None = None,
+        ridge: float = 0.0,
+        *,
+        num_classes: int | None = None,
+        freq: Tensor | None = None,
+        gamma: float = 1.0,
+    ) -> Calibrator:
+        """Prepare `stat` from `stats` (a ClassStats, a row-normalised M [K, K], or a mean score s [K]).
+
+        `freq` (NorCal) defaults to the training image counts of `stats.categories`.
+        """
+        if stat not in CALIBRATORS:
+            raise PcbkitError(f"unknown calibration statistic {stat!r}; choose one of {', '.join(CALIBRATORS)}")
+        inp = _stat_inputs(stats, num_classes, ridge, freq, gamma)
+        k = num_classes if num_classes is not None else inp.num_classes
+        if stat != "none" and not k:
+            raise PcbkitError(f"calibration {stat!r} needs statistics (stats=...)")
+        return cls(stat=stat, num_classes=int(k), operand=OPERANDS[stat](inp))
+
+    def to(self, device: torch.device | str) -> Calibrator:
+        """A copy whose operand lives on `device` (move once, then calibrate many batches there)."""
+        op = self.operand.to(device) if self.operand is not None else None
+        return Calibrator(self.stat, self.num_classes, op)
+
+    def foreground(self, p: Tensor) -> Tensor:
+        """f(p): p [R, K] foreground distributions -> p~ [R, K] float64 (no chunking)."""
+        op = self.operand.to(p.device) if self.operand is not None else None
+        return CALIBRATORS[self.stat](p.to(torch.float64), op)
+
+    def _apply(self, q: Tensor) -> Tensor:
+        """One chunk: q [r, K+1] (any float dtype) -> q~ [r, K+1] float64."""
+        q = q.to(torch.float64)
+        k = q.shape[1] - 1
+        bg = q[:, k:]
+        fg = q[:, :k]
+        mass = fg.sum(dim=1, keepdim=True)
+        has = mass > 0
+        uniform = torch.full_like(fg, 1.0 / k)
+        p = torch.where(has, fg / torch.where(has, mass, torch.ones_like(mass)), uniform)  # q[K] = 1: no foreground
+        pt = self.foreground(p)
+        return torch.cat([(1.0 - bg).clamp(min=0.0) * pt, bg], dim=1)
+
+    def __call__(self, q: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+        """q [R, K+1] probabilities (background last) -> q~ [R, K+1] (float32, float64 for float64 q)."""
+        k = _check_scores(q, self.num_classes, "q")
+        lo, hi = torch.aminmax(q) if q.numel() else (torch.zeros(()), torch.zeros(()))
+        if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
+            raise PcbkitError("calibrate: q contains NaN/inf")
+        if float(lo) < -1e-6 or float(hi) > 1 + 1e-6:
+            raise PcbkitError(f"calibrate: q must be probabilities in [0, 1] (softmax over K+1={k + 1}); "
+                              f"got values in [{float(lo):.3g}, {float(hi):.3g}] (pass logits to from_logits)")
+        out = torch.empty(q.shape, dtype=_out_dtype(q), device=q.device)
+        for start in range(0, q.shape[0], max(1, int(chunk_rows))):
+            out[start : start + chunk_rows] = self._apply(q[start : start + chunk_rows])
+        return out
+
+    def from_logits(self, logits: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
+        """logits [R, K+1] (background last) -> q~ [R, K+1]: softmax over K+1 then calibration, in chunks."""
+        _check_scores(logits, self.num_classes, "logits")
+        out = torch.empty(logits.shape, dtype=_out_dtype(logits), device=logits.device)
+        for start in range(0, logits.shape[0], max(1, int(chunk_rows))):
+            z = logits[start : start + chunk_rows].to(torch.float64)
+            if not bool(torch.isfinite(z).all()):
+                bad = start + int((~torch.isfinite(z)).any(dim=1).nonzero()[0])
+                raise PcbkitError(f"calibrate: logits contain NaN/inf (first at row {bad})")
+            out[start : start + chunk_rows] = self._apply(torch.softmax(z, dim=1))
+        return out
+
+
+def _out_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_scores(t: Tensor, k: int, what: str) -> int:
+    if not isinstance(t, Tensor) or t.dim() != 2 or t.shape[1] < 2 or not t.is_floating_point():
+        shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise PcbkitError(f"calibrate: {what} must be a float tensor [R, K+1] with K >= 1, got {shape}")
+    if k and t.shape[1] != k + 1:
+        raise PcbkitError(f"calibrate: {what} have K={t.shape[1] - 1} foreground classes, the statistics K={k}")
+    return t.shape[1] - 1
+
+
+def calibrate(
+    q: Tensor,
+    stat: str,
+    stats: ClassStats | Tensor | None = None,
+    ridge: float = 0.0,
+    *,
+    freq: Tensor | None = None,
+    gamma: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Tensor:
+    """Calibrate probabilities q [R, K+1] (softmax over K+1, background last) -> q~ [R, K+1].
+
+    stat in `CALIBRATORS` ("none", "ms", "cm", "cm-bayes", "norcal"); `stats` a ClassStats, a
+    row-normalised confusion matrix [K, K] or (for "ms") a mean score [K]; `ridge` shrinks the
+    matrix toward I. The background column is returned unchanged and rows sum to 1. For many
+    batches with the same statistic build a `Calibrator` once instead (one matrix inverse).
+    """
+    cal = Calibrator.build(stat, stats, ridge, num_classes=q.shape[1] - 1 if q.dim() == 2 else None,
+                           freq=freq, gamma=gamma)
+    return cal(q, chunk_rows=chunk_rows)
+
+
+def calibrate_logits(
+    logits: Tensor,
+    stat: str,
+    stats: ClassStats | Tensor | None = None,
+    ridge: float = 0.0,
+    *,
+    freq: Tensor | None = None,
+    gamma: float = 1.0,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+) -> Tensor:
+    """`calibrate` on raw logits [R, K+1] (e.g. a dump's): softmax over K+1 per chunk, then calibration."""
+    cal = Calibrator.build(stat, stats, ridge, num_classes=logits.shape[1] - 1 if logits.dim() == 2 else None,
+                           freq=freq, gamma=gamma)
+    return cal.from_logits(logits, chunk_rows=chunk_rows)
