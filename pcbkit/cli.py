@@ -11,6 +11,7 @@ from pcb_analysis import __version__
 from pcb_analysis.errors import PcbkitError
 from pcbkit.cmd_evaluate import evaluate_cmd
 from pcbkit.cmd_plot_confusion import plot_confusion_cmd
+from pcbkit.cmd_stats import stats_cmd
 from pcbkit.cmd_synth import synth_cmd
 
 
@@ -27,6 +28,7 @@ def cli(verbose: bool) -> None:
 
 cli.add_command(synth_cmd)
 cli.add_command(evaluate_cmd)
+cli.add_command(stats_cmd)
 cli.add_command(plot_confusion_cmd)
 
 
