@@ -401,3 +401,72 @@ def calibrate_logits(
     cal = Calibrator.build(stat, stats, ridge, num_classes=logits.shape[1] - 1 if logits.dim() == 2 else None,
                            freq=freq, gamma=gamma)
     return cal.from_logits(logits, chunk_rows=chunk_rows)
+
+
+# ------------------------------------------------------------------------------ offline, on dumps
+
+
+def calibrate_dump(
+    dump: str | Any,
+    calibrators: dict[str, Calibrator],
+    *,
+    columns: tuple[str, ...] = ("image_ids", "labels"),
+    chunk_rows: int = 8192,
+) -> Any:
+    """Stream a logit dump and calibrate every chunk with each calibrator (no model needed).
+
+    Yields `(chunk, {name: q~ [r, K+1] float32})` per chunk of the dump; `chunk` holds `columns`
+    plus `logits` (torch tensors). Memory is bounded by the chunk size, whatever the dump size.
+    """
+    from pcb_analysis.dumps import DumpReader
+
+    reader = dump if isinstance(dump, DumpReader) else DumpReader(dump)
+    for name, cal in calibrators.items():
+        if cal.num_classes and cal.num_classes != reader.num_classes:
+            raise PcbkitError(
+                f"{reader.dump_dir}: dump has K={reader.num_classes} classes, "
+                f"calibrator {name!r} K={cal.num_classes}"
+            )
+    wanted = tuple(dict.fromkeys((*columns, "logits")))
+    for chunk in reader.iter_chunks(rows=chunk_rows, columns=wanted, as_torch=True):
+        logits = chunk["logits"].float()
+        yield chunk, {name: cal.from_logits(logits) for name, cal in calibrators.items()}
+
+
+def positive_accuracy(
+    dump: str | Any, calibrators: dict[str, Calibrator], frequency: tuple[str, ...] | None = None
+) -> dict[str, dict[str, float]]:
+    """Top-1 accuracy of the foreground arg-max on a dump's positive proposals, per calibrator.
+
+    Returns {name: {"all": acc, "r": acc, "c": acc, "f": acc}} (buckets from `frequency`, the r/c/f
+    label of each class, or from the dump's category space); accuracy is averaged over classes
+    (each class with positives weighs the same), the balanced view that APr/APc/APf also take.
+    """
+    from pcb_analysis.dumps import DumpReader
+
+    reader = dump if isinstance(dump, DumpReader) else DumpReader(dump)
+    k = reader.num_classes
+    freq = frequency if frequency is not None else reader.categories.frequency
+    hits = {name: torch.zeros(k, dtype=torch.float64) for name in calibrators}
+    seen = torch.zeros(k, dtype=torch.float64)
+    for chunk, out in calibrate_dump(reader, calibrators, columns=("labels",)):
+        labels = chunk["labels"].long()
+        pos = (labels >= 0) & (labels < k)
+        if not bool(pos.any()):
+            continue
+        y = labels[pos]
+        seen.index_add_(0, y, torch.ones(y.shape[0], dtype=torch.float64))
+        for name, q in out.items():
+            pred = q[pos][:, :k].argmax(dim=1)
+            hits[name].index_add_(0, y, (pred == y).to(torch.float64))
+    result: dict[str, dict[str, float]] = {}
+    has = seen > 0
+    for name in calibrators:
+        acc = torch.where(has, hits[name] / seen.clamp(min=1), torch.zeros_like(seen))
+        row = {"all": float(acc[has].mean()) if bool(has.any()) else float("nan")}
+        for b in ("r", "c", "f"):
+            idx = torch.tensor([i for i in range(k) if freq[i] == b], dtype=torch.long)
+            sel = idx[has[idx]] if idx.numel() else idx
+            row[b] = float(acc[sel].mean()) if sel.numel() else float("nan")
+        result[name] = row
+    return result

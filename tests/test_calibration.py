@@ -265,3 +265,39 @@ def test_bad_inputs() -> None:
         calibrate_logits(z, "cm", M_HAND)
     with pytest.raises(PcbkitError, match=r"\[R, K\+1\]"):
         calibrate(torch.ones(4), "none")
+
+
+def test_calibrate_dump_offline_improves_planted_confusion(tmp_path):
+    """Offline path on a dump: cm from the dump's own statistics recovers a planted confusion."""
+    from pcb_analysis.calibration import Calibrator, calibrate_dump, positive_accuracy
+    from pcb_analysis.categories import CategorySpace
+    from pcb_analysis.dumps import DumpWriter, stats_from_dump
+
+    k = 3
+    space = CategorySpace(ids=(1, 2, 3), names=("head", "mid", "tail"), frequency=("f", "c", "r"),
+                          image_count=(500, 50, 5))
+    gen = torch.Generator().manual_seed(0)
+    # Planted channel: 70% of the rare class's positives look like the head class (logit +2 there).
+    with DumpWriter(tmp_path / "dump", space, "val") as w:
+        for img in range(40):
+            labels = torch.tensor([0, 1, 2, 2, 3])  # one background row (label K) per image
+            logits = torch.randn(5, k + 1, generator=gen) * 0.3
+            logits[torch.arange(4), labels[:4]] += 2.0
+            if torch.rand((), generator=gen) < 0.7:
+                logits[2, 0] += 3.0
+                logits[3, 0] += 3.0
+            w.add_image(img, torch.zeros(5, 4), logits, labels, torch.ones(5))
+    st = stats_from_dump(tmp_path / "dump", progress=False)
+    cals = {s: Calibrator.build(s, st) for s in ("none", "cm")}
+    rows = 0
+    for chunk, out in calibrate_dump(tmp_path / "dump", cals):
+        rows += chunk["labels"].shape[0]
+        for q in out.values():
+            torch.testing.assert_close(q.sum(1), torch.ones(q.shape[0]), atol=1e-5, rtol=0)
+        # background probability kept
+        bg = torch.softmax(chunk["logits"].float(), 1)[:, k]
+        torch.testing.assert_close(out["cm"][:, k], bg, atol=1e-5, rtol=0)
+    assert rows == 200
+    acc = positive_accuracy(tmp_path / "dump", cals)
+    assert acc["cm"]["r"] > acc["none"]["r"] + 0.3
+    assert acc["none"]["f"] == pytest.approx(1.0)
