@@ -1,0 +1,343 @@
+"""PCB for detectron2: an ROI-heads plug-in (`PCBROIHeads`) and its config keys (`add_pcb_config`).
+
+R RoIs, K foreground classes; detectron2's box predictor already gives logits [R, K+1] with the
+background LAST (column K) and sample labels 0..K-1 / K = background, which is pcbkit's convention:
+nothing is converted here.
+
+Importing this module imports detectron2 and registers `PCBROIHeads` in detectron2's
+`ROI_HEADS_REGISTRY` (detectron2's own extension mechanism), so a config with
+`MODEL.ROI_HEADS.NAME = "PCBROIHeads"` builds it through `build_model(cfg)` and trains with
+detectron2's `DefaultTrainer` / `SimpleTrainer` unchanged:
+
+    from detectron2.config import get_cfg
+    from pcb_train.detectron2_pcb import add_pcb_config
+
+    cfg = add_pcb_config(get_cfg())          # adds MODEL.PCB.*
+    cfg.merge_from_file("mask_rcnn_R_50_FPN.yaml")
+    cfg.MODEL.ROI_HEADS.NAME = "PCBROIHeads"
+    cfg.MODEL.PCB.ENABLED = True             # PCB loss + online confusion matrix
+    cfg.MODEL.PCB.ITERATIVE = True           # 3-step weight-shared box head
+
+`MODEL.PCB` keys (PCB_SPEC §4):
+
+    ENABLED         False   the PCB loss (§4.3) with the online matrix (§4.1); False: cross-entropy
+    ALPHA           0.4     alpha; step r uses a_r = ALPHA * r / (N_ITER - 1) (ALPHA with one step)
+    MOMENTUM        0.99    EMA momentum of the online matrix
+    START_ITER      -1      iteration from which the PCB loss is active (AND every class seen);
+                            negative: round(START_FRACTION * SOLVER.MAX_ITER)
+    START_FRACTION  17/24   the paper's switch-on point (first learning-rate drop of a 2x schedule)
+    ITERATIVE       False   the iterative box head (§4.4)
+    N_ITER          3       steps of the iterative head
+    STEP_WEIGHTS    [0.2, 0.2, 0.6]  classification-loss weight of each step
+
+Training, per iteration (detectron2's storage iteration `get_event_storage().iter`): sample RoIs
+as `StandardROIHeads` does, run the box head (`N_ITER` weight-shared steps with `F * g + c`
+modulation when ITERATIVE, `pcb_train.iterative_head.IterativeRoIHead`), classification loss
+`iterative_cls_loss` (every step updates the online matrix, `OnlineConfusion`, which all-reduces
+its batch sums over ranks when torch.distributed is initialised, as under detectron2's `launch`),
+box regression loss from the LAST step only (detectron2's `box_reg_loss`, its loss weight), mask
+head unchanged. Losses: "loss_cls", "loss_box_reg" (+ "loss_mask" and the RPN's); per-step terms
+and whether PCB is active go to the event storage ("pcb/...").
+
+Inference: the last step's logits and deltas, detectron2's `fast_rcnn_inference`, optionally
+after `score_transform` (q [R, K+1] -> q~ [R, K+1], background last) for post-hoc calibration.
+
+State: the online matrix is a module (`roi_heads.confusion`, buffers `matrix` [K, K] and `counts`
+[K], float64), so detectron2's `DetectionCheckpointer` saves and restores it with the weights. The
+iterative head shares the box head and predictor: their weights are saved once, under
+detectron2's names (`roi_heads.box_head.*`, `roi_heads.box_predictor.*`), so plain and iterative
+models share keys.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec, cat
+from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
+from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
+from detectron2.structures import Instances
+from detectron2.utils.events import get_event_storage
+from torch import Tensor, nn
+
+from pcb_train.iterative_head import DEFAULT_STEP_WEIGHTS, IterativeRoIHead, StepClsLosses, iterative_cls_loss
+from pcb_train.pcb_loss import DEFAULT_ALPHA, DEFAULT_MOMENTUM, OnlineConfusion
+
+logger = logging.getLogger(__name__)
+
+NAME = "PCBROIHeads"
+DEFAULT_START_FRACTION = 17.0 / 24.0
+# keys of the iterative head's shared modules -> the owner's keys (saved once, under the owner's)
+_SHARED = (("iterative_head.box_head.", "box_head."), ("iterative_head.predictor.", "box_predictor."))
+
+ScoreTransform = Callable[[Tensor], Tensor]
+
+
+def add_pcb_config(cfg: CfgNode) -> CfgNode:
+    """Add the `MODEL.PCB` keys (defaults in the module docstring) to a detectron2 config; returns it.
+
+    A config that already has `MODEL.PCB` is left as it is (so calling this twice keeps values)."""
+    if "PCB" in cfg.MODEL:
+        return cfg
+    pcb = CfgNode()
+    pcb.ENABLED = False
+    pcb.ALPHA = DEFAULT_ALPHA
+    pcb.MOMENTUM = DEFAULT_MOMENTUM
+    pcb.START_ITER = -1
+    pcb.START_FRACTION = DEFAULT_START_FRACTION
+    pcb.ITERATIVE = False
+    pcb.N_ITER = 3
+    pcb.STEP_WEIGHTS = list(DEFAULT_STEP_WEIGHTS)
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.MODEL.PCB = pcb
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
+def resolve_start_iter(cfg: CfgNode) -> int:
+    """MODEL.PCB.START_ITER, or round(START_FRACTION * SOLVER.MAX_ITER) when it is negative."""
+    pcb = cfg.MODEL.PCB
+    if int(pcb.START_ITER) >= 0:
+        return int(pcb.START_ITER)
+    frac = float(pcb.START_FRACTION)
+    if not 0.0 <= frac <= 1.0:
+        raise ValueError(f"MODEL.PCB.START_FRACTION must be in [0, 1], got {frac}")
+    return int(round(frac * int(cfg.SOLVER.MAX_ITER)))
+
+
+def _roi_channels(box_head: nn.Module, roi_size: int) -> int:
+    """Channel count C of the [R, C, S, S] RoI features the box head reads (its first layer)."""
+    for m in box_head.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+        if isinstance(m, nn.Linear):
+            c, rest = divmod(int(m.in_features), roi_size * roi_size)
+            if rest == 0 and c > 0:
+                return c
+            break
+    raise ValueError(
+        f"PCBROIHeads: cannot infer the RoI feature channels from {type(box_head).__name__}; pass roi_channels"
+    )
+
+
+class PCBROIHeads(StandardROIHeads):
+    """`StandardROIHeads` with the PCB loss and the iterative box head (see the module docstring).
+
+    Args (besides `StandardROIHeads`'):
+        pcb_loss: use the PCB loss with an online confusion matrix (False: cross-entropy).
+        alpha, momentum: PCB alpha and the matrix EMA momentum.
+        start_iter: storage iteration from which the PCB loss may be active.
+        iterative: use the iterative head (n_iter weight-shared steps).
+        n_iter, step_weights: its steps and their classification-loss weights.
+        roi_channels, roi_size: C and S of the box RoI features (inferred when None).
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        pcb_loss: bool = False,
+        alpha: float = DEFAULT_ALPHA,
+        momentum: float = DEFAULT_MOMENTUM,
+        start_iter: int = 0,
+        iterative: bool = False,
+        n_iter: int = 3,
+        step_weights: Sequence[float] = DEFAULT_STEP_WEIGHTS,
+        roi_channels: int | None = None,
+        roi_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        predictor = self.box_predictor
+        if pcb_loss and (getattr(predictor, "use_sigmoid_ce", False) or getattr(predictor, "use_fed_loss", False)):
+            raise ValueError(
+                "PCBROIHeads: the PCB loss is a softmax loss; disable MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS"
+            )
+        if alpha < 0.0:
+            raise ValueError(f"PCBROIHeads: alpha must be >= 0, got {alpha}")
+        self.pcb_loss = bool(pcb_loss)
+        self.alpha = float(alpha)
+        self.start_iter = int(start_iter)
+        self.iterative_head: IterativeRoIHead | None = None
+        if iterative:
+            size = int(roi_size) if roi_size is not None else int(self.box_pooler.output_size[0])
+            channels = int(roi_channels) if roi_channels is not None else _roi_channels(self.box_head, size)
+            self.iterative_head = IterativeRoIHead(
+                self.box_head,
+                predictor,
+                n_iter=int(n_iter),
+                step_weights=tuple(step_weights),
+                feat_channels=channels,
+                roi_size=size,
+            )
+            self.step_weights: tuple[float, ...] = self.iterative_head.step_weights
+            # one copy of the shared weights in the state dict, under detectron2's names
+            self.register_state_dict_post_hook(_drop_shared_keys)
+            self.register_load_state_dict_pre_hook(_fill_shared_keys)
+        else:
+            self.step_weights = (1.0,)
+        self.confusion: OnlineConfusion | None = (
+            OnlineConfusion(self.num_classes, momentum) if self.pcb_loss else None
+        )
+        self.score_transform: ScoreTransform | None = None
+        self.last_cls_loss: StepClsLosses | None = None
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:
+        ret = super().from_config(cfg, input_shape)
+        if "PCB" not in cfg.MODEL:
+            raise KeyError("PCBROIHeads: the config has no MODEL.PCB section; call add_pcb_config(cfg) first")
+        pcb = cfg.MODEL.PCB
+        in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
+        ret.update(
+            pcb_loss=bool(pcb.ENABLED),
+            alpha=float(pcb.ALPHA),
+            momentum=float(pcb.MOMENTUM),
+            start_iter=resolve_start_iter(cfg),
+            iterative=bool(pcb.ITERATIVE),
+            n_iter=int(pcb.N_ITER) if pcb.ITERATIVE else 1,
+            step_weights=tuple(float(w) for w in pcb.STEP_WEIGHTS) if pcb.ITERATIVE else (1.0,),
+            roi_channels=int(input_shape[in_features[0]].channels),
+            roi_size=int(cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION),
+        )
+        return ret
+
+    # -- box head --------------------------------------------------------------------------
+
+    def box_predictions(
+        self, features: dict[str, Tensor], proposals: list[Instances]
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """RoI-align + box head (all steps) for `proposal_boxes`: (per-step logits [R, K+1],
+        background last; the last step's deltas [R, 4K] or [R, 4])."""
+        feats = [features[f] for f in self.box_in_features]
+        x = self.box_pooler(feats, [p.proposal_boxes for p in proposals])
+        if self.iterative_head is not None:
+            out = self.iterative_head(x)
+            return tuple(out.step_logits), out.deltas
+        logits, deltas = self.box_predictor(self.box_head(x))
+        return (logits,), deltas
+
+    def pcb_started(self) -> bool:
+        """The schedule half of the start condition: storage iteration >= start_iter."""
+        return get_event_storage().iter >= self.start_iter
+
+    def box_losses(
+        self, step_logits: tuple[Tensor, ...], deltas: Tensor, proposals: list[Instances]
+    ) -> dict[str, Tensor]:
+        """loss_cls (all steps, PCB when enabled) and loss_box_reg (last step's deltas)."""
+        predictor = self.box_predictor
+        device = deltas.device
+        if proposals:
+            gt_classes = cat([p.gt_classes for p in proposals], dim=0)
+            proposal_boxes = cat([p.proposal_boxes.tensor for p in proposals], dim=0)
+            gt_boxes = cat(
+                [(p.gt_boxes if p.has("gt_boxes") else p.proposal_boxes).tensor for p in proposals], dim=0
+            )
+        else:
+            gt_classes = torch.empty(0, dtype=torch.int64, device=device)
+            proposal_boxes = gt_boxes = torch.empty((0, 4), device=device)
+        storage = get_event_storage()
+        _log_accuracy(step_logits[-1].detach(), gt_classes, storage)
+        cls = iterative_cls_loss(
+            step_logits,
+            gt_classes,
+            self.step_weights,
+            confusion=self.confusion,
+            alpha=self.alpha,
+            pcb_started=self.confusion is not None and self.pcb_started(),
+        )
+        self.last_cls_loss = cls
+        if self.confusion is not None:
+            storage.put_scalar("pcb/active", float(any(a > 0 for a in cls.alphas)))
+            storage.put_scalar("pcb/classes_seen", float((self.confusion.counts > 0).sum()))
+        if len(cls.per_step) > 1:
+            for r, loss in enumerate(cls.per_step):
+                storage.put_scalar(f"pcb/loss_cls_step{r}", float(loss.detach()))
+        weights = predictor.loss_weight
+        box = predictor.box_reg_loss(proposal_boxes, gt_boxes, deltas, gt_classes)
+        return {
+            "loss_cls": cls.total * float(weights.get("loss_cls", 1.0)),
+            "loss_box_reg": box * float(weights.get("loss_box_reg", 1.0)),
+        }
+
+    def _forward_box(self, features: dict[str, Tensor], proposals: list[Instances]) -> Any:
+        step_logits, deltas = self.box_predictions(features, proposals)
+        if self.training:
+            losses = self.box_losses(step_logits, deltas, proposals)
+            if self.train_on_pred_boxes:
+                from detectron2.structures import Boxes
+
+                with torch.no_grad():
+                    pred = self.box_predictor.predict_boxes_for_gt_classes((step_logits[-1], deltas), proposals)
+                    for p, boxes in zip(proposals, pred, strict=True):
+                        p.proposal_boxes = Boxes(boxes)
+            return losses
+        return self.predict(step_logits[-1], deltas, proposals)
+
+    def predict(self, logits: Tensor, deltas: Tensor, proposals: list[Instances]) -> list[Instances]:
+        """detectron2's post-processing of the last step, after `score_transform` when one is set."""
+        predictor = self.box_predictor
+        predictions = (logits, deltas)
+        if self.score_transform is None:
+            instances, _ = predictor.inference(predictions, proposals)
+            return instances
+        boxes = predictor.predict_boxes(predictions, proposals)
+        probs = torch.cat(predictor.predict_probs(predictions, proposals)) if proposals else logits
+        q = self.score_transform(probs)
+        if q.shape != probs.shape:
+            raise ValueError(f"score_transform returned {tuple(q.shape)}, expected {tuple(probs.shape)}")
+        instances, _ = fast_rcnn_inference(
+            boxes,
+            list(q.split([len(p) for p in proposals])),
+            [p.image_size for p in proposals],
+            predictor.test_score_thresh,
+            predictor.test_nms_thresh,
+            predictor.test_topk_per_image,
+        )
+        return instances
+
+
+def _log_accuracy(logits: Tensor, gt_classes: Tensor, storage: Any) -> None:
+    """detectron2's fast_rcnn/{cls_accuracy, fg_cls_accuracy, false_negative} scalars."""
+    n = gt_classes.numel()
+    if n == 0:
+        return
+    bg = logits.shape[1] - 1
+    pred = logits.argmax(dim=1)
+    fg = (gt_classes >= 0) & (gt_classes < bg)
+    storage.put_scalar("fast_rcnn/cls_accuracy", float((pred == gt_classes).sum()) / n)
+    n_fg = int(fg.sum())
+    if n_fg:
+        storage.put_scalar("fast_rcnn/fg_cls_accuracy", float((pred[fg] == gt_classes[fg]).sum()) / n_fg)
+        storage.put_scalar("fast_rcnn/false_negative", float((pred[fg] == bg).sum()) / n_fg)
+
+
+def _drop_shared_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for shared, _ in _SHARED:
+        for key in [k for k in state_dict if k.startswith(prefix + shared)]:
+            del state_dict[key]
+
+
+def _fill_shared_keys(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    for shared, owner in _SHARED:
+        for key in [k for k in state_dict if k.startswith(prefix + owner)]:
+            state_dict.setdefault(prefix + shared + key[len(prefix + owner) :], state_dict[key])
+
+
+if NAME not in ROI_HEADS_REGISTRY:  # a re-import (e.g. importlib.reload) keeps the first registration
+    ROI_HEADS_REGISTRY.register(PCBROIHeads)
