@@ -9,10 +9,15 @@ import click
 
 from pcb_analysis import __version__
 from pcb_analysis.errors import PcbkitError
+from pcbkit.cmd_calibrate import calibrate_cmd
+from pcbkit.cmd_demo import demo_cmd
+from pcbkit.cmd_dump_logits import dump_logits_cmd
 from pcbkit.cmd_evaluate import evaluate_cmd
 from pcbkit.cmd_plot_confusion import plot_confusion_cmd
 from pcbkit.cmd_stats import stats_cmd
+from pcbkit.cmd_study import study_cmd
 from pcbkit.cmd_synth import synth_cmd
+from pcbkit.cmd_train import train_cmd
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -30,6 +35,11 @@ cli.add_command(synth_cmd)
 cli.add_command(evaluate_cmd)
 cli.add_command(stats_cmd)
 cli.add_command(plot_confusion_cmd)
+cli.add_command(dump_logits_cmd)
+cli.add_command(calibrate_cmd)
+cli.add_command(train_cmd)
+cli.add_command(study_cmd)
+cli.add_command(demo_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

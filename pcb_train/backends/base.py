@@ -19,9 +19,12 @@ the inputs must be on the same device; outputs stay on it.
 
 Score transforms map probabilities q [R, K+1] (softmax over all K+1 logits, background last) to
 calibrated q~ [R, K+1] of the same layout; `identity` is the "none" statistic. Post-processing
-after the transform (PCB_SPEC §3): drop the background column, keep scores > score_thresh
-(1e-4), class-wise NMS (IoU 0.5), the top `detections_per_image` (300) per image, then masks
-predicted for the kept detections.
+after the transform (PCB_SPEC §3) is ONE function, `select_detections` (per image: drop the
+background column, keep scores > score_thresh (1e-4), drop degenerate boxes, class-wise NMS
+(IoU 0.5), the top `detections_per_image` (300)); masks are then predicted for the kept
+detections. The in-model path (`infer`) and the offline path (`pcbkit calibrate --dump`, from a
+dump's logits and per-class regressed boxes) both call it on boxes in ORIGINAL image pixels, so
+the same inputs give the same detections bit for bit.
 
 Detections (one dict per image, tensors):
     "boxes"  [D, 4] float32 xyxy in ORIGINAL image pixels
@@ -38,7 +41,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -58,6 +61,7 @@ Regressed = Literal["none", "agnostic", "per_class"]
 CHECKPOINT_FORMAT = "pcbkit-checkpoint"
 CHECKPOINT_SCHEMA = 1
 RLE_CHUNK = 64  # masks encoded per pycocotools call (bounds the [H, W, n] uint8 copy)
+MIN_BOX_SIZE = 1e-2  # detections with a side shorter than this are dropped (torchvision's rule)
 
 
 def identity(q: Tensor) -> Tensor:
@@ -142,6 +146,98 @@ class DetectorBackend(Protocol):
         *,
         mask_threshold: float | None = 0.5,
     ) -> dict[str, list[Detections]]: ...
+
+
+# --------------------------------------------------------------------------------------------
+# post-processing (shared by every in-model path and the offline dump path)
+
+
+class SelectedDetections(NamedTuple):
+    """One image's post-processed detections, in the frame of the boxes given to `select_detections`.
+
+    boxes [D, 4], scores [D], labels [D] (0..K-1), flat [D] = proposal_row * K + label (identifies
+    the (proposal, class) pair, hence the box and the mask, across score transforms)."""
+
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    flat: Tensor
+
+
+def softmax_probabilities(logits: Tensor) -> Tensor:
+    """q = softmax over all K+1 logits [R, K+1] (background last), in float32.
+
+    The framework-neutral scoring; a backend whose framework orders the columns differently may
+    compute the same softmax in its own column order (bit-identical to its framework)."""
+    return torch.softmax(logits.float(), dim=-1)
+
+
+# torchvision's batched_nms: one NMS per class above this many box coordinates, else one NMS with
+# the classes' boxes offset apart (the "coordinate trick")
+_PER_CLASS_NMS_ABOVE = {"cpu": 4000}
+_PER_CLASS_NMS_ABOVE_OTHER = 100_000
+
+
+def batched_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
+    """Class-wise NMS: indices of the kept boxes [N, 4] (xyxy), sorted by decreasing score.
+
+    The same result as torchvision's `batched_nms` bit for bit (the same per-class `nms` calls on the
+    same rows in the same order, the same final sort), faster for many classes: torchvision's
+    per-class path scans all N boxes once per class (`idxs == c`, O(N K)); here one stable sort
+    groups the classes (O(N log N)). Measured on 2 CPU cores, 200k boxes in 1,203 classes: 10.4 s
+    -> 0.9 s. Small inputs take torchvision's own coordinate-offset path."""
+    from torchvision.ops import boxes as box_ops
+
+    limit = _PER_CLASS_NMS_ABOVE.get(boxes.device.type, _PER_CLASS_NMS_ABOVE_OTHER)
+    if boxes.numel() <= limit:
+        return box_ops.batched_nms(boxes, scores, groups, iou_threshold)
+    order = torch.argsort(groups, stable=True)  # each class's rows in ascending index order
+    _, counts = torch.unique_consecutive(groups[order], return_counts=True)
+    keep_mask = torch.zeros_like(scores, dtype=torch.bool)
+    for rows in order.split(counts.tolist()):
+        keep_mask[rows[box_ops.nms(boxes[rows], scores[rows], iou_threshold)]] = True
+    keep = torch.where(keep_mask)[0]
+    return keep[scores[keep].sort(descending=True)[1]]
+
+
+def select_detections(
+    q: Tensor,
+    boxes: Tensor,
+    *,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_image: int,
+    min_box_size: float = MIN_BOX_SIZE,
+) -> SelectedDetections:
+    """PCB_SPEC §3 post-processing of ONE image, after the score transform.
+
+    q [r, K+1] (calibrated) probabilities, background last; boxes [r, K, 4] class-specific boxes
+    xyxy (any frame, the same for every row; pcbkit's inference and the offline path use the
+    original image's pixels). Steps: drop the background column; keep (proposal, class) pairs
+    with score > score_thresh; drop boxes with a side < min_box_size; class-wise NMS at IoU
+    nms_thresh; the top `detections_per_image` by score.
+
+    NMS groups by label + 1 (torchvision's label values: its coordinate-offset trick then sees the
+    numbers torchvision's own post-processing sees, so kept sets are bit-identical to it).
+    """
+    from torchvision.ops import boxes as box_ops
+
+    r, k1 = q.shape
+    k = k1 - 1
+    if boxes.shape != (r, k, 4):
+        raise ValueError(f"select_detections: boxes must be [r, K, 4] = [{r}, {k}, 4], got {list(boxes.shape)}")
+    device = q.device
+    scores = q[:, :k].reshape(-1)
+    labels = torch.arange(k, device=device).view(1, -1).expand(r, k).reshape(-1)
+    flat = torch.arange(r * k, device=device)
+    flat_boxes = boxes.reshape(-1, 4)
+    inds = torch.where(scores > score_thresh)[0]
+    flat_boxes, scores, labels, flat = flat_boxes[inds], scores[inds], labels[inds], flat[inds]
+    keep = box_ops.remove_small_boxes(flat_boxes, min_size=min_box_size)
+    flat_boxes, scores, labels, flat = flat_boxes[keep], scores[keep], labels[keep], flat[keep]
+    keep = batched_nms(flat_boxes, scores, labels + 1, nms_thresh)
+    keep = keep[:detections_per_image]
+    return SelectedDetections(flat_boxes[keep], scores[keep], labels[keep], flat[keep])
 
 
 # --------------------------------------------------------------------------------------------

@@ -62,15 +62,18 @@ from torchvision.ops.misc import Conv2dNormActivation, FrozenBatchNorm2d
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError, input_error
 from pcb_train.backends.base import (
+    MIN_BOX_SIZE,
     CheckpointInfo,
     Detections,
     ProposalRecord,
     Regressed,
     ScoreTransform,
+    SelectedDetections,
     checkpoint_info,
     checkpoint_model_state,
     match_proposals,
     read_checkpoint,
+    select_detections,
 )
 from pcb_train.config import ModelConfig
 
@@ -81,7 +84,6 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 BOX_ROI_SIZE = 7
 BOX_SMOOTH_L1_BETA = 1.0 / 9.0  # torchvision's Fast R-CNN box loss
-MIN_BOX_SIZE = 1e-2  # torchvision drops detections smaller than this
 TINY_WIDTHS = (16, 24, 48, 96, 128)  # stem (stride 2) and four stages (strides 4, 8, 16, 32)
 TINY_CANONICAL_SCALE = 56  # RoI -> FPN level mapping: a 56 px box goes to level 4 (stride 16)
 # RoIAlign samples per bin side for tiny (torchvision's CPU RoIAlign backward dominates a tiny step)
@@ -180,16 +182,11 @@ class BoxPredictions(NamedTuple):
         return self.step_logits[-1]
 
 
-class SelectedDetections(NamedTuple):
-    """One image's post-processed detections in the resized input's pixels.
-
-    boxes [D, 4], scores [D], labels [D] (0..K-1), flat [D] = proposal_row * K + label (identifies
-    the (proposal, class) pair, hence the box and the mask, across score transforms)."""
-
-    boxes: Tensor
-    scores: Tensor
-    labels: Tensor
-    flat: Tensor
+def original_frame_boxes(decoded: Tensor, size: tuple[int, int], original: tuple[int, int]) -> Tensor:
+    """Class-specific boxes [r, K, 4] of one image from the resized input's pixels to the original
+    image's. The ONE conversion that both `infer` (before post-processing) and the records'
+    regressed boxes (what a dump stores) use, so the offline path sees the same numbers."""
+    return resize_boxes(decoded.reshape(-1, 4), size, original).reshape(decoded.shape)
 
 
 def box_regression_loss(deltas: Tensor, labels_tv: Tensor, regression_targets: Tensor) -> Tensor:
@@ -430,28 +427,21 @@ class PCBRoIHeads(RoIHeads):
         return out
 
     def select_detections(self, probs: Tensor, decoded: list[Tensor]) -> list[SelectedDetections]:
-        """Post-processing of PCB_SPEC §3 (as torchvision's `postprocess_detections`): for probs q~
-        [R, K+1] (background last) and decoded boxes, drop the background, keep scores >
-        score_thresh, drop tiny boxes, class-wise NMS, top `detections_per_img` per image."""
-        k = self.num_classes
+        """Post-processing of PCB_SPEC §3 (as torchvision's `postprocess_detections`) per image:
+        `base.select_detections` on probs q~ [R, K+1] (background last, all images' rows) and
+        each image's decoded boxes [r, K, 4] (any frame; the results are in that frame)."""
         counts = [b.shape[0] for b in decoded]
-        out: list[SelectedDetections] = []
-        for boxes, q in zip(decoded, probs.split(counts, 0), strict=True):
-            device = q.device
-            scores = q[:, :k].reshape(-1)
-            labels = torch.arange(k, device=device).view(1, -1).expand(q.shape[0], k).reshape(-1)
-            flat = torch.arange(q.shape[0] * k, device=device)
-            boxes = boxes.reshape(-1, 4)
-            inds = torch.where(scores > self.score_thresh)[0]
-            boxes, scores, labels, flat = boxes[inds], scores[inds], labels[inds], flat[inds]
-            keep = box_ops.remove_small_boxes(boxes, min_size=MIN_BOX_SIZE)
-            boxes, scores, labels, flat = boxes[keep], scores[keep], labels[keep], flat[keep]
-            # NMS groups by torchvision's label values so its coordinate-offset trick sees the
-            # same numbers as in torchvision (bit-identical kept sets)
-            keep = box_ops.batched_nms(boxes, scores, labels_to_tv(labels), self.nms_thresh)
-            keep = keep[: self.detections_per_img]
-            out.append(SelectedDetections(boxes[keep], scores[keep], labels[keep], flat[keep]))
-        return out
+        return [
+            select_detections(
+                q,
+                boxes,
+                score_thresh=self.score_thresh,
+                nms_thresh=self.nms_thresh,
+                detections_per_image=self.detections_per_img,
+                min_box_size=MIN_BOX_SIZE,
+            )
+            for boxes, q in zip(decoded, probs.split(counts, 0), strict=True)
+        ]
 
     def mask_probabilities(
         self,
@@ -934,9 +924,7 @@ class TorchvisionBackend:
                 )
                 reg = None
                 if decoded is not None:
-                    per_class = resize_boxes(decoded[i].reshape(-1, 4), sizes[i], originals[i]).reshape(
-                        -1, k, 4
-                    )
+                    per_class = original_frame_boxes(decoded[i], sizes[i], originals[i])
                     if regressed == "agnostic":
                         top = z[:, :k].argmax(dim=1)
                         reg = per_class[torch.arange(per_class.shape[0], device=z.device), top]
@@ -959,7 +947,9 @@ class TorchvisionBackend:
         """Detections per named score transform from ONE backbone + RPN + box-head pass.
 
         Each transform maps q [R, K+1] (all images' proposals, background last) to q~ of the same
-        shape; then the standard post-processing runs and masks are predicted for the kept
+        shape; then the standard post-processing (`base.select_detections`) runs on the decoded
+        boxes in ORIGINAL image pixels (the frame a dump's regressed boxes are stored in, so the
+        offline path reproduces these detections exactly) and masks are predicted for the kept
         detections. With several transforms the mask head runs once on the union of their
         (proposal, class) pairs."""
         if not score_transforms:
@@ -974,7 +964,8 @@ class TorchvisionBackend:
             props, _ = model.rpn(image_list, features)
             box = heads.box_predictions(features, props, sizes)
             probs = heads.class_probabilities(box.logits)
-            decoded = heads.decode_boxes(box.deltas, props, sizes)
+            decoded = heads.decode_boxes(box.deltas, props, sizes)  # resized input's pixels
+            decoded_orig = [original_frame_boxes(d, s, o) for d, s, o in zip(decoded, sizes, originals, strict=True)]
             selected: dict[str, list[SelectedDetections]] = {}
             for name, fn in score_transforms.items():
                 q = fn(probs)
@@ -982,16 +973,15 @@ class TorchvisionBackend:
                     raise ValueError(
                         f"score transform {name!r}: returned {tuple(q.shape)}, expected {tuple(probs.shape)}"
                     )
-                selected[name] = heads.select_detections(q, decoded)
+                selected[name] = heads.select_detections(q, decoded_orig)
             masks = self._masks(features, sizes, decoded, selected) if heads.has_mask() else None
             out: dict[str, list[Detections]] = {}
             for name, dets in selected.items():
                 results: list[dict[str, Tensor]] = []
                 for i, d in enumerate(dets):
-                    boxes = resize_boxes(d.boxes, sizes[i], originals[i])
-                    r = {"boxes": boxes, "scores": d.scores, "labels": d.labels}
+                    r = {"boxes": d.boxes, "scores": d.scores, "labels": d.labels}
                     if masks is not None:
-                        r["masks"] = paste_masks(masks[name][i][:, 0], boxes, originals[i], mask_threshold)
+                        r["masks"] = paste_masks(masks[name][i][:, 0], d.boxes, originals[i], mask_threshold)
                     results.append(r)
                 out[name] = results
             return out
@@ -1005,13 +995,19 @@ class TorchvisionBackend:
         decoded: list[Tensor],
         selected: Mapping[str, list[SelectedDetections]],
     ) -> dict[str, list[Tensor]]:
-        """Mask probabilities [D, 1, M, M] per transform and image; one mask-head pass in total."""
+        """Mask probabilities [D, 1, M, M] per transform and image; one mask-head pass in total.
+
+        `decoded`: per image [r, K, 4] boxes in the resized input's pixels (what RoIAlign reads);
+        the selected detections index them through `flat`."""
         heads = self.model.roi_heads
         names = list(selected)
         if len(names) == 1:
             dets = selected[names[0]]
             probs = heads.mask_probabilities(
-                features, [d.boxes for d in dets], [d.labels for d in dets], sizes
+                features,
+                [decoded[i].reshape(-1, 4)[d.flat] for i, d in enumerate(dets)],
+                [d.labels for d in dets],
+                sizes,
             )
             return {names[0]: probs}
         k = self.num_classes

@@ -1,0 +1,39 @@
+"""`pcbkit study`: the calibration study (Table 1 / Table 4) for a trained checkpoint on real data."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command("study")
+@click.option("--config", required=True, type=click.Path(dir_okay=False), help="Model config (YAML).")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Trained checkpoint.")
+@click.option("--train-gt", required=True, type=click.Path(dir_okay=False), help="LVIS train annotations.")
+@click.option("--val-gt", required=True, type=click.Path(dir_okay=False), help="LVIS val annotations.")
+@click.option("--images", required=True, type=click.Path(file_okay=False), help="Image root (file_name relative to it).")
+@click.option("--name", default="study", show_default=True, help="Name of the model in the report.")
+@click.option("--work", type=click.Path(file_okay=False), default=None, help="Dumps, stats, results [runs/study/NAME].")
+@click.option("--report", type=click.Path(file_okay=False), default=None, help="Report dir [reports/NAME].")
+@click.option("--train-dump-images", type=int, default=None, help="Cap on train images dumped for the train matrix.")
+@click.option("--val-images", type=int, default=None, help="Cap on val images (default: all).")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--force", is_flag=True, help="Redo every step.")
+def study_cmd(
+    config: str, checkpoint: str, train_gt: str, val_gt: str, images: str, name: str, work: str | None,
+    report: str | None, train_dump_images: int | None, val_images: int | None, batch_size: int, device: str,
+    force: bool,
+) -> None:
+    """Run the study for a checkpoint: dump, stats, calibrate (val and train matrices), report."""
+    from pathlib import Path
+
+    from pcb_train.study import StudyInputs, run_study
+
+    inp = StudyInputs(
+        train_gt=Path(train_gt), val_gt=Path(val_gt), images=Path(images),
+        work=Path(work or f"runs/study/{name}"), report=Path(report or f"reports/{name}"),
+        train_dump_images=train_dump_images, val_images=val_images, batch_size=batch_size, device=device,
+        force=force,
+    )
+    path = run_study(name, Path(config), Path(checkpoint), inp)
+    click.echo(f"report: {path}")

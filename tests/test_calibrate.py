@@ -1,0 +1,446 @@
+"""`pcbkit calibrate` on a tiny random-init Mask R-CNN and the synthetic dataset.
+
+End to end through the CLI (one results file per row, a table of finite numbers), one backbone
+pass for every statistic, offline (from a dump) == in-model box detections and AP, where the
+statistics come from (Table 1 / Table 4), the logit-adjustment / NorCal identity, bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from pcb_analysis.calibration import Calibrator, logit_adjust
+from pcb_analysis.categories import CategorySpace
+from pcb_analysis.dumps import stats_from_dump
+from pcb_analysis.errors import PcbkitError
+from pcb_analysis.stats import ClassStats
+from pcb_analysis.synth import SynthConfig, generate
+from pcb_train.backends import build_backend, make_checkpoint, save_checkpoint
+from pcb_train.calibrate import (
+    TRAIN_MATRIX,
+    UPPER_BOUND,
+    CalibrateConfig,
+    build_rows,
+    calibrate_dump,
+    calibrate_model,
+    parse_grid,
+    statistics_relation,
+)
+from pcb_train.config import load_config, save_config
+from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 12
+N_IMAGES = 5
+OVERRIDES = [
+    f"model.num_classes={K}",
+    "model.min_size=64",
+    "model.max_size=64",
+    "model.rpn_post_nms_top_n_test=40",
+    "model.detections_per_image=50",
+]
+
+
+def write_model(folder: Path, categories: CategorySpace | None, k: int = K) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = load_config(ROOT / "configs" / "synth_tiny.yaml", [*OVERRIDES, f"model.num_classes={k}"])
+    save_config(cfg, folder / "config.yaml")
+    torch.manual_seed(0)
+    backend = build_backend(cfg.model)
+    save_checkpoint(
+        folder / "model.pth", make_checkpoint(backend.model.state_dict(), backend.config, categories=categories)
+    )
+    return folder / "config.yaml", folder / "model.pth"
+
+
+def dump(world: dict[str, Path], out: Path, split: str = "val", **kw: Any) -> Path:
+    gt = world["gt"] if split == "val" else world["train_gt"]
+    base: dict[str, Any] = {
+        "checkpoint": world["checkpoint"],
+        "config": world["config"],
+        "gt": gt,
+        "images": world["images"],
+        "split": split,
+        "out": out,
+        "max_images": N_IMAGES,
+        "batch_size": 1,
+        "device": "cpu",
+        "boxes": "per_class",
+        "progress": False,
+    }
+    base.update(kw)
+    dump_logits(DumpLogitsConfig(**base))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("calib_world")
+    generate(root / "synth", SynthConfig(num_classes=K, train_images=180, val_images=40, size=64), progress=False)
+    space = CategorySpace.from_lvis_json(root / "synth" / "val.json")
+    config, ckpt = write_model(root / "model", space)
+    w = {
+        "root": root,
+        "gt": root / "synth" / "val.json",
+        "train_gt": root / "synth" / "train.json",
+        "images": root / "synth" / "images",
+        "config": config,
+        "checkpoint": ckpt,
+    }
+    w["dump"] = dump(w, root / "dump_val")
+    stats_from_dump(w["dump"], progress=False).save(root / "val_stats.npz")
+    w["stats"] = root / "val_stats.npz"
+    return w
+
+
+def model_cfg(world: dict[str, Path], out: Path, **kw: Any) -> CalibrateConfig:
+    base: dict[str, Any] = {
+        "stats": world["stats"],
+        "gt": world["gt"],
+        "out": out,
+        "checkpoint": world["checkpoint"],
+        "config": world["config"],
+        "images": world["images"],
+        "max_images": N_IMAGES,
+        "batch_size": 1,
+        "device": "cpu",
+        "progress": False,
+    }
+    base.update(kw)
+    return CalibrateConfig(**base)
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run `pcbkit` in-process (exit code, stdout, stderr); registers the commands under test."""
+    from pcbkit.cli import cli as group
+    from pcbkit.cli import main
+    from pcbkit.cmd_calibrate import calibrate_cmd
+    from pcbkit.cmd_dump_logits import dump_logits_cmd
+
+    group.add_command(dump_logits_cmd)
+    group.add_command(calibrate_cmd)
+    capsys.readouterr()
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def model_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "calibrate",
+        "--stats", str(world["stats"]),
+        "--checkpoint", str(world["checkpoint"]),
+        "--config", str(world["config"]),
+        "--gt", str(world["gt"]),
+        "--images", str(world["images"]),
+        "--out", str(out),
+        "--max-images", str(N_IMAGES),
+        "--batch-size", "1",
+        "--device", "cpu",
+        "--workers", "0",
+        "--no-progress",
+        *extra,
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# end to end
+
+
+@pytest.mark.slow
+def test_calibrate_cli_end_to_end(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "res"
+    args = model_args(world, out, "--stat", "none", "--stat", "ms", "--stat", "cm", "--stat", "cm-bayes",
+                      "--gamma", "0,1", "--tau", "1")  # fmt: skip
+    code, stdout, err = cli(args, capsys)
+    assert code == 0, err
+    names = ["none", "ms", "cm", "cm-bayes", "norcal(0)", "norcal(1)", "logit-adj(1)"]
+    slugs = ["none", "ms", "cm", "cm-bayes", "norcal-g0", "norcal-g1", "logit-adj-t1"]
+    for s in slugs:
+        results = json.loads((out / f"val-{s}.json").read_text())
+        assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    assert not list(out.glob(".*"))  # no temporaries left
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["stat"] for r in metrics["rows"]] == names
+    assert metrics["statistics"]["label"] == UPPER_BOUND and metrics["statistics"]["relation"] == "same-split"
+    assert metrics["images"] == N_IMAGES and metrics["provenance"]["checkpoint_hash"]
+    for r in metrics["rows"]:
+        for key in ("segm", "bbox", "segm_fixed", "bbox_fixed"):
+            ap = r["metrics"][key]["AP"]
+            assert ap is not None and math.isfinite(ap) and 0.0 <= ap <= 1.0, (r["stat"], key)
+    # the printed table: one row per statistic, numbers in every cell
+    lines = stdout.splitlines()
+    assert UPPER_BOUND in lines[0]
+    for name in names:
+        row = next(ln for ln in lines if ln.startswith(name + " "))
+        cells = row.split()[1:]
+        assert len(cells) == 8 and all(math.isfinite(float(c)) for c in cells), row
+    csv_lines = (out / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("stat,AP,APr,APc,APf,APb") and len(csv_lines) == 1 + len(names)
+    # --json prints the same report
+    code, stdout, err = cli([*model_args(world, tmp_path / "j", "--stat", "none"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["rows"][0]["stat"] == "none"
+
+
+def test_statistics_share_one_backbone_pass(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pcb_train.backends.torchvision_backend import TinyBackbone
+
+    calls = {"n": 0}
+    real = TinyBackbone.forward
+
+    def counting(self: TinyBackbone, x: torch.Tensor) -> Any:
+        calls["n"] += 1
+        return real(self, x)
+
+    monkeypatch.setattr(TinyBackbone, "forward", counting)
+    report = calibrate_model(
+        model_cfg(world, tmp_path / "r", stat=("none", "ms", "cm", "cm-bayes"), gammas=(0.5,), batch_size=2, max_images=4)
+    )
+    assert calls["n"] == 2  # 4 images in batches of 2: one pass per batch for all 5 statistics
+    assert len(report.rows) == 5 and all(r["detections"] > 0 for r in report.rows)
+
+
+# --------------------------------------------------------------------------------------------
+# offline == in-model
+
+
+def _boxes_of(path: Path) -> list[tuple[Any, ...]]:
+    return [(e["image_id"], e["category_id"], tuple(e["bbox"]), e["score"]) for e in json.loads(path.read_text())]
+
+
+@pytest.mark.slow
+def test_offline_box_ap_equals_in_model(world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Same model, split and batching: the dump replay gives the in-model detections bit for bit.
+
+    A dump stores logits in float16; the predictor here emits float16-representable logits so that
+    storage is lossless and any difference left would be the pipeline's (there is none)."""
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+    real = FastRCNNPredictor.forward
+
+    def fp16_logits(self: FastRCNNPredictor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, deltas = real(self, x)
+        return scores.half().float(), deltas
+
+    monkeypatch.setattr(FastRCNNPredictor, "forward", fp16_logits)
+    d = dump(world, tmp_path / "dump")
+    stats = tmp_path / "stats.npz"
+    stats_from_dump(d, progress=False).save(stats)
+    out = tmp_path / "res"
+    stat = ("none", "ms", "cm", "cm-bayes")
+    in_model = calibrate_model(model_cfg(world, out, stats=stats, stat=stat, gammas=(1.0,)))
+    offline = calibrate_dump(
+        CalibrateConfig(stats=stats, gt=world["gt"], out=out, dump=d, stat=stat, gammas=(1.0,), progress=False)
+    )
+    assert [r["stat"] for r in in_model.rows] == [r["stat"] for r in offline.rows]
+    for a, b in zip(in_model.rows, offline.rows, strict=True):
+        assert a["detections"] == b["detections"] > 0
+        assert _boxes_of(out / a["results"]) == _boxes_of(out / b["results"]), a["stat"]
+        assert a["metrics"]["bbox"] == b["metrics"]["bbox"], a["stat"]
+        assert a["metrics"]["bbox_fixed"] == b["metrics"]["bbox_fixed"], a["stat"]
+    assert offline.statistics["label"] == UPPER_BOUND
+    aps = {r["stat"]: r["metrics"]["bbox"]["AP"] for r in offline.rows}
+    assert len(set(aps.values())) > 1  # the statistics do change the detections
+
+
+def test_offline_mode_refuses_unusable_dumps(world: dict[str, Path], tmp_path: Path) -> None:
+    pos = dump(world, tmp_path / "pos", positives_only=True, max_images=1)
+    nobox = dump(world, tmp_path / "nobox", boxes="none", max_images=1)
+    base = {"stats": world["stats"], "gt": world["gt"], "out": tmp_path / "out", "progress": False}
+    with pytest.raises(PcbkitError, match="positives-only"):
+        calibrate_dump(CalibrateConfig(dump=pos, **base))
+    with pytest.raises(PcbkitError, match="per-class boxes"):
+        calibrate_dump(CalibrateConfig(dump=nobox, **base))
+    with pytest.raises(PcbkitError, match="takes no --checkpoint"):
+        CalibrateConfig(dump=pos, checkpoint=world["checkpoint"], **base)
+    with pytest.raises(PcbkitError, match="needs --checkpoint, --config, --images"):
+        CalibrateConfig(**base)
+    assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# where the statistics come from
+
+
+def test_train_statistics_are_labelled_table_4(world: dict[str, Path], tmp_path: Path) -> None:
+    d = dump(world, tmp_path / "train_dump", split="train", boxes="none", positives_only=True)
+    train = stats_from_dump(d, progress=False)
+    assert train.split == "train"
+    rel = statistics_relation(train, "val", world["gt"])
+    assert rel["relation"] == "train-split" and rel["label"].startswith(TRAIN_MATRIX)
+    val = ClassStats.load(world["stats"])
+    assert statistics_relation(val, "val", world["gt"])["label"] == UPPER_BOUND
+    # a split name that differs but the dump read this very ground-truth file: still the same split
+    assert statistics_relation(val, "lvis_val", world["gt"])["relation"] == "same-split"
+    other = ClassStats.zeros(K, split="minival")
+    assert statistics_relation(other, "val", world["gt"])["relation"] == "other-split"
+
+
+# --------------------------------------------------------------------------------------------
+# the rows' math
+
+
+def test_logit_adjustment_equals_norcal_under_the_background_rule() -> None:
+    """z[:K] - tau log(pi) with background kept IS norcal(freq=pi, gamma=tau).
+
+    Hand case, K = 2, tau = 1: z = (0, 0, bg 0), pi = (0.8, 0.2) -> q = (1/3, 1/3, 1/3);
+    adjusted foreground logits (-log 0.8, -log 0.2) -> p~ = (1/0.8, 1/0.2) / (1.25 + 5) = (0.2, 0.8);
+    q~ = (2/3 * 0.2, 2/3 * 0.8, 1/3)."""
+    z = torch.zeros(1, 3, dtype=torch.float64)
+    prior = torch.tensor([0.8, 0.2], dtype=torch.float64)
+    cal = Calibrator.build("norcal", None, num_classes=2, freq=prior, gamma=1.0)
+    expected = torch.tensor([[2 / 15, 8 / 15, 1 / 3]], dtype=torch.float64)
+    torch.testing.assert_close(cal(torch.softmax(z, dim=1)), expected, rtol=0, atol=1e-12)
+    # random property check against logit_adjust + foreground softmax + kept background
+    g = torch.Generator().manual_seed(0)
+    for tau in (0.5, 1.0, 2.0):
+        logits = torch.randn(50, 8, generator=g, dtype=torch.float64) * 3
+        pi = torch.rand(7, generator=g, dtype=torch.float64) * 100 + 1
+        q = torch.softmax(logits, dim=1)
+        adjusted = logit_adjust(logits, pi, tau)
+        p_adj = torch.softmax(adjusted[:, :7], dim=1)
+        via_la = torch.cat([(1 - q[:, 7:]) * p_adj, q[:, 7:]], dim=1)
+        via_norcal = Calibrator.build("norcal", None, num_classes=7, freq=pi * 17.0, gamma=tau)(q)  # scale-free
+        torch.testing.assert_close(via_la, via_norcal, rtol=1e-10, atol=1e-12)
+
+
+def test_build_rows_names_and_priors(world: dict[str, Path]) -> None:
+    stats = ClassStats.load(world["stats"])
+    prior = torch.arange(1, K + 1, dtype=torch.float64)
+    rows = build_rows(stats, ["none", "cm", "none"], gammas=(0.0, 0.5), taus=(1.0,), prior=prior)
+    assert [r.name for r in rows] == ["none", "cm", "norcal(0)", "norcal(0.5)", "logit-adj(1)"]
+    assert [r.slug for r in rows] == ["none", "cm", "norcal-g0", "norcal-g0.5", "logit-adj-t1"]
+    q = torch.softmax(torch.randn(6, K + 1), dim=1)
+    assert rows[0].transform(q) is q  # "none" is the identity: the model's own detections
+    # norcal uses the training IMAGE counts of the statistics' category space, logit-adj the prior
+    assert stats.categories is not None
+    freq = torch.tensor(stats.categories.image_count, dtype=torch.float64)
+    torch.testing.assert_close(rows[3].transform(q), Calibrator.build("norcal", None, num_classes=K, freq=freq, gamma=0.5)(q))
+    torch.testing.assert_close(rows[4].transform(q), Calibrator.build("norcal", None, num_classes=K, freq=prior, gamma=1.0)(q))
+    with pytest.raises(PcbkitError, match="unknown statistic"):
+        build_rows(stats, ["cm2"])
+    with pytest.raises(PcbkitError, match="nothing to evaluate"):
+        build_rows(stats, [])
+
+
+def test_parse_grid() -> None:
+    assert parse_grid("0,0.5,1", "--gamma") == (0.0, 0.5, 1.0)
+    assert parse_grid(" 1 , 1 ,", "--tau") == (1.0,)
+    assert parse_grid(None, "--gamma") == ()
+    with pytest.raises(PcbkitError, match="--gamma: 'x' is not a number"):
+        parse_grid("0,x", "--gamma")
+    with pytest.raises(PcbkitError, match=">= 0"):
+        parse_grid("-1", "--tau")
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, exit 2, no result files
+
+
+def _gt_copy(world: dict[str, Path], path: Path, edit: Any) -> Path:
+    data = json.loads(world["gt"].read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _swap(args: list[str], flag: str, value: str) -> list[str]:
+    out = list(args)
+    out[out.index(flag) + 1] = value
+    return out
+
+
+def test_bad_input_is_one_line_exit_2_and_leaves_no_results(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = model_args(world, out, "--stat", "cm")
+    _, ckpt5 = write_model(tmp_path / "k5", None, k=5)
+    empty_dir = tmp_path / "no_images"
+    empty_dir.mkdir()
+
+    def rename_first(d: dict[str, Any]) -> None:
+        d["categories"][0]["name"] = "renamed"
+
+    cases = {
+        "checkpoint is for K=5 classes": _swap(args, "--checkpoint", str(ckpt5)),
+        "differ from the statistics' category space": _swap(
+            args, "--gt", str(_gt_copy(world, tmp_path / "other_cats.json", rename_first))
+        ),
+        "image file not found": _swap(args, "--images", str(empty_dir)),
+        "empty split": _swap(
+            args, "--gt", str(_gt_copy(world, tmp_path / "empty.json", lambda d: d.update(images=[], annotations=[])))
+        ),
+        "statistics file not found": _swap(args, "--stats", str(tmp_path / "missing.npz")),
+        "--tau": [*args, "--tau", "x"],
+    }
+    for expected, case in cases.items():
+        code, _, err = cli(case, capsys)
+        assert code == 2, (expected, err)
+        lines = [ln for ln in err.splitlines() if ln.startswith("pcbkit: error:")]
+        assert len(lines) == 1 and expected in lines[0], (expected, err)
+        assert "Traceback" not in err
+        assert not out.exists(), expected
+
+
+def test_tau_needs_instance_counts(world: dict[str, Path], tmp_path: Path) -> None:
+    def drop_counts(d: dict[str, Any]) -> None:
+        for c in d["categories"]:
+            c.pop("instance_count", None)
+
+    gt = _gt_copy(world, tmp_path / "gt.json", drop_counts)
+    with pytest.raises(PcbkitError, match="instance_count"):
+        calibrate_dump(
+            CalibrateConfig(stats=world["stats"], gt=gt, out=tmp_path / "o", dump=world["dump"], taus=(1.0,), progress=False)
+        )
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the shared post-processing
+
+
+def test_batched_nms_equals_torchvision_bit_for_bit() -> None:
+    from torchvision.ops import boxes as box_ops
+
+    from pcb_train.backends.base import batched_nms
+
+    g = torch.Generator().manual_seed(0)
+    for n, k in ((40, 3), (3000, 40), (20000, 300)):  # the last two take the per-class path
+        xy = torch.rand(n, 2, generator=g) * 200
+        boxes = torch.cat([xy, xy + torch.rand(n, 2, generator=g) * 60 + 1], dim=1)
+        scores = torch.rand(n, generator=g)
+        scores[::5] = scores[0]  # ties: the final order must still agree
+        groups = torch.randint(1, k + 1, (n,), generator=g)
+        assert torch.equal(batched_nms(boxes, scores, groups, 0.5), box_ops.batched_nms(boxes, scores, groups, 0.5))
+
+
+def test_select_detections_hand_case() -> None:
+    """Two proposals, K = 2, threshold 0.05, NMS 0.5, at most 3 detections.
+
+    q rows (c0, c1, bg): (0.6, 0.1, 0.3), (0.5, 0.04, 0.46). Candidates above 0.05: (row 0, c0) 0.6,
+    (row 0, c1) 0.1, (row 1, c0) 0.5. Row 1's c0 box overlaps row 0's c0 box with IoU 81/119 = 0.68
+    > 0.5: suppressed. Kept, by score: (0, c0) 0.6, (0, c1) 0.1."""
+    from pcb_train.backends.base import select_detections
+
+    q = torch.tensor([[0.6, 0.1, 0.3], [0.5, 0.04, 0.46]])
+    box = torch.tensor([0.0, 0.0, 10.0, 10.0])
+    boxes = torch.stack([torch.stack([box, box + 20]), torch.stack([box + 1, box + 1])])  # [2, 2, 4]
+    d = select_detections(q, boxes, score_thresh=0.05, nms_thresh=0.5, detections_per_image=3)
+    assert d.labels.tolist() == [0, 1] and d.scores.tolist() == pytest.approx([0.6, 0.1])
+    assert d.flat.tolist() == [0, 1] and torch.equal(d.boxes, torch.stack([box, box + 20]))
+    one = select_detections(q, boxes, score_thresh=0.05, nms_thresh=0.5, detections_per_image=1)
+    assert one.flat.tolist() == [0]

@@ -1,0 +1,44 @@
+"""End to end: `pcbkit demo --quick` produces every report artifact; a rerun is served from cache."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pcbkit.cli import cli
+
+STATS = {"none", "ms", "cm", "cm-bayes"}
+
+
+@pytest.mark.slow
+def test_demo_quick_end_to_end(tmp_path: Path) -> None:
+    data, work, report = tmp_path / "data", tmp_path / "work", tmp_path / "report"
+    args = ["demo", "--quick", "--data", str(data), "--work", str(work), "--report", str(report)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    for name in ("README.md", "results.csv", "results.json", "figure1_block.png", "overview.png",
+                 "train_vs_val.png", "top_confused_pairs.csv"):
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+    rows = json.loads((report / "results.json").read_text())
+    for model in ("softmax", "pcb"):
+        mine = [r for r in rows if r["model"] == model]
+        assert {r["stat"] for r in mine} == STATS
+        # none once, then ms / cm / cm-bayes with val-set and with train-set statistics
+        assert sorted((r["stat"], r["source"]) for r in mine) == sorted(
+            [("none", "-")] + [(s, src) for s in ("ms", "cm", "cm-bayes") for src in ("val", "train")]
+        )
+        for r in mine:
+            for m in ("AP", "APr", "APc", "APf", "APb", "AP_fixed"):
+                assert r[m] is not None and math.isfinite(r[m]), (model, r["stat"], m)
+    text = (report / "README.md").read_text()
+    assert "Table 1 layout" in text and "Table 4 layout" in text and "figure1_block.png" in text
+    # every step is cached on a rerun
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    steps = [json.loads(p.read_text())["step"] for p in work.rglob(".step-*.json")]
+    assert "train-softmax" in steps and "pcb/calibrate-train-stats" in steps
+    assert "| cached |" in (report / "README.md").read_text()  # the wall-time table marks cached steps
