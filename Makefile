@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.pcbkit-installed
-DATA   ?= data/synth
 
 .PHONY: install test lint demo bench clean
 
@@ -24,16 +23,16 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
-# Until the training pipeline lands, the demo generates the embedded synthetic dataset and evaluates
-# a clearly labelled REFERENCE detection file (jittered ground truth, not a detector) on it.
+# The main job: synth -> train softmax + PCB -> dump-logits -> stats -> calibrate -> reports/demo/.
+# Cached: a rerun skips the steps whose inputs have not changed (`pcbkit demo --force` redoes them).
 demo: $(STAMP)
-	$(VENV)/bin/pcbkit synth --out $(DATA)
-	$(PY) scripts/reference_detections.py --gt $(DATA)/val.json --out $(DATA)/reference_detections_val.json
-	$(VENV)/bin/pcbkit evaluate --gt $(DATA)/val.json --results $(DATA)/reference_detections_val.json --iou-type both --fixed-ap --out $(DATA)/reference_metrics_val.json
-	@echo "demo outputs: $(DATA)/ (train.json, val.json, images/, reference_detections_val.json, reference_metrics_val.json)"
+	$(VENV)/bin/pcbkit demo
 
 bench: $(STAMP)
 	$(PY) bench/eval_speed.py
+	$(PY) bench/stats_speed.py
+	$(PY) bench/train_overhead.py
+	$(PY) bench/calibrate_overhead.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
