@@ -64,7 +64,13 @@ from detectron2.structures import Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
-from pcb_train.iterative_head import DEFAULT_STEP_WEIGHTS, IterativeRoIHead, StepClsLosses, iterative_cls_loss
+from pcb_train.iterative_head import (
+    DEFAULT_STEP_WEIGHTS,
+    IterativeRoIHead,
+    StepClsLosses,
+    iterative_cls_loss,
+    share_checkpoint_keys,
+)
 from pcb_train.pcb_loss import DEFAULT_ALPHA, DEFAULT_MOMENTUM, OnlineConfusion
 
 logger = logging.getLogger(__name__)
@@ -72,7 +78,6 @@ logger = logging.getLogger(__name__)
 NAME = "PCBROIHeads"
 DEFAULT_START_FRACTION = 17.0 / 24.0
 # keys of the iterative head's shared modules -> the owner's keys (saved once, under the owner's)
-_SHARED = (("iterative_head.box_head.", "box_head."), ("iterative_head.predictor.", "box_predictor."))
 
 ScoreTransform = Callable[[Tensor], Tensor]
 
@@ -178,8 +183,7 @@ class PCBROIHeads(StandardROIHeads):
             )
             self.step_weights: tuple[float, ...] = self.iterative_head.step_weights
             # one copy of the shared weights in the state dict, under detectron2's names
-            self.register_state_dict_post_hook(_drop_shared_keys)
-            self.register_load_state_dict_pre_hook(_fill_shared_keys)
+            share_checkpoint_keys(self)
         else:
             self.step_weights = (1.0,)
         self.confusion: OnlineConfusion | None = (
@@ -318,25 +322,8 @@ def _log_accuracy(logits: Tensor, gt_classes: Tensor, storage: Any) -> None:
         storage.put_scalar("fast_rcnn/false_negative", float((pred[fg] == bg).sum()) / n_fg)
 
 
-def _drop_shared_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    for shared, _ in _SHARED:
-        for key in [k for k in state_dict if k.startswith(prefix + shared)]:
-            del state_dict[key]
 
 
-def _fill_shared_keys(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    for shared, owner in _SHARED:
-        for key in [k for k in state_dict if k.startswith(prefix + owner)]:
-            state_dict.setdefault(prefix + shared + key[len(prefix + owner) :], state_dict[key])
 
 
 if NAME not in ROI_HEADS_REGISTRY:  # a re-import (e.g. importlib.reload) keeps the first registration

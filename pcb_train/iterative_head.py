@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -214,3 +214,37 @@ def iterative_cls_loss(
         per_step.append(loss)
         alphas.append(a_r)
     return StepClsLosses(combine_step_losses(per_step, step_weights), tuple(per_step), tuple(alphas))
+
+
+# The ROI heads that own an IterativeRoIHead also own its box head and predictor under their
+# framework's usual names; checkpoints keep one copy, under those usual names (so a plain-head
+# checkpoint and an iterative-head checkpoint share keys for the shared weights).
+SHARED_KEYS = (("iterative_head.box_head.", "box_head."), ("iterative_head.predictor.", "box_predictor."))
+
+
+def _drop_shared_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for shared, _ in SHARED_KEYS:
+        for key in [k for k in state_dict if k.startswith(prefix + shared)]:
+            del state_dict[key]
+
+
+def _fill_shared_keys(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: Any,
+    strict: bool,
+    missing_keys: list[str],
+    unexpected_keys: list[str],
+    error_msgs: list[str],
+) -> None:
+    for shared, owner in SHARED_KEYS:
+        for key in [k for k in state_dict if k.startswith(prefix + owner)]:
+            state_dict.setdefault(prefix + shared + key[len(prefix + owner) :], state_dict[key])
+
+
+def share_checkpoint_keys(roi_heads: nn.Module) -> None:
+    """Save the shared box head / predictor once (under `box_head.` / `box_predictor.`) and fill
+    the `iterative_head.*` copies back in when loading."""
+    roi_heads.register_state_dict_post_hook(_drop_shared_keys)
+    roi_heads.register_load_state_dict_pre_hook(_fill_shared_keys)

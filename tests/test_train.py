@@ -199,6 +199,29 @@ def reference_run(synth12: Path, tmp_path_factory: pytest.TempPathFactory) -> Tr
     return train(tiny_cfg(synth12), out, progress=False)
 
 
+def test_rfs_sampler_from_the_annotations(synth12: Path) -> None:
+    # repeat factors recomputed by hand from train.json: f(c) = images with c / N,
+    # r(c) = max(1, sqrt(t / f(c))) with t = 0.1, image factor = max over its classes
+    from pcb_train.data import LVISDetectionDataset
+    from pcb_train.train import build_sampler
+
+    cfg = tiny_cfg(synth12, "data.sampler=rfs", "data.rfs_threshold=0.1")
+    ds = LVISDetectionDataset(synth12 / "train.json", synth12 / "images", K, train=True, with_masks=False)
+    sampler = build_sampler(cfg, ds)
+    data = json.loads((synth12 / "train.json").read_text())
+    cats_of: dict[int, set[int]] = {}
+    for a in data["annotations"]:
+        cats_of.setdefault(a["image_id"], set()).add(a["category_id"])
+    n = len(cats_of)  # every synthetic training image has objects
+    assert n == len(ds)
+    images_with = {c: sum(c in cs for cs in cats_of.values()) for c in {c for cs in cats_of.values() for c in cs}}
+    r = {c: max(1.0, math.sqrt(0.1 / (k / n))) for c, k in images_with.items()}
+    expected = [max(r[c] for c in cats_of[e.image_id]) for e in ds.entries]
+    np.testing.assert_allclose(sampler.repeat_factors, expected)
+    assert sampler.nominal_epoch_length == pytest.approx(sum(expected))
+    assert max(expected) > 2.0  # the rarest class (2 of 180 images): sqrt(0.1 * 90) = 3
+
+
 @pytest.mark.slow
 def test_pcb_smoke_run(reference_run: TrainResult, synth12: Path) -> None:
     r = reference_run
@@ -353,7 +376,7 @@ def _ddp_worker(rank: int, init_file: str, data: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         cfg = tiny_cfg(Path(data), "solver.max_iter=4", "model.pcb_start=1", "data.max_val_images=4",
-                       "solver.ims_per_batch=2")
+                       "solver.ims_per_batch=2", "eval_period=2")
         r = train(cfg, Path(out) / "run", progress=False)
         torch.save(
             {"matrix": r.confusion_matrix, "counts": r.confusion_counts, "metrics": r.metrics},
@@ -382,3 +405,6 @@ def test_two_process_gloo_run(synth12: Path, tmp_path: Path) -> None:
     recs = train_records(tmp_path / "run")
     assert [x["iteration"] for x in recs] == [0, 1, 2, 3]
     assert all(math.isfinite(x["loss"]) for x in recs)
+    # eval_period=2: an evaluation after iteration 2 and the final one
+    rows = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    assert [x["iteration"] for x in rows if x["type"] == "eval"] == [1, 3]

@@ -76,6 +76,7 @@ from pcb_train.backends.base import (
     select_detections,
 )
 from pcb_train.config import ModelConfig
+from pcb_train.iterative_head import share_checkpoint_keys
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,6 @@ TINY_SAMPLING_RATIO = 1
 NAME = "torchvision"
 
 # keys of the iterative head's shared box head / predictor (saved once, under torchvision's names)
-_SHARED = (("iterative_head.box_head.", "box_head."), ("iterative_head.predictor.", "box_predictor."))
 
 ClsLossFn = Callable[[tuple[Tensor, ...], Tensor], Any]
 
@@ -369,8 +369,7 @@ class PCBRoIHeads(RoIHeads):
         if iterative_head is not None:
             # The iterative head shares box_head / box_predictor: keep ONE copy of their weights in
             # the state dict, under torchvision's names (so plain and iterative models share keys).
-            self.register_state_dict_post_hook(_drop_shared_keys)
-            self.register_load_state_dict_pre_hook(_fill_shared_keys)
+            share_checkpoint_keys(self)
 
     # -- seams ------------------------------------------------------------------------------
 
@@ -548,27 +547,8 @@ class PCBRoIHeads(RoIHeads):
         return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
-def _drop_shared_keys(
-    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
-) -> None:
-    for shared, _ in _SHARED:
-        for key in [k for k in state_dict if k.startswith(prefix + shared)]:
-            del state_dict[key]
 
 
-def _fill_shared_keys(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    for shared, owner in _SHARED:
-        for key in [k for k in state_dict if k.startswith(prefix + owner)]:
-            state_dict.setdefault(prefix + shared + key[len(prefix + owner) :], state_dict[key])
 
 
 # --------------------------------------------------------------------------------------------
