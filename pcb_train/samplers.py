@@ -175,9 +175,7 @@ class RandomSampler:
         while len(out) < count:
             plan = self.plan(epoch)
             stop = min(len(plan), index + count - len(out))
-            out.extend(
-                zip(plan.indices[index:stop].tolist(), plan.flips[index:stop].tolist(), strict=True)
-            )
+            out.extend(zip(plan.indices[index:stop].tolist(), plan.flips[index:stop].tolist(), strict=True))
             epoch, index = (epoch + 1, 0) if stop == len(plan) else (epoch, stop)
         return out, SamplerPosition(epoch, index)
 

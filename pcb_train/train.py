@@ -539,7 +539,9 @@ def _truncate_metrics(path: Path, keep_before: int) -> None:
 class RunLog:
     """metrics.jsonl (+ TensorBoard) of rank 0; a no-op on other ranks."""
 
-    def __init__(self, out_dir: Path, enabled: bool, purge_step: int | None, tensorboard: bool = True) -> None:
+    def __init__(
+        self, out_dir: Path, enabled: bool, purge_step: int | None, tensorboard: bool = True
+    ) -> None:
         self.path = out_dir / METRICS_FILE
         self.enabled = enabled
         self.writer: Any = None
@@ -611,7 +613,8 @@ class StopRequest(AbstractContextManager["StopRequest"]):
             raise KeyboardInterrupt
         self.requested = True
         logger.warning(
-            "%s: saving a checkpoint after this iteration (again to abort at once)", signal.Signals(signum).name
+            "%s: saving a checkpoint after this iteration (again to abort at once)",
+            signal.Signals(signum).name,
         )
 
     def __enter__(self) -> StopRequest:
@@ -941,7 +944,7 @@ def _train(
         if confusion is not None:
             pcb_state = state.get("pcb")
             if not isinstance(pcb_state, Mapping):
-                raise input_error(ckpt_path, "checkpoint has no PCB buffers ('pcb') although the config uses PCB")
+                raise input_error(ckpt_path, "checkpoint has no PCB buffers ('pcb') but the config uses PCB")
             confusion.load_state_dict({k: v.to(device) for k, v in pcb_state.items()})
         meter.load_state_dict(ts.get("meter", {}))
         start_iter = int(ts["iteration"])
@@ -1165,7 +1168,12 @@ def _train(
         checkpoint(i)
         log.close()
         _barrier(ctx)
-        logger.warning("stopped at iteration %d of %d; checkpoint %s (continue with --resume)", i, schedule.max_iter, ckpt_path)
+        logger.warning(
+            "stopped at iteration %d of %d; checkpoint %s (continue with --resume)",
+            i,
+            schedule.max_iter,
+            ckpt_path,
+        )
         raise KeyboardInterrupt
 
     # -- finish -----------------------------------------------------------------------------

@@ -28,7 +28,9 @@ import click
     help="Run folder (default: runs/<name from the config>).",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in the folder from its last_checkpoint.pth.")
-@click.option("--force", is_flag=True, help="Start over in a folder that already holds a run (deletes its outputs).")
+@click.option(
+    "--force", is_flag=True, help="Start over in a folder that already holds a run (deletes its outputs)."
+)
 @click.option("--no-eval", is_flag=True, help="Skip the final evaluation on the validation split.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (the periodic log lines stay).")
 @click.argument("overrides", nargs=-1)
@@ -61,8 +63,14 @@ def train_cmd(
     )
     if int(os.environ.get("RANK", "0")) > 0:
         return
-    spi = f"{result.seconds_per_iter:.3f} s/it" if result.seconds_per_iter is not None else "nothing left to train"
-    click.echo(f"trained {cfg.name}: {result.iterations}/{result.max_iter} iterations ({spi}) -> {result.out_dir}")
+    spi = (
+        f"{result.seconds_per_iter:.3f} s/it"
+        if result.seconds_per_iter is not None
+        else "nothing left to train"
+    )
+    click.echo(
+        f"trained {cfg.name}: {result.iterations}/{result.max_iter} iterations ({spi}) -> {result.out_dir}"
+    )
     m = result.metrics
     if m:
         parts = [f"{k} {100 * m[k]:.1f}" for k in ("AP", "APr", "APc", "APf", "APb") if m.get(k) is not None]

@@ -26,7 +26,9 @@ def test_repeat_factors_hand_case() -> None:
     cats = [[0], [0, 1], [0, 0], [2]]
     per_cat = category_repeat_factors(cats, threshold=1.0)
     assert per_cat == pytest.approx({0: math.sqrt(4 / 3), 1: 2.0, 2: 2.0})
-    np.testing.assert_allclose(image_repeat_factors(cats, 1.0), [math.sqrt(4 / 3), 2.0, math.sqrt(4 / 3), 2.0])
+    np.testing.assert_allclose(
+        image_repeat_factors(cats, 1.0), [math.sqrt(4 / 3), 2.0, math.sqrt(4 / 3), 2.0]
+    )
 
 
 def test_repeat_factors_lvis_threshold() -> None:
@@ -97,7 +99,9 @@ def test_rfs_stochastic_rounding() -> None:
         np.testing.assert_array_equal(np.bincount(s.plan(e).indices, minlength=3), s.repeats(e))
     assert s.nominal_epoch_length == pytest.approx(4.75)
     # a pure function of (seed, epoch)
-    np.testing.assert_array_equal(RepeatFactorSampler([1.0, 2.5, 1.25], seed=1).plan(7).indices, s.plan(7).indices)
+    np.testing.assert_array_equal(
+        RepeatFactorSampler([1.0, 2.5, 1.25], seed=1).plan(7).indices, s.plan(7).indices
+    )
 
 
 def stream(sampler: RandomSampler, n: int) -> list[tuple[int, bool]]:
@@ -113,7 +117,11 @@ def stream(sampler: RandomSampler, n: int) -> list[tuple[int, bool]]:
 @pytest.mark.parametrize("rfs", [False, True])
 def test_batches_walk_the_concatenated_epochs(rfs: bool) -> None:
     # 7 images, batch 3: batches straddle epoch ends; the batches are the stream cut in threes
-    s = RepeatFactorSampler([1, 2.2, 1, 1.7, 1, 1, 3], seed=5, flip_prob=0.5) if rfs else RandomSampler(7, 5, 0.5)
+    s = (
+        RepeatFactorSampler([1, 2.2, 1, 1.7, 1, 1, 3], seed=5, flip_prob=0.5)
+        if rfs
+        else RandomSampler(7, 5, 0.5)
+    )
     batches = list(DistributedBatchSampler(s, 3, num_batches=10))
     flat = [e for b in batches for e in b]
     assert flat == stream(s, 30)
