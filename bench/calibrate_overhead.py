@@ -32,7 +32,6 @@ Medians of `--repeats` interleaved runs after `--warmup` runs; wall-clock and pr
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -43,28 +42,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from timing import interleaved_medians  # noqa: E402  (bench/ is on sys.path when run as a script)
 from torch import Tensor  # noqa: E402
 
 K = 1203
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], None]], warmup: int, repeats: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall-clock and process-CPU seconds per call of each fn, calls interleaved round-robin."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    med = statistics.median
-    return {n: med(v) for n, v in wall.items()}, {n: med(v) for n, v in cpu.items()}
 
 
 def synthetic_confusion(k: int, seed: int = 0) -> Tensor:

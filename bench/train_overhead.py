@@ -23,10 +23,7 @@ so that drift of a shared CPU hits both alike.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from timing import interleaved_medians  # noqa: E402  (bench/ is on sys.path when run as a script)
 from torch import Tensor, nn  # noqa: E402
 
 K = 1203
@@ -45,27 +43,6 @@ CHANNELS = 256
 ROI = 7
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], None]], warmup: int, repeats: int
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Median wall-clock and process-CPU seconds per call of each fn, calls interleaved round-robin.
-
-    CPU time (all threads of this process) is the steadier figure on a shared machine: time spent
-    waiting for a core does not count.
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            wall[name].append(time.perf_counter() - t0)
-            cpu[name].append(time.process_time() - c0)
-    med = statistics.median
-    return {n: med(v) for n, v in wall.items()}, {n: med(v) for n, v in cpu.items()}
 
 
 def make_labels(gen: torch.Generator, gt_classes: int) -> Tensor:
