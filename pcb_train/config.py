@@ -143,6 +143,7 @@ class ModelConfig:
     iterative_head: bool = False
     n_iter: int = 3
     step_weights: tuple[float, ...] = (0.2, 0.2, 0.6)
+    modulation_init: Literal["default", "identity"] = "default"  # see IterativeRoIHead
     # PCB loss (PCB_SPEC §4.1-4.3); the training loop plugs it into the RoI head
     pcb_loss: bool = False
     pcb_alpha: float = 0.4

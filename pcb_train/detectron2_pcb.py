@@ -29,6 +29,8 @@ detectron2's `DefaultTrainer` / `SimpleTrainer` unchanged:
     ITERATIVE       False   the iterative box head (§4.4)
     N_ITER          3       steps of the iterative head
     STEP_WEIGHTS    [0.2, 0.2, 0.6]  classification-loss weight of each step
+    MODULATION_INIT "default"  initialisation of the modulation MLPs: "default" (the official
+                            code) or "identity" (g = 1, c = 0 at the start; see IterativeRoIHead)
 
 Training, per iteration (detectron2's storage iteration `get_event_storage().iter`): sample RoIs
 as `StandardROIHeads` does, run the box head (`N_ITER` weight-shared steps with `F * g + c`
@@ -97,6 +99,7 @@ def add_pcb_config(cfg: CfgNode) -> CfgNode:
     pcb.ITERATIVE = False
     pcb.N_ITER = 3
     pcb.STEP_WEIGHTS = list(DEFAULT_STEP_WEIGHTS)
+    pcb.MODULATION_INIT = "default"
     frozen = cfg.is_frozen()
     cfg.defrost()
     cfg.MODEL.PCB = pcb
@@ -140,6 +143,7 @@ class PCBROIHeads(StandardROIHeads):
         start_iter: storage iteration from which the PCB loss may be active.
         iterative: use the iterative head (n_iter weight-shared steps).
         n_iter, step_weights: its steps and their classification-loss weights.
+        modulation_init: "default" or "identity" initialisation of the modulation MLPs.
         roi_channels, roi_size: C and S of the box RoI features (inferred when None).
     """
 
@@ -154,6 +158,7 @@ class PCBROIHeads(StandardROIHeads):
         iterative: bool = False,
         n_iter: int = 3,
         step_weights: Sequence[float] = DEFAULT_STEP_WEIGHTS,
+        modulation_init: str = "default",
         roi_channels: int | None = None,
         roi_size: int | None = None,
         **kwargs: Any,
@@ -180,6 +185,7 @@ class PCBROIHeads(StandardROIHeads):
                 step_weights=tuple(step_weights),
                 feat_channels=channels,
                 roi_size=size,
+                modulation_init=modulation_init,
             )
             self.step_weights: tuple[float, ...] = self.iterative_head.step_weights
             # one copy of the shared weights in the state dict, under detectron2's names
@@ -207,6 +213,7 @@ class PCBROIHeads(StandardROIHeads):
             iterative=bool(pcb.ITERATIVE),
             n_iter=int(pcb.N_ITER) if pcb.ITERATIVE else 1,
             step_weights=tuple(float(w) for w in pcb.STEP_WEIGHTS) if pcb.ITERATIVE else (1.0,),
+            modulation_init=str(pcb.get("MODULATION_INIT", "default")),
             roi_channels=int(input_shape[in_features[0]].channels),
             roi_size=int(cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION),
         )

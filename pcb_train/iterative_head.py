@@ -59,9 +59,26 @@ class IterativeHeadOutput(NamedTuple):
         return self.step_deltas[-1]
 
 
-def modulation_mlp(in_features: int, out_features: int, hidden: int = MLP_HIDDEN) -> nn.Sequential:
-    """Linear(in, hidden) -> ReLU -> Linear(hidden, out), PyTorch's default initialisation (as the official code)."""
-    return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+MODULATION_INITS: tuple[str, ...] = ("default", "identity")
+
+
+def modulation_mlp(
+    in_features: int, out_features: int, hidden: int = MLP_HIDDEN, *, out_bias: float | None = None
+) -> nn.Sequential:
+    """Linear(in, hidden) -> ReLU -> Linear(hidden, out).
+
+    `out_bias=None`: PyTorch's default initialisation of both layers (as the official code).
+    `out_bias=b`: the last layer starts with zero weights and every bias equal to `b`, so the MLP
+    starts as the constant `b` (its first layer keeps the default initialisation, so gradients reach
+    it as soon as the last layer moves).
+    """
+    mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+    if out_bias is not None:
+        last = mlp[2]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.constant_(last.bias, float(out_bias))
+    return mlp
 
 
 def _predictor_width(predictor: nn.Module, attr: str, given: int | None, what: str) -> int:
@@ -93,6 +110,12 @@ class IterativeRoIHead(nn.Module):
         num_logits: K + 1, the input width of MLP_cls; inferred from `predictor.cls_score.out_features`.
         box_dim: 4K or 4, the input width of MLP_loc; inferred from `predictor.bbox_pred.out_features`.
         hidden: hidden width of both MLPs (512).
+        modulation_init: "default" (PyTorch's default initialisation of the MLPs, as the official
+            code: g and c start as small random values, so the first modulation scales the
+            features down to a fraction of their size) or "identity" (the MLPs' last layers start
+            at zero weights, MLP_loc's bias at 1 and MLP_cls's at 0: g = 1, c = 0, so every step
+            starts as an exact copy of step 0 and the modulation is learned from there; a pcbkit
+            option for short schedules and heads trained from scratch, not in the paper).
     """
 
     def __init__(
@@ -107,8 +130,13 @@ class IterativeRoIHead(nn.Module):
         num_logits: int | None = None,
         box_dim: int | None = None,
         hidden: int = MLP_HIDDEN,
+        modulation_init: str = "default",
     ) -> None:
         super().__init__()
+        if modulation_init not in MODULATION_INITS:
+            raise ValueError(
+                f"IterativeRoIHead: modulation_init must be one of {MODULATION_INITS}, got {modulation_init!r}"
+            )
         if n_iter < 1:
             raise ValueError(f"IterativeRoIHead: n_iter must be >= 1, got {n_iter}")
         weights = tuple(float(w) for w in step_weights)
@@ -122,13 +150,15 @@ class IterativeRoIHead(nn.Module):
         self.step_weights = weights
         self.feat_channels = int(feat_channels)
         self.roi_size = int(roi_size)
+        self.modulation_init = modulation_init
         self.mlp_cls: nn.Module | None = None
         self.mlp_loc: nn.Module | None = None
         if self.n_iter > 1:  # with one step the MLPs would be unused parameters (DDP rejects those)
             k1 = _predictor_width(predictor, "cls_score", num_logits, "num_logits (K+1)")
             bd = _predictor_width(predictor, "bbox_pred", box_dim, "box_dim (4K or 4)")
-            self.mlp_cls = modulation_mlp(k1, self.feat_channels, hidden)
-            self.mlp_loc = modulation_mlp(bd, self.roi_size * self.roi_size, hidden)
+            identity = modulation_init == "identity"
+            self.mlp_cls = modulation_mlp(k1, self.feat_channels, hidden, out_bias=0.0 if identity else None)
+            self.mlp_loc = modulation_mlp(bd, self.roi_size * self.roi_size, hidden, out_bias=1.0 if identity else None)
 
     def modulate(self, features: Tensor, logits: Tensor, deltas: Tensor) -> Tensor:
         """`F * g + c` for features [R, C, S, S], logits [R, K+1], deltas [R, 4K|4] -> [R, C, S, S]."""

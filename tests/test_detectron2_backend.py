@@ -181,6 +181,7 @@ def test_add_pcb_config_defaults_and_start_iter() -> None:
     pcb = cfg.MODEL.PCB
     assert (pcb.ENABLED, pcb.ITERATIVE, pcb.ALPHA, pcb.MOMENTUM, pcb.N_ITER) == (False, False, 0.4, 0.99, 3)
     assert list(pcb.STEP_WEIGHTS) == [0.2, 0.2, 0.6] and pcb.START_ITER == -1
+    assert pcb.MODULATION_INIT == "default"
     pcb.ALPHA = 0.2
     assert add_pcb_config(cfg).MODEL.PCB.ALPHA == 0.2  # a second call keeps the values
     cfg.SOLVER.MAX_ITER = 2400
@@ -210,7 +211,9 @@ def test_r50_fpn_lvis_settings() -> None:
     assert (m.ROI_HEADS.SCORE_THRESH_TEST, m.ROI_HEADS.NMS_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE) == (1e-4, 0.5, 300)
     assert (m.ROI_MASK_HEAD.NUM_CONV, m.ROI_MASK_HEAD.CONV_DIM, m.ROI_MASK_HEAD.POOLER_RESOLUTION) == (4, 256, 14)
     assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (800, 1333)
-    assert not m.PCB.ENABLED and not m.PCB.ITERATIVE
+    assert not m.PCB.ENABLED and not m.PCB.ITERATIVE and m.PCB.MODULATION_INIT == "default"
+    ident = load_config(None, ["model.backend=detectron2", "model.modulation_init=identity"]).model
+    assert detectron2_cfg(ident).MODEL.PCB.MODULATION_INIT == "identity"
     # a PCB start given as a fraction of training
     frac = load_config(
         None, ["model.backend=detectron2", "model.pcb_loss=true", "model.pcb_start_unit=fraction", "model.pcb_start=0.5"]

@@ -30,10 +30,14 @@ class Predictor(nn.Module):
         return self.cls_score(x), self.bbox_pred(x)
 
 
-def make_head(n_iter: int = 3, weights: tuple[float, ...] = (0.2, 0.2, 0.6), box_dim: int = 4 * K) -> IterativeRoIHead:
+def make_head(
+    n_iter: int = 3, weights: tuple[float, ...] = (0.2, 0.2, 0.6), box_dim: int = 4 * K, init: str = "default"
+) -> IterativeRoIHead:
     torch.manual_seed(0)
     box_head = nn.Sequential(nn.Flatten(), nn.Linear(C * S * S, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU())
-    return IterativeRoIHead(box_head, Predictor(box_dim), n_iter, weights, feat_channels=C, roi_size=S).double()
+    return IterativeRoIHead(
+        box_head, Predictor(box_dim), n_iter, weights, feat_channels=C, roi_size=S, modulation_init=init
+    ).double()
 
 
 def feats(seed: int = 0) -> Tensor:
@@ -109,6 +113,29 @@ def test_gradients_reach_first_step_features_and_both_mlps() -> None:
     zl, dl = head.predictor(head.box_head(f_last))
     (zl.square().sum() + dl.square().sum()).backward()
     assert not torch.allclose(g_all, head.box_head[1].weight.grad)
+
+
+def test_identity_modulation_init_starts_every_step_as_step_zero_and_still_learns() -> None:
+    head = make_head(init="identity")
+    f = feats()
+    z0, d0 = head.predictor(head.box_head(f))
+    # g = 1 and c = 0 exactly: the modulation is the identity, every step equals step 0
+    assert torch.equal(head.modulate(f, z0, d0), f)
+    out = head(f)
+    for z, d in zip(out.step_logits, out.step_deltas, strict=True):
+        assert torch.equal(z, z0) and torch.equal(d, d0)
+    # the MLPs' last layers get gradient (so the modulation moves away from the identity when trained)
+    fg = feats(1).requires_grad_(True)
+    out = head(fg)
+    (out.logits.square().sum() + out.deltas.square().sum()).backward()
+    for mlp in (head.mlp_cls, head.mlp_loc):
+        assert mlp is not None
+        assert mlp[2].weight.grad is not None and mlp[2].weight.grad.abs().sum() > 0
+    # the default initialisation does not start at the identity
+    plain = make_head()
+    assert not torch.allclose(plain.modulate(f, z0, d0), f)
+    with pytest.raises(ValueError, match="modulation_init"):
+        make_head(init="zeros")
 
 
 def test_combine_step_losses_golden() -> None:

@@ -585,6 +585,11 @@ def test_iterative_head(tmp_path: Path) -> None:
         as_torchvision_model(b.model)
     with pytest.raises(PcbkitError, match="another model config: iterative_head"):
         tiny_backend().load_checkpoint(path)
+    # the identity start of the modulation MLPs reaches the model: the last step equals the first
+    ident = tiny_backend("model.iterative_head=true", "model.modulation_init=identity").model.roi_heads
+    assert ident.iterative_head.modulation_init == "identity"
+    assert torch.count_nonzero(ident.iterative_head.mlp_cls[2].weight) == 0
+    assert torch.all(ident.iterative_head.mlp_loc[2].bias == 1.0)
 
 
 # --------------------------------------------------------------------------------------------

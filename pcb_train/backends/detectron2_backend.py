@@ -222,6 +222,7 @@ def detectron2_cfg(
     m.PCB.ITERATIVE = bool(c.iterative_head)
     m.PCB.N_ITER = int(c.n_iter)
     m.PCB.STEP_WEIGHTS = [float(w) for w in c.step_weights]
+    m.PCB.MODULATION_INIT = str(c.modulation_init)
     cfg.TEST.DETECTIONS_PER_IMAGE = int(c.detections_per_image)
     cfg.INPUT.MIN_SIZE_TEST = int(c.min_size)
     cfg.INPUT.MAX_SIZE_TEST = int(c.max_size)

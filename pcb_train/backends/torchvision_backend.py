@@ -657,6 +657,7 @@ def build_model(cfg: ModelConfig, train_min_sizes: Sequence[int] | None = None) 
             step_weights=step_weights,
             feat_channels=c,
             roi_size=BOX_ROI_SIZE,
+            modulation_init=cfg.modulation_init,
         )
     roi_heads = PCBRoIHeads(
         box_roi_pool,
