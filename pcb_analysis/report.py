@@ -103,13 +103,48 @@ def _delta(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None, m: str) -> 
     return 100.0 * (va - vb)
 
 
+# PCB_SPEC §5: the released Softmax + PCB model (LVIS v0.5, R50), against Table 1's random/none row.
+PAPER_PCB_V05: dict[str, float] = {"AP": 25.1, "APr": 12.6, "APc": 25.5, "APf": 29.5, "APb": 25.2}
+
+
+def _paper(sampler: str, stat: str) -> Mapping[str, float]:
+    return next(r for r in PAPER_TABLE1 if r["sampler"] == sampler and r["stat"] == stat)
+
+
+def verdict(here: float | None, paper: float, *, noise: float = 1.0) -> str:
+    """How a measured change (points) relates to the paper's: same or opposite direction, or within noise."""
+    if here is None:
+        return "not measurable here"
+    if abs(here) < noise:
+        return f"no clear effect here (within {noise:g} point)"
+    if paper == 0.0:
+        return "the paper shows no change"
+    return "same direction as the paper" if (here > 0) == (paper > 0) else "the opposite of the paper"
+
+
+def _spread(r: Mapping[str, Any] | None) -> float | None:
+    """max - min of APr, APc, APf in points (a frequency-bias summary); None when one is undefined."""
+    if r is None:
+        return None
+    vals = [r.get(m) for m in ("APr", "APc", "APf")]
+    if any(v is None or v < 0 for v in vals):
+        return None
+    return 100.0 * (max(vals) - min(vals))  # type: ignore[type-var, operator]
+
+
 def reading(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
-    """Plain sentences derived from the numbers (no claim that the numbers do not support)."""
+    """Plain sentences derived from the numbers, each set against the paper's (PCB_SPEC §3, §5).
+
+    Only what the rows support is claimed: a change under one point is called noise; a change with
+    the paper's sign is "same direction", otherwise "the opposite of the paper"."""
     out: list[str] = []
 
     def fmt(d: float | None) -> str:
         return "n/a" if d is None else f"{d:+.1f}"
 
+    p_none, p_cm = _paper("random", "none"), _paper("random", "cm")
+    paper_cm = {m: p_cm[m] - p_none[m] for m in ("AP", "APr", "APf")}
+    paper_cm_ms = {s: _paper(s, "cm")["APr"] - _paper(s, "ms")["APr"] for s in ("random", "RFS")}
     for model in models:
         none = _get(rows, model, "none", "-")
         if none is None:
@@ -119,31 +154,57 @@ def reading(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[st
         if _delta(none, none, "APr") is not None and _delta(none, none, "APf") is not None:  # both defined
             out.append(
                 f"**{model}**: without calibration APr is {pct(none['APr'])} against APf {pct(none['APf'])} "
-                f"(a {100 * (none['APf'] - none['APr']):.1f}-point frequency bias)."
+                f"(a {100 * (none['APf'] - none['APr']):.1f}-point frequency bias; the paper's baseline: "
+                f"{p_none['APr']:.1f} against {p_none['APf']:.1f})."
             )
         if cm_val is not None:
+            d_apr = _delta(cm_val, none, "APr")
             out.append(
-                f"With the val-set matrix (upper bound) CM changes APr by {fmt(_delta(cm_val, none, 'APr'))}, "
-                f"APf by {fmt(_delta(cm_val, none, 'APf'))} and AP by {fmt(_delta(cm_val, none, 'AP'))} points; "
-                f"MS changes APr by {fmt(_delta(ms_val, none, 'APr'))} (CM - MS on APr: "
-                f"{fmt(_delta(cm_val, ms_val, 'APr'))}; the paper reports +9.4 / +8.0)."
+                f"With the val-set matrix (upper bound) CM changes APr by {fmt(d_apr)}, APf by "
+                f"{fmt(_delta(cm_val, none, 'APf'))} and AP by {fmt(_delta(cm_val, none, 'AP'))} points "
+                f"(paper, random sampler: {paper_cm['APr']:+.1f}, {paper_cm['APf']:+.1f}, {paper_cm['AP']:+.1f}); "
+                f"on APr: {verdict(d_apr, paper_cm['APr'])}."
             )
+            if ms_val is not None:
+                d_cm_ms = _delta(cm_val, ms_val, "APr")
+                out.append(
+                    f"CM against MS on APr: {fmt(d_cm_ms)} points (paper: {paper_cm_ms['random']:+.1f} random sampler, "
+                    f"{paper_cm_ms['RFS']:+.1f} RFS): {verdict(d_cm_ms, paper_cm_ms['random'])}."
+                )
+            s0, s1 = _spread(none), _spread(cm_val)
+            if s0 is not None and s1 is not None:
+                out.append(
+                    f"Spread of APr / APc / APf: {s0:.1f} points without calibration, {s1:.1f} with CM (paper: "
+                    f"{_spread(_scaled(p_none)):.1f} -> {_spread(_scaled(p_cm)):.1f} random sampler, "
+                    f"{_spread(_scaled(_paper('RFS', 'cm'))):.1f} for RFS + CM, 'almost fully unbiased')."
+                )
         if cm_tr is not None:
+            d_tr, d_val = _delta(cm_tr, none, "APr"), _delta(cm_val, none, "APr") if cm_val else None
+            agrees = d_tr is not None and d_val is not None and d_tr < d_val
             out.append(
-                f"With the train-set matrix CM changes APr by {fmt(_delta(cm_tr, none, 'APr'))} and AP by "
-                f"{fmt(_delta(cm_tr, none, 'AP'))} points (the paper's Table 4: little or no gain, because the "
-                f"model fits its training set and the train matrix is close to the identity)."
+                f"With the train-set matrix CM changes APr by {fmt(d_tr)} and AP by {fmt(_delta(cm_tr, none, 'AP'))} "
+                f"points, against {fmt(d_val)} APr with the val-set matrix (the paper's Table 4: the train matrix "
+                f"helps much less, because the model fits its training set and that matrix is close to the "
+                f"identity): {'as in the paper' if agrees else 'not as in the paper'}."
             )
     base = _get(rows, models[0], "none", "-") if models else None
+    paper_pcb = {m: PAPER_PCB_V05[m] - p_none[m] for m in ("AP", "APr", "APc", "APf")}
     for model in models[1:]:
         other = _get(rows, model, "none", "-")
         if base is not None and other is not None:
+            d = {m: _delta(other, base, m) for m in ("AP", "APr", "APc", "APf")}
             out.append(
-                f"**{model}** vs **{models[0]}** (no calibration): AP {fmt(_delta(other, base, 'AP'))}, "
-                f"APr {fmt(_delta(other, base, 'APr'))}, APc {fmt(_delta(other, base, 'APc'))}, "
-                f"APf {fmt(_delta(other, base, 'APf'))} points."
+                f"**{model}** vs **{models[0]}** (no calibration): AP {fmt(d['AP'])}, APr {fmt(d['APr'])}, "
+                f"APc {fmt(d['APc'])}, APf {fmt(d['APf'])} points (paper, Softmax + PCB vs Softmax on LVIS v0.5: "
+                f"{paper_pcb['AP']:+.1f}, {paper_pcb['APr']:+.1f}, {paper_pcb['APc']:+.1f}, {paper_pcb['APf']:+.1f}); "
+                f"on AP: {verdict(d['AP'], paper_pcb['AP'])}, on APr: {verdict(d['APr'], paper_pcb['APr'])}."
             )
     return out
+
+
+def _scaled(r: Mapping[str, float]) -> dict[str, float]:
+    """A paper row (percentages) as fractions, the unit of the study rows."""
+    return {m: r[m] / 100.0 for m in ("APr", "APc", "APf") if m in r}
 
 
 def write_study_report(

@@ -1,0 +1,124 @@
+"""Benchmark: time per 1,000 images of the study's model steps at the paper's scale, on this machine.
+
+`pcbkit study` (and the paper's Table 1 reproduction) runs, per split:
+
+    dump-logits   backbone + RPN (1,000 proposals) + RoI box head, logits of every proposal matched
+                  to its ground truth (`TorchvisionBackend.proposal_records`)
+    calibrate     ONE backbone + RPN + box-head pass, then post-processing and masks for each of
+                  none, ms, cm, cm-bayes (`TorchvisionBackend.infer` with four transforms)
+
+Model: Mask R-CNN R50-FPN of `configs/lvis_v0.5_r50_fpn_softmax_2x.yaml` (K = 1,230), test size
+800 x 1333, random weights (nothing is downloaded). A random classifier makes every (proposal,
+class) pair clear the 1e-4 score threshold, which no trained model does, so its box classifier is
+replaced by a background-biased one (weights x 0.01, background bias 14, class biases N(0, 1.5)):
+about one candidate class per proposal, the order of what a trained LVIS model passes to NMS.
+The statistics (`stats`) and the LVIS evaluation cost seconds per 1,000 images (see
+`bench/stats_speed.py` and `bench/eval_speed.py`) and are not timed here.
+
+Prints seconds per image (median over the images after a warm-up image) and per 1,000 images.
+
+    python bench/study_steps.py [--images 4] [--size 800] [--max-size 1333] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from calibrate_overhead import smooth_images, synthetic_confusion  # noqa: E402  (bench/ is on sys.path)
+from torch import Tensor  # noqa: E402
+
+
+def background_biased_(cls_score: torch.nn.Linear, seed: int = 0) -> None:
+    """Make a random classifier [K+1 outputs, background FIRST (torchvision)] trained-like in how
+    many classes clear the score threshold: weights x 0.01, background bias 14, others N(0, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        cls_score.weight.mul_(0.01)
+        cls_score.bias.copy_(torch.randn(cls_score.bias.shape, generator=g) * 1.5)
+        cls_score.bias[0] = 14.0
+
+
+def random_targets(n: int, h: int, w: int, k: int, per_image: int = 12, seed: int = 0) -> list[dict[str, Tensor]]:
+    """Ground truth for `proposal_records`: `per_image` random boxes (xyxy pixels) with random labels."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        xy = torch.rand(per_image, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+        wh = (torch.rand(per_image, 2, generator=g) * 0.25 + 0.05) * torch.tensor([w, h])
+        boxes = torch.cat([xy, xy + wh], dim=1)
+        labels = torch.randint(0, k, (per_image,), generator=g)
+        out.append({"boxes": boxes, "labels": labels, "image_id": torch.tensor(i)})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=4, help="timed images (one more is the warm-up)")
+    ap.add_argument("--size", type=int, default=800, help="test short side")
+    ap.add_argument("--max-size", type=int, default=1333, help="test long side")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from pcb_analysis.calibration import Calibrator
+    from pcb_train.backends import build_backend, identity
+    from pcb_train.config import load_config
+
+    torch.manual_seed(0)
+    cfg = load_config(
+        ROOT / "configs" / "lvis_v0.5_r50_fpn_softmax_2x.yaml",
+        [f"model.min_size={args.size}", f"model.max_size={args.max_size}"],
+    ).model
+    k = cfg.num_classes
+    backend = build_backend(cfg)
+    backend.model.eval()
+    background_biased_(backend.model.roi_heads.box_predictor.cls_score)
+    n = args.images + 1
+    images = smooth_images(n, args.size, args.max_size)
+    targets = random_targets(n, args.size, args.max_size, k)
+    m = synthetic_confusion(k)
+    transforms = {
+        "none": identity,
+        "ms": Calibrator.build("ms", torch.diagonal(m).clone()),
+        "cm": Calibrator.build("cm", m),
+        "cm-bayes": Calibrator.build("cm-bayes", m),
+    }
+
+    def per_image(fn: object) -> list[float]:
+        times = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            fn(i)  # type: ignore[operator]
+            times.append(time.perf_counter() - t0)
+        return times[1:]  # the first image warms up
+
+    dets: list[int] = []
+    dump = per_image(lambda i: backend.proposal_records(images[i : i + 1], targets[i : i + 1]))
+    cal = per_image(
+        lambda i: dets.append(
+            sum(int(d[0]["scores"].numel()) for d in backend.infer(images[i : i + 1], transforms).values())
+        )
+    )
+    print(
+        f"Mask R-CNN R50-FPN, K={k}, {args.size}x{args.max_size}, random weights with a background-biased "
+        f"classifier; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"{'CUDA' if torch.cuda.is_available() else 'CPU'} (this benchmark runs on the CPU)"
+    )
+    for name, t in (("dump-logits (records)", dump), ("calibrate (4 statistics, 1 pass)", cal)):
+        med = statistics.median(t)
+        print(f"  {name:<34} {med:6.2f} s/image  -> {med * 1000 / 3600:6.2f} h per 1,000 images")
+    print(f"  detections per image over the 4 statistics: {statistics.mean(dets[1:]):.0f}")
+
+
+if __name__ == "__main__":
+    main()
