@@ -10,6 +10,15 @@ Two modes, one post-processing function:
 - in-model (`calibrate_model`): ONE backbone + RPN + box-head pass per batch for all statistics
   (`backend.infer(images, {name: transform})`); LVIS results per statistic with masks; mask and
   box AP, standard and fixed.
+
+Fixed AP (Dave et al. 2021, "The Devil is in the Details") replaces the 300-per-image cap by a
+budget of 10,000 detections per class over the split. Calibration moves scores across classes,
+which the per-image cap turns into a change of which detections exist at all, so fixed AP is the
+fairer comparison of statistics. Post-processing therefore runs uncapped (score > 1e-4 and NMS
+only); its detections are sorted by score, so the standard results are exactly the first 300 of
+each image, and the uncapped ones stream into a per-class top-10,000 (`PerClassTop`), written as
+`<split>-<stat>-fixed.json` and evaluated with lvis-api's fixed-AP protocol. `fixed_ap=False`
+(`--no-fixed-ap`) skips it (masks are then computed for the capped detections only).
 - offline (`calibrate_dump`): no model. From a FULL dump (not positives-only) written with
   per-class regressed boxes (`pcbkit dump-logits --boxes per-class`), per image: q from the
   stored logits with the backend's own softmax, the transform, then the SAME `select_detections`
@@ -61,6 +70,7 @@ from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.calibration import Calibrator
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS
 from pcb_analysis.stats import ClassStats
 from pcb_train.backends.base import (
     ScoreTransform,
@@ -77,6 +87,8 @@ DEFAULT_STATS = ("none", "ms", "cm")
 UPPER_BOUND = "upper bound (same split, Table 1)"
 TRAIN_MATRIX = "train-set matrix (Table 4)"
 MASK_THRESHOLD = 0.5
+# Bumped whenever the results or metrics a calibration writes change meaning (cached study steps rerun).
+RESULTS_PROTOCOL = "2: fixed AP on uncapped per-class top-10,000 results"
 OFFLINE_CHUNK_ROWS = 2048  # rows read per chunk (per-class boxes: 2048 x 4812 float32 = 39 MB at K = 1,203)
 
 
@@ -305,19 +317,62 @@ class ResultsFile:
         self.tmp.unlink(missing_ok=True)
 
 
-def evaluate_results(gt_index: Any, path: Path, iou_types: Sequence[str], count: int) -> dict[str, dict[str, float]]:
-    """Standard and fixed AP per IoU type ({"segm": ..., "segm_fixed": ..., "bbox": ..., ...});
-    NaN everywhere when there are no detections (lvis-api cannot evaluate an empty list)."""
+class PerClassTop:
+    """The `per_class` highest-scoring detections of every class over a whole split: the input of
+    fixed AP (Dave et al. 2021: no per-image cap, 10,000 detections per class).
+
+    Entries arrive image by image, uncapped; a class's list is pruned to its top `per_class`
+    whenever it reaches twice that, so memory stays <= 2 x per_class entries per class. Ties in
+    score keep the earlier entry (arrival order), so the result is deterministic."""
+
+    def __init__(self, per_class: int) -> None:
+        if per_class < 1:
+            raise ValueError(f"PerClassTop: per_class must be >= 1, got {per_class}")
+        self.per_class = int(per_class)
+        self._by_class: dict[int, list[tuple[float, int, dict[str, Any]]]] = {}
+        self._seq = 0
+
+    def add(self, entries: Sequence[dict[str, Any]]) -> None:
+        for e in entries:
+            bucket = self._by_class.setdefault(int(e["category_id"]), [])
+            bucket.append((-float(e["score"]), self._seq, e))
+            self._seq += 1
+            if len(bucket) >= 2 * self.per_class:
+                self._prune(bucket)
+
+    def _prune(self, bucket: list[tuple[float, int, dict[str, Any]]]) -> None:
+        bucket.sort(key=lambda x: (x[0], x[1]))
+        del bucket[self.per_class :]
+
+    def drain_into(self, results: ResultsFile) -> None:
+        """Write every class's top entries (classes by id, each by decreasing score) and forget them."""
+        for cat in sorted(self._by_class):
+            bucket = self._by_class[cat]
+            self._prune(bucket)
+            results.add([e for _, _, e in bucket])
+        self._by_class.clear()
+
+
+def evaluate_results(
+    gt_index: Any, path: Path, iou_types: Sequence[str], count: int, fixed: tuple[Path, int] | None = None
+) -> dict[str, dict[str, float]]:
+    """Standard and fixed AP per IoU type ({"segm": ..., "segm_fixed": ..., "bbox": ..., ...}).
+
+    Standard AP on `path` (<= 300 detections per image); fixed AP on `fixed` = (path, count), the
+    uncapped per-class top-10,000 results, when given (else no `_fixed` entries). NaN everywhere
+    when there are no detections (lvis-api cannot evaluate an empty list)."""
     from pcb_analysis.lvis_eval import evaluate
 
     out: dict[str, dict[str, float]] = {}
     for t in iou_types:
         if count == 0:
             logger.warning("%s: no detections; its metrics are undefined", path)
-            out[t] = out[f"{t}_fixed"] = {"AP": float("nan")}
-            continue
-        out[t] = evaluate(gt_index, path, t)
-        out[f"{t}_fixed"] = evaluate(gt_index, path, t, fixed=True)
+            out[t] = {"AP": float("nan")}
+        else:
+            out[t] = evaluate(gt_index, path, t)
+        if fixed is not None:
+            fpath, fcount = fixed
+            out[f"{t}_fixed"] = evaluate(gt_index, fpath, t, fixed=True) if fcount else {"AP": float("nan")}
     return out
 
 
@@ -421,24 +476,42 @@ def _finish(
     iou_types: Sequence[str],
     out: Path,
     metrics_name: str,
+    tops: Mapping[str, PerClassTop] | None = None,
 ) -> None:
-    """Evaluate every finished results file, write the metrics (JSON + CSV) and commit the results."""
-    for row in rows:
-        f = files[row.slug]
-        f.finish()
-        report.rows.append(
-            {
-                "stat": row.name,
-                "family": row.family,
-                "param": row.param,
-                "results": f.target.name,
-                "detections": f.count,
-                "metrics": evaluate_results(gt_index, f.tmp, iou_types, f.count),
-            }
-        )
-    write_json_atomic(out / f"{metrics_name}.json", report.to_dict(), indent=2)
-    write_text_atomic(out / f"{metrics_name}.csv", table_csv(report))
-    for f in files.values():
+    """Evaluate every finished results file, write the metrics (JSON + CSV) and commit the results.
+
+    With `tops` (per row, the uncapped per-class top detections), each row also gets a
+    `<results>-fixed.json` results file, evaluated for fixed AP."""
+    fixed_files: dict[str, ResultsFile] = {}
+    try:
+        for row in rows:
+            f = files[row.slug]
+            f.finish()
+            fixed = None
+            if tops is not None:
+                ff = fixed_files[row.slug] = ResultsFile(f.target.with_name(f.target.stem + "-fixed.json"))
+                tops[row.slug].drain_into(ff)
+                ff.finish()
+                fixed = (ff.tmp, ff.count)
+            report.rows.append(
+                {
+                    "stat": row.name,
+                    "family": row.family,
+                    "param": row.param,
+                    "results": f.target.name,
+                    "detections": f.count,
+                    "fixed_results": fixed_files[row.slug].target.name if row.slug in fixed_files else None,
+                    "fixed_detections": fixed_files[row.slug].count if row.slug in fixed_files else None,
+                    "metrics": evaluate_results(gt_index, f.tmp, iou_types, f.count, fixed),
+                }
+            )
+        write_json_atomic(out / f"{metrics_name}.json", report.to_dict(), indent=2)
+        write_text_atomic(out / f"{metrics_name}.csv", table_csv(report))
+    except BaseException:
+        for ff in fixed_files.values():
+            ff.discard()
+        raise
+    for f in [*files.values(), *fixed_files.values()]:
         f.commit()
 
 
@@ -483,6 +556,7 @@ class CalibrateConfig:
     device: str = "auto"
     num_workers: int = 0
     progress: bool = True
+    fixed_ap: bool = True  # also evaluate fixed AP on uncapped per-class top-10,000 results
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -549,19 +623,27 @@ def calibrate_model(cfg: CalibrateConfig) -> CalibrationReport:
         provenance=provenance(info, backend.config, cfg.config),
     )
     transforms = {row.slug: row.transform for row in rows}
+    cap = int(backend.config.detections_per_image)
+    tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if cfg.fixed_ap else None
     files = _open_results(cfg.out, split, rows)
     try:
         bar = tqdm(total=len(dataset), unit="img", desc=f"calibrate {split}", disable=not cfg.progress, mininterval=0.5)
         with bar:
             for images, targets in iter_batches(dataset, range(len(dataset)), cfg.batch_size, cfg.num_workers):
                 images = [im.to(device, non_blocking=True) for im in images]
-                dets = backend.infer(images, transforms, mask_threshold=MASK_THRESHOLD)
+                # with fixed AP: uncapped detections (sorted by score), the capped ones are their prefix
+                dets = backend.infer(
+                    images, transforms, mask_threshold=MASK_THRESHOLD, detections_per_image=-1 if tops else None
+                )
                 for slug, per_image in dets.items():
                     for d, t in zip(per_image, targets, strict=True):
-                        files[slug].add(detections_to_lvis(d, int(t["image_id"]), categories))
+                        entries = detections_to_lvis(d, int(t["image_id"]), categories)
+                        files[slug].add(entries[:cap] if cap >= 0 else entries)
+                        if tops is not None:
+                            tops[slug].add(entries)
                 bar.update(len(images))
         report.seconds = time.perf_counter() - t0
-        _finish(report, files, rows, gt_index, ("segm", "bbox"), cfg.out, "metrics")
+        _finish(report, files, rows, gt_index, ("segm", "bbox"), cfg.out, "metrics", tops)
     except BaseException:
         for f in files.values():
             f.discard()
@@ -673,6 +755,7 @@ def calibrate_dump(cfg: CalibrateConfig) -> CalibrationReport:
         provenance={"dump": str(cfg.dump), **prov},
     )
     k = reader.num_classes
+    tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if cfg.fixed_ap else None
     files = _open_results(cfg.out, split, rows, suffix="-offline")
     try:
         with tqdm(total=len(dump_ids), unit="img", desc=f"calibrate {split} (dump)", disable=not cfg.progress) as bar:
@@ -684,13 +767,16 @@ def calibrate_dump(cfg: CalibrateConfig) -> CalibrationReport:
                     probabilities,
                     score_thresh=score_thresh,
                     nms_thresh=nms_thresh,
-                    detections_per_image=per_image,
+                    detections_per_image=-1 if tops else per_image,
                 )
                 for slug, d in dets.items():
-                    files[slug].add(detections_to_lvis(d, image_id, categories))
+                    entries = detections_to_lvis(d, image_id, categories)
+                    files[slug].add(entries[:per_image] if per_image >= 0 else entries)
+                    if tops is not None:
+                        tops[slug].add(entries)
                 bar.update(1)
         report.seconds = time.perf_counter() - t0
-        _finish(report, files, rows, gt_index, ("bbox",), cfg.out, "metrics-offline")
+        _finish(report, files, rows, gt_index, ("bbox",), cfg.out, "metrics-offline", tops)
     except BaseException:
         for f in files.values():
             f.discard()

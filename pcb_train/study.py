@@ -171,7 +171,7 @@ def _fresh_dump(cfg: Any, dump_fn: Callable[[Any], Any], force: bool) -> None:
 
 def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs, log: StepLog) -> list[dict[str, Any]]:
     """The calibration table rows of one model: none + ms/cm/cm-bayes with val and train statistics."""
-    from pcb_train.calibrate import CalibrateConfig, calibrate_model
+    from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_model
 
     rows: list[dict[str, Any]] = []
     for source in SOURCES:
@@ -182,7 +182,8 @@ def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs
             max_images=inp.val_images, batch_size=inp.batch_size, device=inp.device, progress=inp.progress,
         )
         ins = {"checkpoint": file_fingerprint(model.checkpoint), "stats": file_fingerprint(stats[source]),
-               "gt": file_fingerprint(inp.val_gt), "stat": list(cfg.stat), "cap": inp.val_images}
+               "gt": file_fingerprint(inp.val_gt), "stat": list(cfg.stat), "cap": inp.val_images,
+               "protocol": RESULTS_PROTOCOL}
         run_step(log, f"{model.name}/calibrate-{source}-stats", out, ins, [out / "metrics.json"],
                  lambda cfg=cfg: calibrate_model(cfg), inp.force)
         report = json.loads((out / "metrics.json").read_text())

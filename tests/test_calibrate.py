@@ -444,3 +444,79 @@ def test_select_detections_hand_case() -> None:
     assert d.flat.tolist() == [0, 1] and torch.equal(d.boxes, torch.stack([box, box + 20]))
     one = select_detections(q, boxes, score_thresh=0.05, nms_thresh=0.5, detections_per_image=1)
     assert one.flat.tolist() == [0]
+
+
+# --------------------------------------------------------------------------------------------
+# fixed AP: uncapped detections, 10,000 per class
+
+
+def test_per_class_top_keeps_the_best_per_class_in_arrival_order_on_ties() -> None:
+    from pcb_train.calibrate import PerClassTop, ResultsFile
+
+    top = PerClassTop(2)
+    entries = [{"category_id": c, "score": s, "n": i}
+               for i, (c, s) in enumerate([(7, 0.1), (7, 0.9), (3, 0.5), (7, 0.5), (7, 0.9), (7, 0.2), (3, 0.4)])]
+    top.add(entries)  # class 7 reaches 2 x 2 entries at its 4th: pruned on the way
+    with pytest.raises(ValueError, match="per_class"):
+        PerClassTop(0)
+
+    class Sink(ResultsFile):
+        def __init__(self) -> None:
+            self.got: list[dict[str, Any]] = []
+
+        def add(self, entries: Any) -> None:
+            self.got.extend(entries)
+
+    sink = Sink()
+    top.drain_into(sink)
+    # class 3: both (0.5, 0.4); class 7: 0.9 (n=1) before the tied 0.9 (n=4), 0.5 and lower dropped
+    assert [(e["category_id"], e["score"], e["n"]) for e in sink.got] == [(3, 0.5, 2), (3, 0.4, 6), (7, 0.9, 1), (7, 0.9, 4)]
+
+
+def test_select_detections_uncapped_is_the_sorted_superset_of_capped() -> None:
+    from pcb_train.backends.base import select_detections
+
+    g = torch.Generator().manual_seed(0)
+    r, k = 30, 4
+    q = torch.softmax(torch.randn(r, k + 1, generator=g) * 3, dim=1)
+    xy = torch.rand(r, k, 2, generator=g) * 50
+    boxes = torch.cat([xy, xy + 5 + torch.rand(r, k, 2, generator=g) * 20], dim=2)
+    kw = {"score_thresh": 1e-4, "nms_thresh": 0.5}
+    full = select_detections(q, boxes, detections_per_image=-1, **kw)
+    capped = select_detections(q, boxes, detections_per_image=7, **kw)
+    assert full.scores.numel() > 7 and capped.scores.numel() == 7
+    assert torch.equal(full.flat[:7], capped.flat) and torch.equal(full.scores[:7], capped.scores)
+    assert torch.all(full.scores[:-1] >= full.scores[1:])
+
+
+def test_fixed_ap_results_are_uncapped_and_standard_results_their_per_image_prefix(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    # a config with a cap of 3 detections per image, so the cap binds
+    folder = tmp_path / "capped"
+    cfg = load_config(world["config"], ["model.detections_per_image=3"])
+    save_config(cfg, folder / "config.yaml")
+    out = tmp_path / "res"
+    report = calibrate_model(model_cfg(world, out, config=folder / "config.yaml", stat=("none",)))
+    std = json.loads((out / "val-none.json").read_text())
+    fixed = json.loads((out / "val-none-fixed.json").read_text())
+    row = report.rows[0]
+    assert row["fixed_results"] == "val-none-fixed.json" and row["fixed_detections"] == len(fixed)
+    per_image: dict[int, list[dict[str, Any]]] = {}
+    for e in std:
+        per_image.setdefault(e["image_id"], []).append(e)
+    assert max(len(v) for v in per_image.values()) == 3 and len(fixed) > len(std)
+    # every standard detection is among the uncapped ones, and they are each image's 3 best
+    key = lambda e: (e["image_id"], e["category_id"], tuple(round(v, 3) for v in e["bbox"]), e["score"])  # noqa: E731
+    fixed_keys = {key(e) for e in fixed}
+    assert all(key(e) in fixed_keys for e in std)
+    for iid, dets in per_image.items():
+        best = sorted((e["score"] for e in fixed if e["image_id"] == iid), reverse=True)[:3]
+        assert sorted((e["score"] for e in dets), reverse=True) == best
+    m = row["metrics"]
+    assert m["segm_fixed"]["AP"] != m["segm"]["AP"] or m["bbox_fixed"]["AP"] != m["bbox"]["AP"]
+    # --no-fixed-ap: no fixed file and no fixed metrics
+    out2 = tmp_path / "res2"
+    report2 = calibrate_model(model_cfg(world, out2, config=folder / "config.yaml", stat=("none",), fixed_ap=False))
+    assert not (out2 / "val-none-fixed.json").exists() and "segm_fixed" not in report2.rows[0]["metrics"]
+    assert json.loads((out2 / "val-none.json").read_text()) == std

@@ -145,6 +145,7 @@ class DetectorBackend(Protocol):
         score_transforms: Mapping[str, ScoreTransform],
         *,
         mask_threshold: float | None = 0.5,
+        detections_per_image: int | None = None,
     ) -> dict[str, list[Detections]]: ...
 
 
@@ -215,7 +216,8 @@ def select_detections(
     xyxy (any frame, the same for every row; pcbkit's inference and the offline path use the
     original image's pixels). Steps: drop the background column; keep (proposal, class) pairs
     with score > score_thresh; drop boxes with a side < min_box_size; class-wise NMS at IoU
-    nms_thresh; the top `detections_per_image` by score.
+    nms_thresh; the top `detections_per_image` by score (all of them when it is negative). The
+    result is sorted by decreasing score, so a capped result is a prefix of the uncapped one.
 
     NMS groups by label + 1 (torchvision's label values: its coordinate-offset trick then sees the
     numbers torchvision's own post-processing sees, so kept sets are bit-identical to it).
@@ -236,7 +238,8 @@ def select_detections(
     keep = box_ops.remove_small_boxes(flat_boxes, min_size=min_box_size)
     flat_boxes, scores, labels, flat = flat_boxes[keep], scores[keep], labels[keep], flat[keep]
     keep = batched_nms(flat_boxes, scores, labels + 1, nms_thresh)
-    keep = keep[:detections_per_image]
+    if detections_per_image >= 0:  # negative: no cap (fixed AP)
+        keep = keep[:detections_per_image]
     return SelectedDetections(flat_boxes[keep], scores[keep], labels[keep], flat[keep])
 
 

@@ -651,6 +651,7 @@ class Detectron2Backend:
         score_transforms: Mapping[str, ScoreTransform],
         *,
         mask_threshold: float | None = 0.5,
+        detections_per_image: int | None = None,
     ) -> dict[str, list[Detections]]:
         """Detections per named score transform from ONE backbone + RPN + box-head pass.
 
@@ -658,7 +659,10 @@ class Detectron2Backend:
         detectron2's `fast_rcnn_inference` (score threshold, class-wise NMS, top-k) runs on q~,
         the mask head once on the union of all transforms' detections, and detectron2's
         `detector_postprocess` scales boxes and pastes masks into the original images. With the
-        identity transform the result equals `model.eval()(detectron2_inputs(images))`."""
+        identity transform the result equals `model.eval()(detectron2_inputs(images))`.
+        `detections_per_image` overrides `test_topk_per_image` (-1: no cap, as for fixed AP);
+        detectron2 keeps its NMS order (decreasing score), so a capped list is a prefix of the
+        uncapped one."""
         from detectron2.modeling.postprocessing import detector_postprocess
         from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
@@ -694,7 +698,7 @@ class Detectron2Backend:
                     shapes,
                     predictor.test_score_thresh,
                     predictor.test_nms_thresh,
-                    predictor.test_topk_per_image,
+                    predictor.test_topk_per_image if detections_per_image is None else detections_per_image,
                 )
                 selected[name] = inst
                 rows[name] = [

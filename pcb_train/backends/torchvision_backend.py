@@ -425,18 +425,22 @@ class PCBRoIHeads(RoIHeads):
             out.append(box_ops.clip_boxes_to_image(boxes, shape)[:, 1:])
         return out
 
-    def select_detections(self, probs: Tensor, decoded: list[Tensor]) -> list[SelectedDetections]:
+    def select_detections(
+        self, probs: Tensor, decoded: list[Tensor], detections_per_image: int | None = None
+    ) -> list[SelectedDetections]:
         """Post-processing of PCB_SPEC §3 (as torchvision's `postprocess_detections`) per image:
         `base.select_detections` on probs q~ [R, K+1] (background last, all images' rows) and
-        each image's decoded boxes [r, K, 4] (any frame; the results are in that frame)."""
+        each image's decoded boxes [r, K, 4] (any frame; the results are in that frame).
+        `detections_per_image` overrides the model's cap (-1: no cap, as for fixed AP)."""
         counts = [b.shape[0] for b in decoded]
+        cap = self.detections_per_img if detections_per_image is None else detections_per_image
         return [
             select_detections(
                 q,
                 boxes,
                 score_thresh=self.score_thresh,
                 nms_thresh=self.nms_thresh,
-                detections_per_image=self.detections_per_img,
+                detections_per_image=cap,
                 min_box_size=MIN_BOX_SIZE,
             )
             for boxes, q in zip(decoded, probs.split(counts, 0), strict=True)
@@ -924,6 +928,7 @@ class TorchvisionBackend:
         score_transforms: Mapping[str, ScoreTransform],
         *,
         mask_threshold: float | None = 0.5,
+        detections_per_image: int | None = None,
     ) -> dict[str, list[Detections]]:
         """Detections per named score transform from ONE backbone + RPN + box-head pass.
 
@@ -932,7 +937,9 @@ class TorchvisionBackend:
         boxes in ORIGINAL image pixels (the frame a dump's regressed boxes are stored in, so the
         offline path reproduces these detections exactly) and masks are predicted for the kept
         detections. With several transforms the mask head runs once on the union of their
-        (proposal, class) pairs."""
+        (proposal, class) pairs. `detections_per_image` overrides the model's cap of detections
+        per image (-1: none); detections are sorted by decreasing score, so a capped list is the
+        prefix of the uncapped one."""
         if not score_transforms:
             raise ValueError("infer: give at least one score transform (e.g. {'none': identity})")
         model = self.model
@@ -954,7 +961,7 @@ class TorchvisionBackend:
                     raise ValueError(
                         f"score transform {name!r}: returned {tuple(q.shape)}, expected {tuple(probs.shape)}"
                     )
-                selected[name] = heads.select_detections(q, decoded_orig)
+                selected[name] = heads.select_detections(q, decoded_orig, detections_per_image)
             masks = self._masks(features, sizes, decoded, selected) if heads.has_mask() else None
             out: dict[str, list[Detections]] = {}
             for name, dets in selected.items():
