@@ -587,68 +587,103 @@ def calibrate_model(cfg: CalibrateConfig) -> CalibrationReport:
     Every input is validated before anything is written under `cfg.out`: statistics (present,
     category space = ground truth's), split (non-empty, image files present), config and
     checkpoint (class count, structure, categories)."""
+    return calibrate_models([cfg])[0]
+
+
+# options that must agree for several calibrations to share one inference pass
+_SHARED_PASS_FIELDS = ("checkpoint", "config", "gt", "images", "split", "max_images", "batch_size", "device",
+                       "num_workers", "fixed_ap")
+
+
+@dataclass
+class _Job:
+    """One calibration (one statistics file, one output folder) inside a shared pass."""
+
+    cfg: CalibrateConfig
+    rows: list[StatRow]
+    report: CalibrationReport
+    files: dict[str, ResultsFile] = field(default_factory=dict)
+    tops: dict[str, PerClassTop] | None = None
+
+
+def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]:
+    """Several in-model calibrations of the same model and split (e.g. val-set and train-set
+    statistics, Table 1 and Table 4) from ONE inference pass; each writes its own `cfg.out`
+    exactly as `calibrate_model` would. The configs must agree on everything but the statistics
+    and the output (checkpoint, config, gt, images, split, max_images, batching, device, fixed_ap)."""
     from tqdm import tqdm
 
     from pcb_train.dump_logits import iter_batches, load_detector, open_split, provenance, resolve_device
 
+    if not cfgs:
+        raise ValueError("calibrate_models: no configuration given")
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        diff = [f for f in _SHARED_PASS_FIELDS if getattr(c, f) != getattr(first, f)]
+        if diff:
+            raise PcbkitError(f"calibrations sharing one pass must agree on {', '.join(diff)}")
+    outs = [Path(c.out).resolve() for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise PcbkitError("calibrations sharing one pass need distinct output folders")
     t0 = time.perf_counter()
-    if not Path(cfg.stats).is_file():
-        raise input_error(cfg.stats, "statistics file not found")
-    assert cfg.checkpoint is not None and cfg.config is not None and cfg.images is not None
-    dataset = open_split(cfg.gt, cfg.images, max_images=cfg.max_images)
+    for c in cfgs:
+        if not Path(c.stats).is_file():
+            raise input_error(c.stats, "statistics file not found")
+    assert first.checkpoint is not None and first.config is not None and first.images is not None
+    dataset = open_split(first.gt, first.images, max_images=first.max_images)
     categories = dataset.categories
-    stats = load_statistics(cfg.stats, categories, cfg.gt)
-    device = resolve_device(cfg.device)
-    backend, info, _ = load_detector(cfg.checkpoint, cfg.config, categories, cfg.gt, device)
-    rows = build_rows(
-        stats,
-        cfg.stat,
-        ridge=cfg.ridge,
-        gammas=cfg.gammas,
-        taus=cfg.taus,
-        prior=_prior_if_needed(cfg, categories),
-        device=device,
-    )
-    split = cfg.split or Path(cfg.gt).stem
+    device = resolve_device(first.device)
+    backend, info, _ = load_detector(first.checkpoint, first.config, categories, first.gt, device)
+    split = first.split or Path(first.gt).stem
     image_ids = dataset.image_ids
-    all_ids = _all_image_ids(cfg.gt) if cfg.max_images is not None else image_ids
-    gt_index = ground_truth_for(cfg.gt, image_ids, all_ids)
-    relation = {"file": str(cfg.stats), "ridge": cfg.ridge, **statistics_relation(stats, split, cfg.gt)}
-    report = CalibrationReport(
-        mode="model",
-        split=split,
-        gt=str(cfg.gt),
-        statistics=relation,
-        images=len(dataset),
-        provenance=provenance(info, backend.config, cfg.config),
-    )
-    transforms = {row.slug: row.transform for row in rows}
+    all_ids = _all_image_ids(first.gt) if first.max_images is not None else image_ids
+    prov = provenance(info, backend.config, first.config)
+    jobs: list[_Job] = []
+    for c in cfgs:
+        stats = load_statistics(c.stats, categories, c.gt)
+        rows = build_rows(stats, c.stat, ridge=c.ridge, gammas=c.gammas, taus=c.taus,
+                          prior=_prior_if_needed(c, categories), device=device)
+        relation = {"file": str(c.stats), "ridge": c.ridge, **statistics_relation(stats, split, c.gt)}
+        report = CalibrationReport(mode="model", split=split, gt=str(c.gt), statistics=relation,
+                                   images=len(dataset), provenance=prov)
+        tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if c.fixed_ap else None
+        jobs.append(_Job(c, rows, report, tops=tops))
+    gt_index = ground_truth_for(first.gt, image_ids, all_ids)
+    transforms = {(j, row.slug): row.transform for j, job in enumerate(jobs) for row in job.rows}
+    names = {key: f"{key[0]}:{key[1]}" for key in transforms}
     cap = int(backend.config.detections_per_image)
-    tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if cfg.fixed_ap else None
-    files = _open_results(cfg.out, split, rows)
+    uncapped = first.fixed_ap
     try:
-        bar = tqdm(total=len(dataset), unit="img", desc=f"calibrate {split}", disable=not cfg.progress, mininterval=0.5)
+        for job in jobs:
+            job.files = _open_results(job.cfg.out, split, job.rows)
+        bar = tqdm(total=len(dataset), unit="img", desc=f"calibrate {split}", disable=not first.progress,
+                   mininterval=0.5)
         with bar:
-            for images, targets in iter_batches(dataset, range(len(dataset)), cfg.batch_size, cfg.num_workers):
+            for images, targets in iter_batches(dataset, range(len(dataset)), first.batch_size, first.num_workers):
                 images = [im.to(device, non_blocking=True) for im in images]
                 # with fixed AP: uncapped detections (sorted by score), the capped ones are their prefix
                 dets = backend.infer(
-                    images, transforms, mask_threshold=MASK_THRESHOLD, detections_per_image=-1 if tops else None
+                    images, {names[k]: fn for k, fn in transforms.items()}, mask_threshold=MASK_THRESHOLD,
+                    detections_per_image=-1 if uncapped else None,
                 )
-                for slug, per_image in dets.items():
-                    for d, t in zip(per_image, targets, strict=True):
+                for (j, slug), name in names.items():
+                    job = jobs[j]
+                    for d, t in zip(dets[name], targets, strict=True):
                         entries = detections_to_lvis(d, int(t["image_id"]), categories)
-                        files[slug].add(entries[:cap] if cap >= 0 else entries)
-                        if tops is not None:
-                            tops[slug].add(entries)
+                        job.files[slug].add(entries[:cap] if cap >= 0 else entries)
+                        if job.tops is not None:
+                            job.tops[slug].add(entries)
                 bar.update(len(images))
-        report.seconds = time.perf_counter() - t0
-        _finish(report, files, rows, gt_index, ("segm", "bbox"), cfg.out, "metrics", tops)
+        seconds = time.perf_counter() - t0
+        for job in jobs:
+            job.report.seconds = seconds
+            _finish(job.report, job.files, job.rows, gt_index, ("segm", "bbox"), job.cfg.out, "metrics", job.tops)
     except BaseException:
-        for f in files.values():
-            f.discard()
+        for job in jobs:
+            for f in job.files.values():
+                f.discard()
         raise
-    return report
+    return [job.report for job in jobs]
 
 
 def _all_image_ids(gt: str | Path) -> list[int]:

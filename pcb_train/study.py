@@ -170,23 +170,27 @@ def _fresh_dump(cfg: Any, dump_fn: Callable[[Any], Any], force: bool) -> None:
 
 
 def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs, log: StepLog) -> list[dict[str, Any]]:
-    """The calibration table rows of one model: none + ms/cm/cm-bayes with val and train statistics."""
-    from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_model
+    """The calibration table rows of one model: none + ms/cm/cm-bayes with val and train statistics,
+    all from ONE inference pass over val (`calibrate_models`), one results folder per source."""
+    from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models
 
-    rows: list[dict[str, Any]] = []
-    for source in SOURCES:
-        out = inp.work / "results" / model.name / f"{source}-stats"
-        cfg = CalibrateConfig(
-            stats=stats[source], gt=inp.val_gt, out=out, stat=STATS if source == "val" else STATS[1:],
-            checkpoint=model.checkpoint, config=model.config, images=inp.images, split="val",
-            max_images=inp.val_images, batch_size=inp.batch_size, device=inp.device, progress=inp.progress,
+    cfgs = {
+        source: CalibrateConfig(
+            stats=stats[source], gt=inp.val_gt, out=inp.work / "results" / model.name / f"{source}-stats",
+            stat=STATS if source == "val" else STATS[1:], checkpoint=model.checkpoint, config=model.config,
+            images=inp.images, split="val", max_images=inp.val_images, batch_size=inp.batch_size,
+            device=inp.device, progress=inp.progress,
         )
-        ins = {"checkpoint": file_fingerprint(model.checkpoint), "stats": file_fingerprint(stats[source]),
-               "gt": file_fingerprint(inp.val_gt), "stat": list(cfg.stat), "cap": inp.val_images,
-               "protocol": RESULTS_PROTOCOL}
-        run_step(log, f"{model.name}/calibrate-{source}-stats", out, ins, [out / "metrics.json"],
-                 lambda cfg=cfg: calibrate_model(cfg), inp.force)
-        report = json.loads((out / "metrics.json").read_text())
+        for source in SOURCES
+    }
+    ins = {"checkpoint": file_fingerprint(model.checkpoint), "gt": file_fingerprint(inp.val_gt),
+           "stats": {s: file_fingerprint(stats[s]) for s in SOURCES}, "stat": {s: list(c.stat) for s, c in cfgs.items()},
+           "cap": inp.val_images, "protocol": RESULTS_PROTOCOL}
+    run_step(log, f"{model.name}/calibrate", inp.work / "results" / model.name, ins,
+             [c.out / "metrics.json" for c in cfgs.values()], lambda: calibrate_models(list(cfgs.values())), inp.force)
+    rows: list[dict[str, Any]] = []
+    for source, c in cfgs.items():
+        report = json.loads((c.out / "metrics.json").read_text())
         for r in report["rows"]:
             m = r["metrics"]
             rows.append({

@@ -520,3 +520,33 @@ def test_fixed_ap_results_are_uncapped_and_standard_results_their_per_image_pref
     report2 = calibrate_model(model_cfg(world, out2, config=folder / "config.yaml", stat=("none",), fixed_ap=False))
     assert not (out2 / "val-none-fixed.json").exists() and "segm_fixed" not in report2.rows[0]["metrics"]
     assert json.loads((out2 / "val-none.json").read_text()) == std
+
+
+def test_several_calibrations_share_one_pass_and_equal_separate_runs(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pcb_train.backends.torchvision_backend import TinyBackbone
+    from pcb_train.calibrate import calibrate_models
+
+    a = model_cfg(world, tmp_path / "a", stat=("none", "cm"))
+    b = model_cfg(world, tmp_path / "b", stat=("ms",), ridge=0.1)
+    sep = [calibrate_model(model_cfg(world, tmp_path / "sa", stat=("none", "cm"))),
+           calibrate_model(model_cfg(world, tmp_path / "sb", stat=("ms",), ridge=0.1))]
+    calls = {"n": 0}
+    original = TinyBackbone.forward
+
+    def counting(self: Any, x: Any) -> Any:
+        calls["n"] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(TinyBackbone, "forward", counting)
+    both = calibrate_models([a, b])
+    assert calls["n"] == N_IMAGES  # batch size 1: one backbone pass per image for both calibrations
+    for got, want, out, ref in ((both[0], sep[0], "a", "sa"), (both[1], sep[1], "b", "sb")):
+        assert [r["metrics"] for r in got.rows] == [r["metrics"] for r in want.rows]
+        for f in (tmp_path / ref).glob("val-*.json"):
+            assert (tmp_path / out / f.name).read_bytes() == f.read_bytes()
+    with pytest.raises(PcbkitError, match="agree on max_images"):
+        calibrate_models([a, model_cfg(world, tmp_path / "c", max_images=2)])
+    with pytest.raises(PcbkitError, match="distinct output folders"):
+        calibrate_models([a, a])

@@ -40,5 +40,5 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
     steps = [json.loads(p.read_text())["step"] for p in work.rglob(".step-*.json")]
-    assert "train-softmax" in steps and "pcb/calibrate-train-stats" in steps
+    assert "train-softmax" in steps and "pcb/calibrate" in steps
     assert "| cached (time of the run that made it) |" in (report / "README.md").read_text()  # the wall-time table marks cached steps
