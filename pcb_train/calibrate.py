@@ -632,6 +632,7 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
     assert first.checkpoint is not None and first.config is not None and first.images is not None
     dataset = open_split(first.gt, first.images, max_images=first.max_images)
     categories = dataset.categories
+    loaded = [load_statistics(c.stats, categories, c.gt) for c in cfgs]  # checked before the model
     device = resolve_device(first.device)
     backend, info, _ = load_detector(first.checkpoint, first.config, categories, first.gt, device)
     split = first.split or Path(first.gt).stem
@@ -639,8 +640,7 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
     all_ids = _all_image_ids(first.gt) if first.max_images is not None else image_ids
     prov = provenance(info, backend.config, first.config)
     jobs: list[_Job] = []
-    for c in cfgs:
-        stats = load_statistics(c.stats, categories, c.gt)
+    for c, stats in zip(cfgs, loaded, strict=True):
         rows = build_rows(stats, c.stat, ridge=c.ridge, gammas=c.gammas, taus=c.taus,
                           prior=_prior_if_needed(c, categories), device=device)
         relation = {"file": str(c.stats), "ridge": c.ridge, **statistics_relation(stats, split, c.gt)}
@@ -666,10 +666,11 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
                     images, {names[k]: fn for k, fn in transforms.items()}, mask_threshold=MASK_THRESHOLD,
                     detections_per_image=-1 if uncapped else None,
                 )
+                caches: list[dict[int, dict[str, Any]]] = [{} for _ in images]  # one RLE per mask, per image
                 for (j, slug), name in names.items():
                     job = jobs[j]
-                    for d, t in zip(dets[name], targets, strict=True):
-                        entries = detections_to_lvis(d, int(t["image_id"]), categories)
+                    for d, t, cache in zip(dets[name], targets, caches, strict=True):
+                        entries = detections_to_lvis(d, int(t["image_id"]), categories, cache)
                         job.files[slug].add(entries[:cap] if cap >= 0 else entries)
                         if job.tops is not None:
                             job.tops[slug].add(entries)

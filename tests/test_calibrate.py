@@ -550,3 +550,21 @@ def test_several_calibrations_share_one_pass_and_equal_separate_runs(
         calibrate_models([a, model_cfg(world, tmp_path / "c", max_images=2)])
     with pytest.raises(PcbkitError, match="distinct output folders"):
         calibrate_models([a, a])
+
+
+def test_rle_cache_encodes_each_pair_once_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcb_train.backends.base as base
+
+    cats = CategorySpace(ids=(5, 9), names=("a", "b"), frequency=("r", "f"), image_count=(1, 2))
+    g = torch.Generator().manual_seed(0)
+    masks = torch.rand(4, 6, 7, generator=g) > 0.5
+    det = {"boxes": torch.tensor([[0.0, 0, 3, 3]] * 4), "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+           "labels": torch.tensor([0, 1, 0, 1]), "masks": masks, "pairs": torch.tensor([3, 8, 11, 20])}
+    other = {k: v[[2, 0]] for k, v in det.items()}  # a second set sharing pairs 11 and 3
+    plain = base.detections_to_lvis(det, 1, cats) + base.detections_to_lvis(other, 1, cats)
+    encoded: list[int] = []
+    real = base.encode_masks
+    monkeypatch.setattr(base, "encode_masks", lambda m: (encoded.append(m.shape[0]), real(m))[1])
+    cache: dict[int, dict[str, Any]] = {}
+    cached = base.detections_to_lvis(det, 1, cats, cache) + base.detections_to_lvis(other, 1, cats, cache)
+    assert cached == plain and encoded == [4] and sorted(cache) == [3, 8, 11, 20]

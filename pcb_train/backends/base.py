@@ -431,10 +431,17 @@ def encode_masks(masks: Tensor) -> list[dict[str, Any]]:
 
 
 def detections_to_lvis(
-    detections: Mapping[str, Tensor], image_id: int, categories: CategorySpace
+    detections: Mapping[str, Tensor],
+    image_id: int,
+    categories: CategorySpace,
+    rle_cache: dict[int, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One image's detections -> LVIS results entries: image_id, category_id (LVIS id via the
-    category space), bbox [x, y, w, h], score, and segmentation (RLE) when masks are present."""
+    category space), bbox [x, y, w, h], score, and segmentation (RLE) when masks are present.
+
+    `rle_cache` (one dict per image, shared by several detection sets of that image): with
+    detections that carry "pairs" (the (proposal, class) pair index, as `infer` of the torchvision
+    backend returns), each pair's mask is RLE-encoded once and reused by every set."""
     boxes = detections["boxes"].detach().float().cpu()
     scores = detections["scores"].detach().float().cpu().tolist()
     labels = detections["labels"].detach().cpu().tolist()
@@ -443,7 +450,18 @@ def detections_to_lvis(
     if bad:
         raise PcbkitError(f"detections: labels {bad[:5]} outside 0..{k - 1}")
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist() if len(boxes) else []
-    rles = encode_masks(detections["masks"]) if "masks" in detections else None
+    rles: list[dict[str, Any]] | None = None
+    if "masks" in detections:
+        if rle_cache is not None and "pairs" in detections:
+            pairs = detections["pairs"].detach().cpu().tolist()
+            todo = [i for i, p in enumerate(pairs) if p not in rle_cache]
+            if todo:
+                idx = torch.tensor(todo, dtype=torch.long, device=detections["masks"].device)
+                for i, rle in zip(todo, encode_masks(detections["masks"][idx]), strict=True):
+                    rle_cache[pairs[i]] = rle
+            rles = [rle_cache[p] for p in pairs]
+        else:
+            rles = encode_masks(detections["masks"])
     out: list[dict[str, Any]] = []
     for i, (box, score, label) in enumerate(zip(xywh, scores, labels, strict=True)):
         entry: dict[str, Any] = {

@@ -962,14 +962,18 @@ class TorchvisionBackend:
                         f"score transform {name!r}: returned {tuple(q.shape)}, expected {tuple(probs.shape)}"
                     )
                 selected[name] = heads.select_detections(q, decoded_orig, detections_per_image)
-            masks = self._masks(features, sizes, decoded, selected) if heads.has_mask() else None
+            masks = (
+                self._masks(features, sizes, decoded, decoded_orig, originals, selected, mask_threshold)
+                if heads.has_mask()
+                else None
+            )
             out: dict[str, list[Detections]] = {}
             for name, dets in selected.items():
                 results: list[dict[str, Tensor]] = []
                 for i, d in enumerate(dets):
-                    r = {"boxes": d.boxes, "scores": d.scores, "labels": d.labels}
+                    r = {"boxes": d.boxes, "scores": d.scores, "labels": d.labels, "pairs": d.flat}
                     if masks is not None:
-                        r["masks"] = paste_masks(masks[name][i][:, 0], d.boxes, originals[i], mask_threshold)
+                        r["masks"] = masks[name][i]
                     results.append(r)
                 out[name] = results
             return out
@@ -981,23 +985,20 @@ class TorchvisionBackend:
         features: dict[str, Tensor],
         sizes: list[tuple[int, int]],
         decoded: list[Tensor],
+        decoded_orig: list[Tensor],
+        originals: list[tuple[int, int]],
         selected: Mapping[str, list[SelectedDetections]],
+        threshold: float | None,
     ) -> dict[str, list[Tensor]]:
-        """Mask probabilities [D, 1, M, M] per transform and image; one mask-head pass in total.
+        """Pasted masks [D, H, W] (original image size; bool with a threshold, else probabilities)
+        per transform and image. The mask head and the pasting run ONCE per distinct (proposal,
+        class) pair of an image over all transforms (calibrations mostly keep the same pairs).
 
-        `decoded`: per image [r, K, 4] boxes in the resized input's pixels (what RoIAlign reads);
-        the selected detections index them through `flat`."""
+        `decoded` / `decoded_orig`: per image [r, K, 4] boxes in the resized input's pixels (what
+        RoIAlign reads) / in the original image's (where masks are pasted); the selected detections
+        index both through `flat`."""
         heads = self.model.roi_heads
         names = list(selected)
-        if len(names) == 1:
-            dets = selected[names[0]]
-            probs = heads.mask_probabilities(
-                features,
-                [decoded[i].reshape(-1, 4)[d.flat] for i, d in enumerate(dets)],
-                [d.labels for d in dets],
-                sizes,
-            )
-            return {names[0]: probs}
         k = self.num_classes
         uniq, inverse = [], []
         for i in range(len(sizes)):
@@ -1009,9 +1010,10 @@ class TorchvisionBackend:
         probs = heads.mask_probabilities(features, boxes, [u % k for u in uniq], sizes)
         out: dict[str, list[Tensor]] = {n: [] for n in names}
         for i in range(len(sizes)):
+            pasted = paste_masks(probs[i][:, 0], decoded_orig[i].reshape(-1, 4)[uniq[i]], originals[i], threshold)
             start = 0
             for n in names:
                 d = selected[n][i].flat.shape[0]
-                out[n].append(probs[i][inverse[i][start : start + d]])
+                out[n].append(pasted[inverse[i][start : start + d]])
                 start += d
         return out
