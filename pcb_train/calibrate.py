@@ -361,18 +361,27 @@ def evaluate_results(
     Standard AP on `path` (<= 300 detections per image); fixed AP on `fixed` = (path, count), the
     uncapped per-class top-10,000 results, when given (else no `_fixed` entries). NaN everywhere
     when there are no detections (lvis-api cannot evaluate an empty list)."""
-    from pcb_analysis.lvis_eval import evaluate
+    from pcb_analysis.lvis_eval import evaluate_full, gc_paused, load_ground_truth, load_results
 
+    index = load_ground_truth(gt_index)
+
+    def parsed(p: Path) -> dict[str, Any]:
+        """The results file parsed once for every IoU type (a segm parse keeps the boxes too)."""
+        with gc_paused():
+            first = load_results(p, index, iou_types[0])
+        if bool(first.has_bbox.all()):
+            return dict.fromkeys(iou_types, first)
+        return {t: first if t == iou_types[0] else load_results(p, index, t) for t in iou_types}
+
+    std = parsed(path) if count else {}
+    fix = parsed(fixed[0]) if fixed is not None and fixed[1] else {}
+    if count == 0:
+        logger.warning("%s: no detections; its metrics are undefined", path)
     out: dict[str, dict[str, float]] = {}
     for t in iou_types:
-        if count == 0:
-            logger.warning("%s: no detections; its metrics are undefined", path)
-            out[t] = {"AP": float("nan")}
-        else:
-            out[t] = evaluate(gt_index, path, t)
+        out[t] = evaluate_full(index, std[t], t).metrics if count else {"AP": float("nan")}
         if fixed is not None:
-            fpath, fcount = fixed
-            out[f"{t}_fixed"] = evaluate(gt_index, fpath, t, fixed=True) if fcount else {"AP": float("nan")}
+            out[f"{t}_fixed"] = evaluate_full(index, fix[t], t, fixed=True).metrics if fix else {"AP": float("nan")}
     return out
 
 

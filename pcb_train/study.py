@@ -347,7 +347,7 @@ def run_demo(cfg: DemoConfig) -> Path:
     notes = [
         "The pcb model's iterative head starts with g = 1, c = 0 (`model.modulation_init: identity`, a pcbkit "
         "option; the official code's default initialisation scales the RoI features down at the start, which a "
-        "tiny detector trained from scratch for 600 iterations does not recover from). See "
+        "tiny detector trained from scratch for a few hundred iterations does not recover from). See "
         "`configs/synth_tiny_pcb.yaml`.",
         "Synthetic data, tiny models and a few minutes of CPU training: absolute APs are far from LVIS "
         "numbers, and one seed gives no error bars; read differences of a point or two as noise.",

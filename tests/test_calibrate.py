@@ -568,3 +568,21 @@ def test_rle_cache_encodes_each_pair_once_and_changes_nothing(monkeypatch: pytes
     cache: dict[int, dict[str, Any]] = {}
     cached = base.detections_to_lvis(det, 1, cats, cache) + base.detections_to_lvis(other, 1, cats, cache)
     assert cached == plain and encoded == [4] and sorted(cache) == [3, 8, 11, 20]
+
+
+def test_metrics_equal_separate_evaluations_of_the_written_files(world: dict[str, Path], tmp_path: Path) -> None:
+    from pcb_analysis.lvis_eval import evaluate
+    from pcb_train.calibrate import ground_truth_for
+
+    out = tmp_path / "res"
+    report = calibrate_model(model_cfg(world, out, stat=("none", "cm")))
+    import json as _json
+
+    ids = sorted({e["image_id"] for e in _json.loads((out / "val-none-fixed.json").read_text())})
+    all_ids = [im["id"] for im in _json.loads(world["gt"].read_text())["images"]]
+    gt = ground_truth_for(world["gt"], sorted(all_ids)[:N_IMAGES], all_ids)
+    assert set(ids) <= set(sorted(all_ids)[:N_IMAGES])
+    for row in report.rows:
+        for t in ("segm", "bbox"):
+            assert row["metrics"][t] == evaluate(gt, out / row["results"], t)
+            assert row["metrics"][f"{t}_fixed"] == evaluate(gt, out / row["fixed_results"], t, fixed=True)
