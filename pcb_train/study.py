@@ -27,6 +27,7 @@ from pcb_analysis.errors import PcbkitError
 logger = logging.getLogger(__name__)
 
 STATS = ("none", "ms", "cm", "cm-bayes")
+REPORT_DPI = 120  # committed report figures: readable and small
 SOURCES = ("val", "train")
 
 
@@ -203,6 +204,32 @@ def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs
     return rows
 
 
+def matrix_notes(models: Sequence[StudyModel], stats: Mapping[str, Mapping[str, Path]]) -> list[str]:
+    """What the val-set matrices look like to an inversion: mean diagonal per r/c/f, the smallest
+    diagonal entry and the condition number (CM applies M^-1, so a large one amplifies noise)."""
+    import numpy as np
+
+    from pcb_analysis.stats import ClassStats
+
+    out = []
+    for m in models:
+        st = ClassStats.load(stats[m.name]["val"])
+        cm = st.confusion(warn=False).double().numpy()
+        diag = np.diag(cm)
+        space = st.categories
+        per = ""
+        if space is not None:
+            freq = np.asarray(space.frequency)
+            per = ", ".join(f"{b} {diag[freq == b].mean():.2f}" for b in "rcf" if (freq == b).any())
+        out.append(
+            f"**{m.name}**'s val-set matrix: mean diagonal {per} (r/c/f), smallest diagonal entry "
+            f"{diag.min():.3f}, condition number {np.linalg.cond(cm):.0f}. CM applies M^-1: rows whose mass "
+            "sits on a sibling class rather than the diagonal make the inverse large, and clipping its "
+            "negative outputs removes score from the classes they are confused with."
+        )
+    return out
+
+
 def write_report(
     models: Sequence[StudyModel],
     stats: Mapping[str, Mapping[str, Path]],
@@ -232,16 +259,18 @@ def write_report(
     block = plots.select_block(cm_val, space, k=min(10, int((~empty).sum()) or space.num_classes),
                                how="most-confused", empty=empty)
     figs: dict[str, str] = {}
-    plots.plot_block(cm_val, space, block, rep / "figure1_block.png", log2=True, empty=empty,
+    plots.plot_block(cm_val, space, block, rep / "figure1_block.png", log2=True, empty=empty, dpi=REPORT_DPI,
                      title=f"Figure 1 analogue: {first}, val, most-confused 10-class block (log2)")
     figs[f"Figure 1 analogue: 10-class block of the {first} model's val confusion matrix (log2)"] = "figure1_block.png"
-    plots.plot_overview(cm_val, space, rep / "overview.png", empty=empty, title=f"{first}: whole val confusion matrix")
+    plots.plot_overview(cm_val, space, rep / "overview.png", empty=empty, dpi=REPORT_DPI,
+                        title=f"{first}: whole val confusion matrix")
     figs[f"Whole-matrix overview ({first}, val)"] = "overview.png"
     if any(space.image_count):
-        plots.plot_diagonal(val.mean_score(warn=False).numpy(), space, rep / "diagonal.png", empty=empty)
+        plots.plot_diagonal(val.mean_score(warn=False).numpy(), space, rep / "diagonal.png", empty=empty,
+                            dpi=REPORT_DPI)
         figs[f"Mean score (diagonal) against training images ({first}, val)"] = "diagonal.png"
     plots.plot_difference(train.confusion(warn=False).numpy(), cm_val, space, rep / "train_vs_val.png",
-                          labels=("train", "val"))
+                          labels=("train", "val"), dpi=REPORT_DPI)
     figs[f"Train-set minus val-set matrix ({first})"] = "train_vs_val.png"
     pairs = plots.top_confused_pairs(cm_val, space, n=50, empty=empty)
     plots.write_top_pairs_csv(pairs, rep / "top_confused_pairs.csv")
@@ -251,6 +280,7 @@ def write_report(
         + [f"| {r.name_i} ({r.frequency_i}) | {r.name_j} ({r.frequency_j}) | {r.M_ij:.3f} | {r.M_ji:.3f} | "
            f"{r.asymmetry:+.3f} |" for r in show.itertuples()]
     ) + "\n\nAll 50 in `top_confused_pairs.csv`."
+    notes = [*matrix_notes(models, stats), *notes]
     write_text_atomic(rep / "results.csv", rows_to_csv(rows))
     write_json_atomic(rep / "results.json", rows, indent=2)
     return write_study_report(
