@@ -673,13 +673,13 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
                 # with fixed AP: uncapped detections (sorted by score), the capped ones are their prefix
                 dets = backend.infer(
                     images, {names[k]: fn for k, fn in transforms.items()}, mask_threshold=MASK_THRESHOLD,
-                    detections_per_image=-1 if uncapped else None,
+                    detections_per_image=-1 if uncapped else None, compact_masks=True,
                 )
                 caches: list[dict[int, dict[str, Any]]] = [{} for _ in images]  # one RLE per mask, per image
                 for (j, slug), name in names.items():
                     job = jobs[j]
                     for d, t, cache in zip(dets[name], targets, caches, strict=True):
-                        entries = detections_to_lvis(d, int(t["image_id"]), categories, cache)
+                        entries = detections_to_lvis(d, int(t["image_id"]), categories, cache, MASK_THRESHOLD)
                         job.files[slug].add(entries[:cap] if cap >= 0 else entries)
                         if job.tops is not None:
                             job.tops[slug].add(entries)

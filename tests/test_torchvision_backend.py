@@ -307,6 +307,28 @@ def test_records_restore_training_mode(fresh: TorchvisionBackend) -> None:
 # inference
 
 
+def test_compact_masks_give_the_same_lvis_results_as_pasted_ones(backend: TorchvisionBackend) -> None:
+    from pcb_analysis.categories import CategorySpace
+    from pcb_train.backends.base import detections_to_lvis
+
+    cats = CategorySpace(ids=tuple(range(1, K + 1)), names=tuple(f"c{i}" for i in range(K)),
+                         frequency=("f",) * K, image_count=(1,) * K)
+    images = make_images()
+    transforms = {"none": identity, "half": lambda q: torch.cat([q[:, :-1] * 0.5, q[:, -1:]], 1)}
+    pasted = backend.infer(images, transforms, detections_per_image=-1)
+    compact = backend.infer(images, transforms, detections_per_image=-1, compact_masks=True)
+    for i in range(len(images)):
+        cache: dict = {}
+        for name in transforms:
+            a, b = pasted[name][i], compact[name][i]
+            assert "masks" in a and "mask_probs" in b and "masks" not in b
+            assert b["mask_probs"].dim() == 3 and b["mask_probs"].shape[1] == b["mask_probs"].shape[2]
+            assert tuple(b["image_size"].tolist()) == tuple(images[i].shape[-2:])
+            want = detections_to_lvis(a, i, cats)
+            assert want and detections_to_lvis(b, i, cats) == want
+            assert detections_to_lvis(b, i, cats, cache) == want  # shared RLEs across the two sets
+
+
 def test_identity_transform_reproduces_torchvision_exactly(backend: TorchvisionBackend) -> None:
     images = make_images()
     tv = as_torchvision_model(backend.model).eval()

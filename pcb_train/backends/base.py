@@ -146,6 +146,7 @@ class DetectorBackend(Protocol):
         *,
         mask_threshold: float | None = 0.5,
         detections_per_image: int | None = None,
+        compact_masks: bool = False,
     ) -> dict[str, list[Detections]]: ...
 
 
@@ -430,18 +431,43 @@ def encode_masks(masks: Tensor) -> list[dict[str, Any]]:
     return out
 
 
+def _encode_subset(detections: Mapping[str, Tensor], rows: list[int], threshold: float) -> list[dict[str, Any]]:
+    """RLEs of the masks of detections `rows` (pasted masks, or compact RoI masks pasted here)."""
+    if not rows:
+        return []
+    if "masks" in detections:
+        masks = detections["masks"]
+        if len(rows) == masks.shape[0]:
+            return encode_masks(masks)
+        return encode_masks(masks[torch.tensor(rows, dtype=torch.long, device=masks.device)])
+    from pcb_train.backends.torchvision_backend import paste_masks
+
+    probs, boxes = detections["mask_probs"], detections["boxes"]
+    h, w = (int(v) for v in detections["image_size"].tolist())
+    idx = torch.tensor(rows, dtype=torch.long, device=probs.device)
+    out: list[dict[str, Any]] = []
+    for start in range(0, len(rows), RLE_CHUNK):
+        sel = idx[start : start + RLE_CHUNK]
+        out.extend(encode_masks(paste_masks(probs[sel], boxes[sel], (h, w), threshold)))
+    return out
+
+
 def detections_to_lvis(
     detections: Mapping[str, Tensor],
     image_id: int,
     categories: CategorySpace,
     rle_cache: dict[int, dict[str, Any]] | None = None,
+    mask_threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
     """One image's detections -> LVIS results entries: image_id, category_id (LVIS id via the
     category space), bbox [x, y, w, h], score, and segmentation (RLE) when masks are present.
 
     `rle_cache` (one dict per image, shared by several detection sets of that image): with
     detections that carry "pairs" (the (proposal, class) pair index, as `infer` of the torchvision
-    backend returns), each pair's mask is RLE-encoded once and reused by every set."""
+    backend returns), each pair's mask is RLE-encoded once and reused by every set. Masks are
+    either pasted ("masks" [D, H, W]) or compact ("mask_probs" [D, M, M] at RoI resolution with
+    "image_size" (H, W), from `infer(..., compact_masks=True)`): those are pasted at
+    `mask_threshold` and encoded RLE_CHUNK at a time, so no [D, H, W] tensor is ever whole."""
     boxes = detections["boxes"].detach().float().cpu()
     scores = detections["scores"].detach().float().cpu().tolist()
     labels = detections["labels"].detach().cpu().tolist()
@@ -451,17 +477,17 @@ def detections_to_lvis(
         raise PcbkitError(f"detections: labels {bad[:5]} outside 0..{k - 1}")
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist() if len(boxes) else []
     rles: list[dict[str, Any]] | None = None
-    if "masks" in detections:
+    if "masks" in detections or "mask_probs" in detections:
+        n = len(labels)
         if rle_cache is not None and "pairs" in detections:
             pairs = detections["pairs"].detach().cpu().tolist()
             todo = [i for i, p in enumerate(pairs) if p not in rle_cache]
             if todo:
-                idx = torch.tensor(todo, dtype=torch.long, device=detections["masks"].device)
-                for i, rle in zip(todo, encode_masks(detections["masks"][idx]), strict=True):
+                for i, rle in zip(todo, _encode_subset(detections, todo, mask_threshold), strict=True):
                     rle_cache[pairs[i]] = rle
             rles = [rle_cache[p] for p in pairs]
         else:
-            rles = encode_masks(detections["masks"])
+            rles = _encode_subset(detections, list(range(n)), mask_threshold)
     out: list[dict[str, Any]] = []
     for i, (box, score, label) in enumerate(zip(xywh, scores, labels, strict=True)):
         entry: dict[str, Any] = {

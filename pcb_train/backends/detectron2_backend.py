@@ -652,6 +652,7 @@ class Detectron2Backend:
         *,
         mask_threshold: float | None = 0.5,
         detections_per_image: int | None = None,
+        compact_masks: bool = False,
     ) -> dict[str, list[Detections]]:
         """Detections per named score transform from ONE backbone + RPN + box-head pass.
 
@@ -662,7 +663,8 @@ class Detectron2Backend:
         identity transform the result equals `model.eval()(detectron2_inputs(images))`.
         `detections_per_image` overrides `test_topk_per_image` (-1: no cap, as for fixed AP);
         detectron2 keeps its NMS order (decreasing score), so a capped list is a prefix of the
-        uncapped one."""
+        uncapped one. `compact_masks` is accepted for the protocol and ignored: detectron2's
+        `detector_postprocess` always pastes full-image masks."""
         from detectron2.modeling.postprocessing import detector_postprocess
         from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 

@@ -929,6 +929,7 @@ class TorchvisionBackend:
         *,
         mask_threshold: float | None = 0.5,
         detections_per_image: int | None = None,
+        compact_masks: bool = False,
     ) -> dict[str, list[Detections]]:
         """Detections per named score transform from ONE backbone + RPN + box-head pass.
 
@@ -939,7 +940,11 @@ class TorchvisionBackend:
         detections. With several transforms the mask head runs once on the union of their
         (proposal, class) pairs. `detections_per_image` overrides the model's cap of detections
         per image (-1: none); detections are sorted by decreasing score, so a capped list is the
-        prefix of the uncapped one."""
+        prefix of the uncapped one. `compact_masks=True` returns each detection's mask at RoI
+        resolution ("mask_probs" [D, M, M] probabilities, with "image_size" [2] = (H, W)) instead
+        of pasted [D, H, W] masks: thousands of uncapped detections of a large image would need
+        gigabytes as full-image masks; `base.detections_to_lvis` pastes and encodes them a chunk
+        at a time."""
         if not score_transforms:
             raise ValueError("infer: give at least one score transform (e.g. {'none': identity})")
         model = self.model
@@ -963,7 +968,9 @@ class TorchvisionBackend:
                     )
                 selected[name] = heads.select_detections(q, decoded_orig, detections_per_image)
             masks = (
-                self._masks(features, sizes, decoded, decoded_orig, originals, selected, mask_threshold)
+                self._masks(
+                    features, sizes, decoded, decoded_orig, originals, selected, mask_threshold, compact_masks
+                )
                 if heads.has_mask()
                 else None
             )
@@ -973,7 +980,11 @@ class TorchvisionBackend:
                 for i, d in enumerate(dets):
                     r = {"boxes": d.boxes, "scores": d.scores, "labels": d.labels, "pairs": d.flat}
                     if masks is not None:
-                        r["masks"] = masks[name][i]
+                        if compact_masks:
+                            r["mask_probs"] = masks[name][i]
+                            r["image_size"] = torch.tensor(originals[i], dtype=torch.int64)
+                        else:
+                            r["masks"] = masks[name][i]
                     results.append(r)
                 out[name] = results
             return out
@@ -989,10 +1000,12 @@ class TorchvisionBackend:
         originals: list[tuple[int, int]],
         selected: Mapping[str, list[SelectedDetections]],
         threshold: float | None,
+        compact: bool = False,
     ) -> dict[str, list[Tensor]]:
         """Pasted masks [D, H, W] (original image size; bool with a threshold, else probabilities)
-        per transform and image. The mask head and the pasting run ONCE per distinct (proposal,
-        class) pair of an image over all transforms (calibrations mostly keep the same pairs).
+        per transform and image, or with `compact` the RoI-resolution probabilities [D, M, M]. The
+        mask head (and the pasting) run ONCE per distinct (proposal, class) pair of an image over
+        all transforms (calibrations mostly keep the same pairs).
 
         `decoded` / `decoded_orig`: per image [r, K, 4] boxes in the resized input's pixels (what
         RoIAlign reads) / in the original image's (where masks are pasted); the selected detections
@@ -1010,7 +1023,10 @@ class TorchvisionBackend:
         probs = heads.mask_probabilities(features, boxes, [u % k for u in uniq], sizes)
         out: dict[str, list[Tensor]] = {n: [] for n in names}
         for i in range(len(sizes)):
-            pasted = paste_masks(probs[i][:, 0], decoded_orig[i].reshape(-1, 4)[uniq[i]], originals[i], threshold)
+            if compact:
+                pasted = probs[i][:, 0]
+            else:
+                pasted = paste_masks(probs[i][:, 0], decoded_orig[i].reshape(-1, 4)[uniq[i]], originals[i], threshold)
             start = 0
             for n in names:
                 d = selected[n][i].flat.shape[0]
