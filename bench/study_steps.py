@@ -7,7 +7,7 @@
     calibrate     ONE backbone + RPN + box-head pass, then post-processing and masks for each of
                   none, ms, cm, cm-bayes (`TorchvisionBackend.infer` with four transforms),
                   uncapped as `pcbkit calibrate` runs it for fixed AP (the standard results are
-                  each image's top 300 of these)
+                  each image's top 300 of these), and the LVIS entries with RLE masks
 
 Model: Mask R-CNN R50-FPN of `configs/lvis_v0.5_r50_fpn_softmax_2x.yaml` (K = 1,230), test size
 800 x 1333, random weights (nothing is downloaded). A random classifier makes every (proposal,
@@ -73,7 +73,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from pcb_analysis.calibration import Calibrator
+    from pcb_analysis.categories import CategorySpace
     from pcb_train.backends import build_backend, identity
+    from pcb_train.backends.base import detections_to_lvis
     from pcb_train.config import load_config
 
     torch.manual_seed(0)
@@ -106,14 +108,17 @@ def main() -> None:
 
     dets: list[int] = []
     dump = per_image(lambda i: backend.proposal_records(images[i : i + 1], targets[i : i + 1]))
-    cal = per_image(
-        lambda i: dets.append(
-            sum(
-                int(d[0]["scores"].numel())
-                for d in backend.infer(images[i : i + 1], transforms, detections_per_image=-1).values()
-            )
-        )
-    )
+    cats = CategorySpace(ids=tuple(range(1, k + 1)), names=tuple(f"c{j}" for j in range(k)),
+                         frequency=("f",) * k, image_count=(1,) * k)
+
+    def calibrate_one(i: int) -> None:
+        """What `pcbkit calibrate` does per image: uncapped compact inference, then LVIS entries
+        (masks pasted and RLE-encoded once per (proposal, class) pair)."""
+        out = backend.infer(images[i : i + 1], transforms, detections_per_image=-1, compact_masks=True)
+        cache: dict[int, dict] = {}
+        dets.append(sum(len(detections_to_lvis(d[0], i, cats, cache)) for d in out.values()))
+
+    cal = per_image(calibrate_one)
     print(
         f"Mask R-CNN R50-FPN, K={k}, {args.size}x{args.max_size}, random weights with a background-biased "
         f"classifier; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "

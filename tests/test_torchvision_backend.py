@@ -658,3 +658,26 @@ def test_r50_fpn_at_lvis_class_count() -> None:
     (rec,) = b.proposal_records([image], [target])
     assert rec.logits.shape == (len(rec), 1204) and 0 < len(rec) <= 20
     assert math.isfinite(float(rec.logits.abs().max()))
+
+
+def test_mask_head_in_chunks_equals_one_call(backend: TorchvisionBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pcb_train.backends.torchvision_backend as tvb
+
+    images = make_images()
+    with torch.no_grad():
+        image_list, features, _ = backend._prepare(images)
+        sizes = image_list.image_sizes
+        g = torch.Generator().manual_seed(3)
+        boxes = []
+        for h, w in sizes:
+            xy = torch.rand(7, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+            boxes.append(torch.cat([xy, xy + 8 + torch.rand(7, 2, generator=g) * 20], 1))
+        boxes[1] = boxes[1][:5]
+        labels = [torch.randint(0, K, (b.shape[0],), generator=g) for b in boxes]
+        heads = backend.model.roi_heads
+        whole = heads.mask_probabilities(features, boxes, labels, sizes)
+        monkeypatch.setattr(tvb, "MASK_ROI_CHUNK", 3)
+        chunked = heads.mask_probabilities(features, boxes, labels, sizes)
+    assert [c.shape[0] for c in chunked] == [7, 5]
+    for a, b in zip(whole, chunked, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -80,6 +80,7 @@ from pcb_train.iterative_head import share_checkpoint_keys
 
 logger = logging.getLogger(__name__)
 
+MASK_ROI_CHUNK = 1024  # RoIs per mask-head call at inference (bounds its activations)
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -453,7 +454,29 @@ class PCBRoIHeads(RoIHeads):
         labels: list[Tensor],
         image_shapes: list[tuple[int, int]],
     ) -> list[Tensor]:
-        """Mask probabilities [D, 1, M, M] of each box's class (labels 0..K-1), per image."""
+        """Mask probabilities [D, 1, M, M] of each box's class (labels 0..K-1), per image.
+
+        At most MASK_ROI_CHUNK RoIs go through the mask head at once (uncapped detections can
+        be thousands per image; R50-FPN's mask head holds 256 x 28 x 28 floats per RoI)."""
+        if sum(b.shape[0] for b in boxes) <= MASK_ROI_CHUNK:
+            return self._mask_probabilities(features, boxes, labels, image_shapes)
+        out: list[Tensor] = []
+        for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+            parts = []
+            for start in range(0, max(b.shape[0], 1), MASK_ROI_CHUNK):
+                only = [b[start : start + MASK_ROI_CHUNK] if j == i else b[:0] for j in range(len(boxes))]
+                part = self._mask_probabilities(features, only, [lab[start : start + MASK_ROI_CHUNK]], image_shapes)
+                parts.append(part[i])
+            out.append(torch.cat(parts, 0))
+        return out
+
+    def _mask_probabilities(
+        self,
+        features: Mapping[str, Tensor],
+        boxes: list[Tensor],
+        labels: list[Tensor],
+        image_shapes: list[tuple[int, int]],
+    ) -> list[Tensor]:
         x = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
         logits = class_mask_logits(self.mask_predictor, x, labels_to_tv(torch.cat(labels)).to(x.device))
         return list(logits.float().sigmoid()[:, None].split([b.shape[0] for b in boxes], 0))
