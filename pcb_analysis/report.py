@@ -158,12 +158,12 @@ def reading(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[st
                 f"{p_none['APr']:.1f} against {p_none['APf']:.1f})."
             )
         if cm_val is not None:
-            d_apr = _delta(cm_val, none, "APr")
+            d_apr, d_ap = _delta(cm_val, none, "APr"), _delta(cm_val, none, "AP")
             out.append(
                 f"With the val-set matrix (upper bound) CM changes APr by {fmt(d_apr)}, APf by "
-                f"{fmt(_delta(cm_val, none, 'APf'))} and AP by {fmt(_delta(cm_val, none, 'AP'))} points "
+                f"{fmt(_delta(cm_val, none, 'APf'))} and AP by {fmt(d_ap)} points "
                 f"(paper, random sampler: {paper_cm['APr']:+.1f}, {paper_cm['APf']:+.1f}, {paper_cm['AP']:+.1f}); "
-                f"on APr: {verdict(d_apr, paper_cm['APr'])}."
+                f"on APr: {verdict(d_apr, paper_cm['APr'])}, on AP: {verdict(d_ap, paper_cm['AP'])}."
             )
             if ms_val is not None:
                 d_cm_ms = _delta(cm_val, ms_val, "APr")

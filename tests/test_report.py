@@ -63,7 +63,7 @@ def test_reading_compares_with_the_paper() -> None:
     assert "APr is 5.0 against APf 30.0 (a 25.0-point frequency bias; the paper's baseline: 4.6 against 28.9)" in text
     # val CM: APr +15.0, APf -2.0, AP +4.0; paper random sampler: +19.1, -2.9, +4.4
     assert "CM changes APr by +15.0, APf by -2.0 and AP by +4.0 points (paper, random sampler: +19.1, -2.9, +4.4)" in text
-    assert "on APr: same direction as the paper" in text
+    assert "on APr: same direction as the paper, on AP: same direction as the paper." in text
     # CM vs MS on APr: 20 - 10 = +10.0; paper +9.4 / +8.0
     assert "CM against MS on APr: +10.0 points (paper: +9.4 random sampler, +8.0 RFS): same direction" in text
     # spread 25.0 -> 8.0; paper 28.9 - 4.6 = 24.3 -> 27.9 - 23.7 = 4.2 (random), 28.8 - 27.9 = 0.9 (RFS + CM)
