@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) bench/stats_speed.py
 	$(PY) bench/train_overhead.py
 	$(PY) bench/calibrate_overhead.py
+	$(PY) bench/study_steps.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
