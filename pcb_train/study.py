@@ -55,6 +55,7 @@ class StudyInputs:
     device: str = "auto"
     progress: bool = True
     force: bool = False
+    fixed_ap: bool = True  # calibrate also evaluates fixed AP (uncapped detections; the slow part on a CPU)
 
 
 @dataclass
@@ -180,13 +181,13 @@ def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs
             stats=stats[source], gt=inp.val_gt, out=inp.work / "results" / model.name / f"{source}-stats",
             stat=STATS if source == "val" else STATS[1:], checkpoint=model.checkpoint, config=model.config,
             images=inp.images, split="val", max_images=inp.val_images, batch_size=inp.batch_size,
-            device=inp.device, progress=inp.progress,
+            device=inp.device, progress=inp.progress, fixed_ap=inp.fixed_ap,
         )
         for source in SOURCES
     }
     ins = {"checkpoint": file_fingerprint(model.checkpoint), "gt": file_fingerprint(inp.val_gt),
            "stats": {s: file_fingerprint(stats[s]) for s in SOURCES}, "stat": {s: list(c.stat) for s, c in cfgs.items()},
-           "cap": inp.val_images, "protocol": RESULTS_PROTOCOL}
+           "cap": inp.val_images, "protocol": RESULTS_PROTOCOL, "fixed_ap": inp.fixed_ap}
     run_step(log, f"{model.name}/calibrate", inp.work / "results" / model.name, ins,
              [c.out / "metrics.json" for c in cfgs.values()], lambda: calibrate_models(list(cfgs.values())), inp.force)
     rows: list[dict[str, Any]] = []
