@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,25 +117,6 @@ def model_cfg(world: dict[str, Path], out: Path, **kw: Any) -> CalibrateConfig:
     return CalibrateConfig(**base)
 
 
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `pcbkit` in-process (exit code, stdout, stderr); registers the commands under test."""
-    from pcbkit.cli import cli as group
-    from pcbkit.cli import main
-    from pcbkit.cmd_calibrate import calibrate_cmd
-    from pcbkit.cmd_dump_logits import dump_logits_cmd
-
-    group.add_command(dump_logits_cmd)
-    group.add_command(calibrate_cmd)
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def model_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         "calibrate",
@@ -158,11 +140,11 @@ def model_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_calibrate_cli_end_to_end(world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_cli_end_to_end(world: dict[str, Path], tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
     out = tmp_path / "res"
     args = model_args(world, out, "--stat", "none", "--stat", "ms", "--stat", "cm", "--stat", "cm-bayes",
                       "--gamma", "0,1", "--tau", "1")  # fmt: skip
-    code, stdout, err = cli(args, capsys)
+    code, stdout, err = run_pcbkit(args)
     assert code == 0, err
     names = ["none", "ms", "cm", "cm-bayes", "norcal(0)", "norcal(1)", "logit-adj(1)"]
     slugs = ["none", "ms", "cm", "cm-bayes", "norcal-g0", "norcal-g1", "logit-adj-t1"]
@@ -188,7 +170,7 @@ def test_calibrate_cli_end_to_end(world: dict[str, Path], tmp_path: Path, capsys
     csv_lines = (out / "metrics.csv").read_text().splitlines()
     assert csv_lines[0].startswith("stat,AP,APr,APc,APf,APb") and len(csv_lines) == 1 + len(names)
     # --json prints the same report
-    code, stdout, err = cli([*model_args(world, tmp_path / "j", "--stat", "none"), "--json"], capsys)
+    code, stdout, err = run_pcbkit([*model_args(world, tmp_path / "j", "--stat", "none"), "--json"])
     assert code == 0, err
     assert json.loads(stdout)["rows"][0]["stat"] == "none"
 
@@ -364,7 +346,7 @@ def _swap(args: list[str], flag: str, value: str) -> list[str]:
 
 
 def test_bad_input_is_one_line_exit_2_and_leaves_no_results(
-    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    world: dict[str, Path], tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
 ) -> None:
     out = tmp_path / "out"
     args = model_args(world, out, "--stat", "cm")
@@ -388,7 +370,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_results(
         "--tau": [*args, "--tau", "x"],
     }
     for expected, case in cases.items():
-        code, _, err = cli(case, capsys)
+        code, _, err = run_pcbkit(case)
         assert code == 2, (expected, err)
         lines = [ln for ln in err.splitlines() if ln.startswith("pcbkit: error:")]
         assert len(lines) == 1 and expected in lines[0], (expected, err)

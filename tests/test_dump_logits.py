@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,25 +95,6 @@ def dump_cfg(world: dict[str, Path], out: Path, **kw: Any) -> DumpLogitsConfig:
     return DumpLogitsConfig(**base)
 
 
-def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """Run `pcbkit` in-process (exit code, stdout, stderr); registers the commands under test."""
-    from pcbkit.cli import cli as group
-    from pcbkit.cli import main
-    from pcbkit.cmd_calibrate import calibrate_cmd
-    from pcbkit.cmd_dump_logits import dump_logits_cmd
-
-    group.add_command(dump_logits_cmd)
-    group.add_command(calibrate_cmd)
-    capsys.readouterr()
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def cli_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
         "dump-logits",
@@ -195,10 +176,10 @@ def independent_positive_count(dump: Path, gt_file: Path) -> tuple[int, int]:
 
 
 def test_dump_then_stats_matrix_and_positive_count(
-    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    world: dict[str, Path], tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
 ) -> None:
     out = tmp_path / "dump"
-    code, stdout, stderr = cli(cli_args(world, out), capsys)
+    code, stdout, stderr = run_pcbkit(cli_args(world, out))
     assert code == 0, stderr
     assert f"dumped {N_IMAGES} image(s)" in stdout
     reader = DumpReader(out)
@@ -209,7 +190,7 @@ def test_dump_then_stats_matrix_and_positive_count(
     assert prov["config"]["dump"] == {"positives_only": False, "boxes": "none"}
     assert prov["torch_version"] == torch.__version__ and "git_sha" in prov
 
-    code, _, stderr = cli(["stats", "--dump", str(out), "--out", str(tmp_path / "s.npz"), "--no-progress"], capsys)
+    code, _, stderr = run_pcbkit(["stats", "--dump", str(out), "--out", str(tmp_path / "s.npz"), "--no-progress"])
     assert code == 0, stderr
     st = ClassStats.load(tmp_path / "s.npz")
     cm = st.confusion(warn=False)
@@ -395,10 +376,10 @@ def bad_inputs(world: dict[str, Path], tmp_path: Path) -> Iterator[dict[str, lis
 
 
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(
-    bad_inputs: dict[str, list[str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bad_inputs: dict[str, list[str]], tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
 ) -> None:
     for expected, args in bad_inputs.items():
-        code, _, err = cli(args, capsys)
+        code, _, err = run_pcbkit(args)
         assert code == 2, (expected, err)
         lines = [ln for ln in err.splitlines() if ln.startswith("pcbkit: error:")]
         assert len(lines) == 1 and expected in lines[0], (expected, err)

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -347,59 +348,45 @@ def test_run_folder_is_never_clobbered(reference_run: TrainResult, synth12: Path
 # the command line
 
 
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
-    from pcbkit.cli import cli, main
-    from pcbkit.cmd_train import train_cmd
-
-    if "train" not in cli.commands:  # until the lead registers it in pcbkit/cli.py
-        cli.add_command(train_cmd)
-    try:
-        main(["train", *args])
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    return code, capsys.readouterr().err
-
-
-def test_cli_unknown_key(synth12: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_unknown_key(synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
     out = tmp_path / "run"
-    code, err = run_cli(["--config", str(TINY_YAML), "--out", str(out), "model.fpn_chanels=32"], capsys)
+    code, _, err = run_pcbkit(["train", "--config", str(TINY_YAML), "--out", str(out), "model.fpn_chanels=32"])
     assert code == 2
     assert "unknown key 'model.fpn_chanels'" in err and "did you mean model.fpn_channels" in err
     assert not out.exists()
 
 
-def test_cli_class_count_disagrees(synth12: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_class_count_disagrees(synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
     out = tmp_path / "run"
     args = tiny_overrides(synth12, "model.num_classes=13")
-    code, err = run_cli(["--config", str(TINY_YAML), "--out", str(out), *args], capsys)
+    code, _, err = run_pcbkit(["train", "--config", str(TINY_YAML), "--out", str(out), *args])
     assert code == 2
     line = [x for x in err.splitlines() if x.startswith("pcbkit: error")]
     assert len(line) == 1 and "K=12 classes, the model has K=13" in line[0] and "train.json" in line[0]
     assert not out.exists()
 
 
-def test_cli_missing_images(synth12: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_missing_images(synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
     data = json.loads((synth12 / "train.json").read_text())
     data["images"][3]["file_name"] = "train/not_there.png"
     ann = tmp_path / "train.json"
     ann.write_text(json.dumps(data))
     out = tmp_path / "run"
     args = tiny_overrides(synth12, f"data.train_ann={ann}")
-    code, err = run_cli(["--config", str(TINY_YAML), "--out", str(out), *args], capsys)
+    code, _, err = run_pcbkit(["train", "--config", str(TINY_YAML), "--out", str(out), *args])
     assert code == 2 and "not_there.png: image file not found" in err
     assert not out.exists()
 
 
 @pytest.mark.slow
 def test_cli_resume_with_another_config(
-    reference_run: TrainResult, synth12: Path, capsys: pytest.CaptureFixture[str]
+    reference_run: TrainResult, synth12: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
 ) -> None:
     out = reference_run.out_dir
     args = tiny_overrides(synth12, "model.pcb_alpha=0.2")
-    code, err = run_cli(["--config", str(TINY_YAML), "--out", str(out), "--resume", *args], capsys)
+    code, _, err = run_pcbkit(["train", "--config", str(TINY_YAML), "--out", str(out), "--resume", *args])
     assert code == 2 and "another config" in err and "model.pcb_alpha: 0.4 != 0.2" in err
-    code, err = run_cli(["--config", str(TINY_YAML), "--resume", "--force"], capsys)
+    code, _, err = run_pcbkit(["train", "--config", str(TINY_YAML), "--resume", "--force"])
     assert code == 2 and "exclude each other" in err
 
 
