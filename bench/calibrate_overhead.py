@@ -36,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -58,6 +59,21 @@ def synthetic_confusion(k: int, seed: int = 0) -> Tensor:
     return 0.6 * torch.eye(k, dtype=torch.float64) + 0.4 * d
 
 
+def r50_fpn_backend(config: str, size: int, max_size: int, threads: int = 0) -> Any:
+    """The R50-FPN backend of `configs/<config>` at test size `size` x `max_size`, random weights
+    (seed 0), in eval mode; `threads` > 0 sets torch's thread count first."""
+    from pcb_train.backends import build_backend
+    from pcb_train.config import load_config
+
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / config, [f"model.min_size={size}", f"model.max_size={max_size}"]).model
+    backend = build_backend(cfg)
+    backend.model.eval()
+    return backend
+
+
 def smooth_images(n: int, h: int, w: int, seed: int = 0) -> list[Tensor]:
     """Images [3, h, w] in [0, 1] with structure (upsampled noise), not pure pixel noise."""
     g = torch.Generator().manual_seed(seed)
@@ -77,21 +93,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from pcb_analysis.calibration import Calibrator
-    from pcb_train.backends import build_backend, identity
-    from pcb_train.config import load_config
+    from pcb_train.backends import identity
 
-    torch.manual_seed(0)
-    cfg = load_config(
-        ROOT / "configs" / "lvis_v1_r50_fpn.yaml",
-        [f"model.min_size={args.size}", f"model.max_size={args.max_size}"],
-    ).model
-    assert cfg.num_classes == K
-    backend = build_backend(cfg)
-    backend.model.eval()
+    backend = r50_fpn_backend("lvis_v1_r50_fpn.yaml", args.size, args.max_size, args.threads)
+    assert backend.num_classes == K
     images = smooth_images(args.images, args.size, args.max_size)
     cal = Calibrator.build("cm", synthetic_confusion(K))
 

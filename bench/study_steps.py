@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from calibrate_overhead import smooth_images, synthetic_confusion  # noqa: E402  (bench/ is on sys.path)
+from calibrate_overhead import r50_fpn_backend, smooth_images, synthetic_confusion  # noqa: E402  (bench/ is on sys.path)
 from torch import Tensor  # noqa: E402
 
 
@@ -69,23 +69,14 @@ def main() -> None:
     ap.add_argument("--max-size", type=int, default=1333, help="test long side")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     from pcb_analysis.calibration import Calibrator
     from pcb_analysis.categories import CategorySpace
-    from pcb_train.backends import build_backend, identity
+    from pcb_train.backends import identity
     from pcb_train.backends.base import detections_to_lvis
-    from pcb_train.config import load_config
 
-    torch.manual_seed(0)
-    cfg = load_config(
-        ROOT / "configs" / "lvis_v0.5_r50_fpn_softmax_2x.yaml",
-        [f"model.min_size={args.size}", f"model.max_size={args.max_size}"],
-    ).model
-    k = cfg.num_classes
-    backend = build_backend(cfg)
-    backend.model.eval()
+    backend = r50_fpn_backend("lvis_v0.5_r50_fpn_softmax_2x.yaml", args.size, args.max_size, args.threads)
+    k = backend.num_classes
     background_biased_(backend.model.roi_heads.box_predictor.cls_score)
     n = args.images + 1
     images = smooth_images(n, args.size, args.max_size)

@@ -575,11 +575,12 @@ class RunLog:
             self.writer = None
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(d: Mapping[str, Any], sep: str = "/", prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> one level, keys joined by `sep` ("a/b" for TensorBoard, "a.b" for configs)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, Mapping):
-            out.update(_flatten(v, f"{prefix}{k}/"))
+            out.update(_flatten(v, sep, f"{prefix}{k}{sep}"))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -636,19 +637,9 @@ class StopRequest(AbstractContextManager["StopRequest"]):
 # checks before training
 
 
-def _flat_config(cfg_dict: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in cfg_dict.items():
-        if isinstance(v, Mapping):
-            out.update(_flat_config(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
     """`key: saved != current` for every config value a resume may not change (RESUME_MUTABLE excepted)."""
-    a, b = _flat_config(saved), _flat_config(to_dict(current))
+    a, b = _flatten(saved, "."), _flatten(to_dict(current), ".")
     out = []
     for key in sorted(set(a) | set(b)):
         if key in RESUME_MUTABLE:
