@@ -353,6 +353,19 @@ class PerClassTop:
         self._by_class.clear()
 
 
+def _fixed_ap_tops(rows: Sequence[StatRow], fixed_ap: bool) -> dict[str, PerClassTop] | None:
+    """One per-class top-10,000 accumulator per row when fixed AP is evaluated, else None."""
+    return {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if fixed_ap else None
+
+
+def _add_image(results: ResultsFile, top: PerClassTop | None, entries: list[dict[str, Any]], cap: int) -> None:
+    """One image's LVIS entries of one row, sorted by score (uncapped when `top` is given): the
+    first `cap` (all when negative) to the standard results, every one to the fixed-AP top."""
+    results.add(entries[:cap] if cap >= 0 else entries)
+    if top is not None:
+        top.add(entries)
+
+
 def evaluate_results(
     gt_index: Any, path: Path, iou_types: Sequence[str], count: int, fixed: tuple[Path, int] | None = None
 ) -> dict[str, dict[str, float]]:
@@ -655,8 +668,7 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
         relation = {"file": str(c.stats), "ridge": c.ridge, **statistics_relation(stats, split, c.gt)}
         report = CalibrationReport(mode="model", split=split, gt=str(c.gt), statistics=relation,
                                    images=len(dataset), provenance=prov)
-        tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if c.fixed_ap else None
-        jobs.append(_Job(c, rows, report, tops=tops))
+        jobs.append(_Job(c, rows, report, tops=_fixed_ap_tops(rows, c.fixed_ap)))
     gt_index = ground_truth_for(first.gt, image_ids, all_ids)
     transforms = {(j, row.slug): row.transform for j, job in enumerate(jobs) for row in job.rows}
     names = {key: f"{key[0]}:{key[1]}" for key in transforms}
@@ -680,9 +692,7 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
                     job = jobs[j]
                     for d, t, cache in zip(dets[name], targets, caches, strict=True):
                         entries = detections_to_lvis(d, int(t["image_id"]), categories, cache, MASK_THRESHOLD)
-                        job.files[slug].add(entries[:cap] if cap >= 0 else entries)
-                        if job.tops is not None:
-                            job.tops[slug].add(entries)
+                        _add_image(job.files[slug], job.tops[slug] if job.tops else None, entries, cap)
                 bar.update(len(images))
         seconds = time.perf_counter() - t0
         for job in jobs:
@@ -800,7 +810,7 @@ def calibrate_dump(cfg: CalibrateConfig) -> CalibrationReport:
         provenance={"dump": str(cfg.dump), **prov},
     )
     k = reader.num_classes
-    tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if cfg.fixed_ap else None
+    tops = _fixed_ap_tops(rows, cfg.fixed_ap)
     files = _open_results(cfg.out, split, rows, suffix="-offline")
     try:
         with tqdm(total=len(dump_ids), unit="img", desc=f"calibrate {split} (dump)", disable=not cfg.progress) as bar:
@@ -815,10 +825,8 @@ def calibrate_dump(cfg: CalibrateConfig) -> CalibrationReport:
                     detections_per_image=-1 if tops else per_image,
                 )
                 for slug, d in dets.items():
-                    entries = detections_to_lvis(d, image_id, categories)
-                    files[slug].add(entries[:per_image] if per_image >= 0 else entries)
-                    if tops is not None:
-                        tops[slug].add(entries)
+                    _add_image(files[slug], tops[slug] if tops else None, detections_to_lvis(d, image_id, categories),
+                               per_image)
                 bar.update(1)
         report.seconds = time.perf_counter() - t0
         _finish(report, files, rows, gt_index, ("bbox",), cfg.out, "metrics-offline", tops)
