@@ -36,6 +36,7 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -694,7 +695,14 @@ class EvalResult:
 
 
 def default_workers() -> int:
-    """Worker processes for the matching stage: the CPUs this process may use, at most 8."""
+    """Worker processes for the matching stage: the CPUs this process may use, at most 8; 1 (no
+    fork) inside a torch.distributed process group, whose communication threads may hold locks
+    that a forked child then waits on forever (seen with gloo in the 2-process training test)."""
+    torch = sys.modules.get("torch")  # never imported here: pcb_analysis runs without torch
+    if torch is not None:
+        dist = getattr(torch, "distributed", None)
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return 1
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

@@ -264,3 +264,16 @@ def test_worker_count_does_not_change_results():
     b = evaluate_full(case.gt, case.results, "segm", workers=2)
     np.testing.assert_array_equal(a.precision, b.precision)
     np.testing.assert_array_equal(a.recall, b.recall)
+
+
+def test_no_forked_workers_inside_a_process_group(tmp_path: Path) -> None:
+    import torch.distributed as dist
+
+    from pcb_analysis.lvis_eval import default_workers
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert default_workers() == 1
+    finally:
+        dist.destroy_process_group()
+    assert default_workers() >= 1
