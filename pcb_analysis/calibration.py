@@ -1,4 +1,4 @@
-"""Post-hoc calibration of detector scores (PCB_SPEC §3).
+"""Post-hoc calibration of detector scores (docs/method.md §3).
 
 R proposals, K foreground classes. `q` [R, K+1] are probabilities (softmax over all K+1 logits,
 background = column K). Calibration acts on the foreground distribution and keeps the background

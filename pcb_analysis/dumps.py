@@ -1031,7 +1031,7 @@ def stats_from_dump(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     split: str | None = None,
 ) -> ClassStats:
-    """Stream a dump through `ClassStats.update` (S, n, H over the positive proposals, PCB_SPEC §2).
+    """Stream a dump through `ClassStats.update` (S, n, H over the positive proposals, docs/method.md §2).
 
     `dump_dir` may be an open `DumpReader` (e.g. one opened with `allow_unfinished=True`).
     Reads only the `labels` and `logits` columns, chunk by chunk into reused buffers (peak memory

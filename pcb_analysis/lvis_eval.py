@@ -19,7 +19,7 @@ purpose, because they are what lvis-api computes:
   the later ground truth in file order. Precision is made monotone from the right and read at
   101 recall points.
 
-Fixed AP (Dave et al., 2021; PCB_SPEC §6): no per-image cap, the 10,000 highest-scoring
+Fixed AP (Dave et al., 2021; docs/method.md §6): no per-image cap, the 10,000 highest-scoring
 detections per category over the whole split, then the same protocol.
 
 Speed comes from: one ground-truth index per file (cached in-process, keyed by path, size and

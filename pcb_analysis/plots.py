@@ -2,7 +2,7 @@
 
 K foreground classes. `cm` is the confusion matrix `M` as a numpy array [K, K] float: row i =
 ground-truth class, column j = predicted class, `M[i, j]` = mean foreground probability of class j
-over the positives of class i (PCB_SPEC §2), rows sum to 1. `ms` [K] is its diagonal (mean score).
+over the positives of class i (docs/method.md §2), rows sum to 1. `ms` [K] is its diagonal (mean score).
 `empty` is an optional bool mask [K] of classes without positives: their rows are placeholder
 identity rows, so the figures grey them out and the selections skip them.
 

@@ -22,7 +22,7 @@ from pcb_analysis.atomic import write_text_atomic
 METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_fixed")
 STAT_ORDER = ("none", "ms", "cm", "cm-bayes")
 
-# PCB_SPEC §3, Table 1 of the paper (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics).
+# docs/method.md §3, Table 1 of the paper (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics).
 PAPER_TABLE1: tuple[dict[str, Any], ...] = (
     {"sampler": "random", "stat": "none", "AP": 21.9, "APr": 4.6, "APc": 21.7, "APf": 28.9, "APb": 21.9},
     {"sampler": "random", "stat": "ms", "AP": 25.7, "APr": 14.3, "APc": 28.2, "APf": 27.3, "APb": 25.4},
@@ -103,7 +103,7 @@ def _delta(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None, m: str) -> 
     return 100.0 * (va - vb)
 
 
-# PCB_SPEC §5: the released Softmax + PCB model (LVIS v0.5, R50), against Table 1's random/none row.
+# docs/method.md §5: the released Softmax + PCB model (LVIS v0.5, R50), against Table 1's random/none row.
 PAPER_PCB_V05: dict[str, float] = {"AP": 25.1, "APr": 12.6, "APc": 25.5, "APf": 29.5, "APb": 25.2}
 
 
@@ -133,7 +133,7 @@ def _spread(r: Mapping[str, Any] | None) -> float | None:
 
 
 def reading(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[str]:
-    """Plain sentences derived from the numbers, each set against the paper's (PCB_SPEC §3, §5).
+    """Plain sentences derived from the numbers, each set against the paper's (docs/method.md §3, §5).
 
     Only what the rows support is claimed: a change under one point is called noise; a change with
     the paper's sign is "same direction", otherwise "the opposite of the paper"."""

@@ -1,4 +1,4 @@
-"""Class statistics shared by the analysis and the trainer (PCB_SPEC §2, §4.1).
+"""Class statistics shared by the analysis and the trainer (docs/method.md §2, §4.1).
 
 R proposals, K foreground classes; logits [R, K+1], background = column K.
 labels [R] (integer): -1 ignore, 0..K-1 positive of that class, K background.
@@ -126,7 +126,7 @@ def _work_dtype(logits: Tensor) -> torch.dtype:
 
 
 def foreground_probs(logits: Tensor, num_classes: int | None = None) -> Tensor:
-    """Foreground-only softmax p = softmax(logits[:, :K]) -> [R, K] (PCB_SPEC §1).
+    """Foreground-only softmax p = softmax(logits[:, :K]) -> [R, K] (docs/method.md §1).
 
     Computed in float32 (float64 for float64 logits) by `torch.softmax` (max-subtracted, stable),
     exactly the p that `batch_sums` accumulates; a new tensor.
@@ -176,7 +176,7 @@ def batch_sums(
     validate: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> BatchSums:
-    """S_b, n_b, H_b of one batch (PCB_SPEC §2): positives only, on the device of `logits`.
+    """S_b, n_b, H_b of one batch (docs/method.md §2): positives only, on the device of `logits`.
 
     logits [R, K+1] any float dtype (half/bfloat16 upcast to float32 per chunk), labels [R] integer
     in {-1, 0..K-1, K}. Returns new zero-based sums, or adds into `out` = (S [K, K] float64,
@@ -364,7 +364,7 @@ def row_normalise(S: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def ema_update_(matrix: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
-    """Online EMA of PCB_SPEC §4.1, in place; returns `matrix`.
+    """Online EMA of docs/method.md §4.1, in place; returns `matrix`.
 
     For every class with counts[i] > 0 only: M[i] <- mu * M[i] + (1 - mu) * sums[i] / counts[i],
     then row i renormalised to sum 1. Rows of classes absent from the batch are untouched. From a

@@ -2,7 +2,7 @@
 
 R proposals, K foreground classes; logits [R, K+1], background = column K; q = softmax over all
 K+1 logits. Every statistic is a score transform q [R, K+1] -> q~ [R, K+1] that keeps the
-background probability (PCB_SPEC §3), applied BEFORE the standard post-processing
+background probability (docs/method.md §3), applied BEFORE the standard post-processing
 (`pcb_train.backends.base.select_detections`: score > 1e-4, class-wise NMS 0.5, top 300 per image;
 masks are then predicted for the calibrated detections).
 
@@ -28,7 +28,7 @@ each image, and the uncapped ones stream into a per-class top-10,000 (`PerClassT
   storage of the logits (relative rounding <= 2^-11 per logit).
 
 Rows of the table (`build_rows`):
-    none, ms, cm, cm-bayes     PCB_SPEC §3 (`none` is the identity: the model's own detections)
+    none, ms, cm, cm-bayes     docs/method.md §3 (`none` is the identity: the model's own detections)
     norcal(gamma)              p~[j] ∝ p[j] / n_img[j]^gamma, n_img = training image counts of the
                                statistics' category space (NorCal-style frequency rescaling)
     logit-adj(tau)             z[:K] - tau * log(prior), prior = training INSTANCE frequency

@@ -44,7 +44,7 @@ BASE_KEY = "base"
 MAX_BASE_DEPTH = 8
 
 # Architecture-dependent defaults of ModelConfig (fields left None are filled from here).
-# r50_fpn: the paper's Mask R-CNN R50-FPN (PCB_SPEC §5; RPN top-N as in MMDetection's recipe the
+# r50_fpn: the paper's Mask R-CNN R50-FPN (docs/method.md §5; RPN top-N as in MMDetection's recipe the
 # official code uses: 2000 pre-NMS per level / 1000 post-NMS per image in training, 1000 / 1000 at
 # test). tiny: a small network for the synthetic 128 px dataset on CPU.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -135,16 +135,16 @@ class ModelConfig:
     mask_head_channels: int | None = None
     mask_head_layers: int | None = None
     mask_roi_size: int | None = None  # RoIAlign grid of the mask head; masks are predicted at 2x this
-    # test-time post-processing (PCB_SPEC §3)
+    # test-time post-processing (docs/method.md §3)
     score_thresh: float = 1e-4
     nms_thresh: float = 0.5
     detections_per_image: int = 300
-    # PCB iterative head (PCB_SPEC §4.4)
+    # PCB iterative head (docs/method.md §4.4)
     iterative_head: bool = False
     n_iter: int = 3
     step_weights: tuple[float, ...] = (0.2, 0.2, 0.6)
     modulation_init: Literal["default", "identity"] = "default"  # see IterativeRoIHead
-    # PCB loss (PCB_SPEC §4.1-4.3); the training loop plugs it into the RoI head
+    # PCB loss (docs/method.md §4.1-4.3); the training loop plugs it into the RoI head
     pcb_loss: bool = False
     pcb_alpha: float = 0.4
     pcb_momentum: float = 0.99
@@ -257,7 +257,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """SGD with linear warm-up and step decay (PCB_SPEC §5).
+    """SGD with linear warm-up and step decay (docs/method.md §5).
 
     The learning rate is `base_lr * ims_per_batch / lr_reference_batch` (linear scaling rule).
     The schedule runs `epochs` epochs, or `max_iter` iterations when that is set; `lr_steps` are in

@@ -18,7 +18,7 @@ detectron2's `DefaultTrainer` / `SimpleTrainer` unchanged:
     cfg.MODEL.PCB.ENABLED = True             # PCB loss + online confusion matrix
     cfg.MODEL.PCB.ITERATIVE = True           # 3-step weight-shared box head
 
-`MODEL.PCB` keys (PCB_SPEC §4):
+`MODEL.PCB` keys (docs/method.md §4):
 
     ENABLED         False   the PCB loss (§4.3) with the online matrix (§4.1); False: cross-entropy
     ALPHA           0.4     alpha; step r uses a_r = ALPHA * r / (N_ITER - 1) (ALPHA with one step)

@@ -1,4 +1,4 @@
-"""Iterative RoI box head of PCB (PCB_SPEC §4.4), independent of any detection framework.
+"""Iterative RoI box head of PCB (docs/method.md §4.4), independent of any detection framework.
 
 R RoIs, K foreground classes, C feature channels (256), S x S RoI grid (7 x 7).
 
@@ -214,11 +214,11 @@ def iterative_cls_loss(
     alpha: float = 0.0,
     pcb_started: bool = False,
 ) -> StepClsLosses:
-    """Classification loss of an iterative head: sum_r w_r * L_r (PCB_SPEC §4.3, §4.4).
+    """Classification loss of an iterative head: sum_r w_r * L_r (docs/method.md §4.3, §4.4).
 
     step_logits[r] [N, K+1] (background last), labels [N] (0..K-1 positive, K background, -1 ignored).
     With `confusion` given, every step first updates the online matrix with its own logits
-    (PCB_SPEC §4.1: every call of the classification loss, also before PCB is active, also step 0),
+    (docs/method.md §4.1: every call of the classification loss, also before PCB is active, also step 0),
     then `L_r = pcb_loss(logits_r, labels, confusion.matrix, a_r)` with `a_r = step_alpha(alpha, r,
     n_iter)` when `pcb_started` (the epoch/iteration threshold, see `pcb_loss.pcb_started`) and
     `confusion.ready` (checked after this step's update, as the official code does); otherwise

@@ -1,4 +1,4 @@
-"""PCB training loss (PCB_SPEC §4.1-§4.3): online confusion matrix, fightback target, PCB loss.
+"""PCB training loss (docs/method.md §4.1-§4.3): online confusion matrix, fightback target, PCB loss.
 
 N sampled RoIs, K foreground classes; logits [N, K+1] with background = column K; labels [N] with
 0..K-1 a positive of that class, K background, -1 ignored (excluded from every sum and from N).
@@ -11,7 +11,7 @@ The confusion matrix `cm` [K, K] is row = ground-truth class, column = predicted
     step_alpha(alpha, r, n_iter)         a_r = alpha * r / (n_iter - 1)
     pcb_started / pcb_active             the start condition (threshold AND every class seen)
 
-Order inside one classification-loss call (PCB_SPEC §4.2): `confusion.update(logits, labels)`
+Order inside one classification-loss call (docs/method.md §4.2): `confusion.update(logits, labels)`
 first, then `pcb_loss(logits, labels, confusion.matrix, a_r)`; `iterative_head.iterative_cls_loss`
 does exactly that for every step.
 
@@ -91,7 +91,7 @@ def _column_targets(cm: Tensor, labels: Tensor, dtype: torch.dtype) -> tuple[Ten
 
 
 def fightback_targets(cm: Tensor, labels: Tensor) -> Tensor:
-    """Fightback targets of positives (PCB_SPEC §4.2): cm [K, K], labels [P] in 0..K-1 -> [P, K+1].
+    """Fightback targets of positives (docs/method.md §4.2): cm [K, K], labels [P] in 0..K-1 -> [P, K+1].
 
     `t[p, j] = cm[j, y_p] / sum_i cm[i, y_p]` for j < K (column y_p, column-normalised) and
     `t[p, K] = 0` (background). Each row sums to 1. If column y_p of `cm` sums to 0 the row is
@@ -168,7 +168,7 @@ class _PCBLossFunction(torch.autograd.Function):
 
 
 def pcb_loss(logits: Tensor, labels: Tensor, cm: Tensor, alpha_r: float) -> Tensor:
-    """PCB loss of one step (PCB_SPEC §4.3), divided by N (the non-ignored sampled RoIs).
+    """PCB loss of one step (docs/method.md §4.3), divided by N (the non-ignored sampled RoIs).
 
     logits [N, K+1] (background last), labels [N] (0..K-1 positive, K background, -1 ignored),
     cm [K, K] the online matrix AFTER this batch's update (used detached), alpha_r in [0, 1]:
@@ -249,7 +249,7 @@ def pcb_active(
     iteration: int | None = None,
     start_iter: int | None = None,
 ) -> bool:
-    """PCB_SPEC §4.3 start condition: threshold reached (`pcb_started`) AND every class seen (`ready`)."""
+    """docs/method.md §4.3 start condition: threshold reached (`pcb_started`) AND every class seen (`ready`)."""
     started = pcb_started(epoch=epoch, start_epoch=start_epoch, iteration=iteration, start_iter=start_iter)
     return bool(ready) and started
 
@@ -262,7 +262,7 @@ def _distributed() -> bool:
 
 
 class OnlineConfusion(nn.Module):
-    """The online confusion matrix of PCB_SPEC §4.1: buffers `.matrix` [K, K] and `.counts` [K].
+    """The online confusion matrix of docs/method.md §4.1: buffers `.matrix` [K, K] and `.counts` [K].
 
     Both are float64 and zero at start, saved in the state_dict (so in checkpoints). float64
     because (a) `counts` must stay exact: float32 stops counting at 2^24 = 16.8M positives, and a

@@ -18,7 +18,7 @@ Distributed: every rank computes the same global batches; rank r takes entries
 `[r * B / W, (r + 1) * B / W)` of each, so the union over ranks is exactly the single-process batch
 and the global order does not depend on W.
 
-Repeat-factor sampling (PCB_SPEC §5; LVIS paper, Gupta et al. 2019), threshold t = 1e-3:
+Repeat-factor sampling (docs/method.md §5; LVIS paper, Gupta et al. 2019), threshold t = 1e-3:
 
     f(c) = (images containing c) / N            r(c) = max(1, sqrt(t / f(c)))
     r(image) = max over its categories of r(c)  (1 for an image without annotations)

@@ -1,6 +1,6 @@
 """The training loop of `pcbkit train`: Mask R-CNN with the online PCB loss and the iterative RoI head.
 
-Conventions (PCB_SPEC §4-§5): logits [R, K+1] with background = column K; the online confusion
+Conventions (docs/method.md §4-§5): logits [R, K+1] with background = column K; the online confusion
 matrix [K, K] (row = ground truth, column = prediction) lives in an `OnlineConfusion` OUTSIDE the
 model and outside any DistributedDataParallel wrapper (it all-reduces its own batch sums, so every
 rank holds identical buffers), and travels in the checkpoint's `pcb` entry, not in the model's
@@ -23,7 +23,7 @@ factors for RFS); `solver.epochs` / epoch-unit `lr_steps` convert through it, `s
 (iteration-unit `lr_steps`) bypasses it. PCB's start (`model.pcb_start` in `pcb_start_unit`):
   - "epoch": PCB from the first iteration of the `pcb_start`-th epoch counted from 1, as
     MMDetection's `start_epoch` **[choice]**: 17 starts after 16 completed epochs, at the first
-    learning-rate drop of the 2x schedule (steps at epochs 16 and 22), as PCB_SPEC §4.3 says;
+    learning-rate drop of the 2x schedule (steps at epochs 16 and 22), as docs/method.md §4.3 says;
   - "fraction": from iteration round(pcb_start * max_iter) (17/24 = 0.7083 of a run);
   - "iteration": from iteration index pcb_start (0-based).
 

@@ -1,4 +1,4 @@
-"""Tests of pcb_analysis.calibration (PCB_SPEC §3): hand-computed goldens and properties.
+"""Tests of pcb_analysis.calibration (docs/method.md §3): hand-computed goldens and properties.
 
 q [R, K+1] probabilities, background = column K; p = q[:K] / (1 - q[K]); q~[:K] = (1 - q[K]) p~.
 """

@@ -1,4 +1,4 @@
-"""Tests of pcb_train.iterative_head (PCB_SPEC §4.4) on tiny dimensions.
+"""Tests of pcb_train.iterative_head (docs/method.md §4.4) on tiny dimensions.
 
 R RoIs, C channels, S x S grid, K classes; logits [R, K+1] (background = column K), deltas [R, 4K].
 """

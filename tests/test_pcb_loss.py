@@ -1,4 +1,4 @@
-"""Tests of pcb_train.pcb_loss: fightback targets, PCB loss, OnlineConfusion (PCB_SPEC §4.1-§4.3).
+"""Tests of pcb_train.pcb_loss: fightback targets, PCB loss, OnlineConfusion (docs/method.md §4.1-§4.3).
 
 Logits [N, K+1], background = column K; labels 0..K-1 positive, K background, -1 ignored.
 """

@@ -100,7 +100,7 @@ def test_write_study_report(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("stat", ["none", "ms", "cm"])
 def test_paper_table1_rows_match_the_spec(stat: str) -> None:
-    # PCB_SPEC §3 as printed: spot checks of the values the reading derives its comparisons from
+    # docs/method.md §3 as printed: spot checks of the values the reading derives its comparisons from
     want = {"none": (21.9, 4.6, 28.9), "ms": (25.7, 14.3, 27.3), "cm": (26.3, 23.7, 26.0)}[stat]
     r = next(r for r in PAPER_TABLE1 if r["sampler"] == "random" and r["stat"] == stat)
     assert (r["AP"], r["APr"], r["APf"]) == want

@@ -1,4 +1,4 @@
-"""Tests of pcb_analysis.stats: S, n, H, confusion, mean score, merge, persistence, EMA (PCB_SPEC §2, §4.1).
+"""Tests of pcb_analysis.stats: S, n, H, confusion, mean score, merge, persistence, EMA (docs/method.md §2, §4.1).
 
 Logits [R, K+1], background = column K; labels -1 ignore, 0..K-1 positive, K background.
 """
@@ -414,7 +414,7 @@ def test_ema_update_golden() -> None:
 
 
 def test_ema_update_renormalises_and_starts_from_zero() -> None:
-    # From M = 0 (PCB_SPEC §4.1 start), the first update of a class sets its row to the batch mean:
+    # From M = 0 (docs/method.md §4.1 start), the first update of a class sets its row to the batch mean:
     #   0.99 * 0 + 0.01 * mean -> renormalised -> mean.
     m = torch.zeros(3, 3, dtype=torch.float32)
     s_b = torch.tensor([[0.0, 0.0, 0.0], [0.6, 2.4, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)

@@ -19,7 +19,7 @@ the inputs must be on the same device; outputs stay on it.
 
 Score transforms map probabilities q [R, K+1] (softmax over all K+1 logits, background last) to
 calibrated q~ [R, K+1] of the same layout; `identity` is the "none" statistic. Post-processing
-after the transform (PCB_SPEC §3) is ONE function, `select_detections` (per image: drop the
+after the transform (docs/method.md §3) is ONE function, `select_detections` (per image: drop the
 background column, keep scores > score_thresh (1e-4), drop degenerate boxes, class-wise NMS
 (IoU 0.5), the top `detections_per_image` (300)); masks are then predicted for the kept
 detections. The in-model path (`infer`) and the offline path (`pcbkit calibrate --dump`, from a
@@ -211,7 +211,7 @@ def select_detections(
     detections_per_image: int,
     min_box_size: float = MIN_BOX_SIZE,
 ) -> SelectedDetections:
-    """PCB_SPEC §3 post-processing of ONE image, after the score transform.
+    """docs/method.md §3 post-processing of ONE image, after the score transform.
 
     q [r, K+1] (calibrated) probabilities, background last; boxes [r, K, 4] class-specific boxes
     xyxy (any frame, the same for every row; pcbkit's inference and the offline path use the

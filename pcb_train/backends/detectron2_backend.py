@@ -15,7 +15,7 @@ iterative head switched off it computes exactly what `StandardROIHeads` does):
   and 1000/1000 test, 512 RoIs per image with 25% positives at IoU 0.5, 2 x 1024 FC box head,
   4 x 256 mask convs on 14 x 14 RoIs, K classes; test: score threshold 1e-4, NMS 0.5, 300
   detections per image; input short side 800, long side <= 1333, BGR 0-255 with detectron2's
-  pixel mean. The paper's recipe (PCB_SPEC §5).
+  pixel mean. The paper's recipe (docs/method.md §5).
 - "tiny": a small strided-conv backbone (`detectron2_tiny`, registered in detectron2's
   BACKBONE_REGISTRY) + detectron2's FPN on res3-res5 (p3-p5, `fpn_channels` wide), anchors
   16/32/64, few proposals and RoIs, a small box head and a 2 x 32 mask head: runs on a CPU in tests.

@@ -25,7 +25,7 @@ detected class only and pastes masks with batched matrix products (`paste_masks`
 as torchvision up to float rounding, far less work at K = 1,203 and 300 detections per image.
 
 `PCBRoIHeads` (a torchvision `RoIHeads`, the seam for a new head) adds:
-- the optional PCB iterative head (`pcb_train.iterative_head.IterativeRoIHead`, PCB_SPEC §4.4):
+- the optional PCB iterative head (`pcb_train.iterative_head.IterativeRoIHead`, docs/method.md §4.4):
   3 weight-shared passes, box loss and prediction from the last step;
 - a pluggable classification loss `cls_loss_fn(step_logits, labels) -> Tensor`: step_logits is a
   tuple of [N, K+1] logits (background last; one entry for the plain head), labels [N] in
@@ -429,7 +429,7 @@ class PCBRoIHeads(RoIHeads):
     def select_detections(
         self, probs: Tensor, decoded: list[Tensor], detections_per_image: int | None = None
     ) -> list[SelectedDetections]:
-        """Post-processing of PCB_SPEC §3 (as torchvision's `postprocess_detections`) per image:
+        """Post-processing of docs/method.md §3 (as torchvision's `postprocess_detections`) per image:
         `base.select_detections` on probs q~ [R, K+1] (background last, all images' rows) and
         each image's decoded boxes [r, K, 4] (any frame; the results are in that frame).
         `detections_per_image` overrides the model's cap (-1: no cap, as for fixed AP)."""
