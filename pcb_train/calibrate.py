@@ -635,7 +635,9 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
     and the output (checkpoint, config, gt, images, split, max_images, batching, device, fixed_ap)."""
     from tqdm import tqdm
 
-    from pcb_train.dump_logits import iter_batches, load_detector, open_split, provenance, resolve_device
+    from pcb_train.distributed import resolve_device
+    from pcb_train.inference import iter_batches, load_detector, open_split
+    from pcb_train.provenance import provenance
 
     if not cfgs:
         raise ValueError("calibrate_models: no configuration given")

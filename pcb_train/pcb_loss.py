@@ -26,11 +26,11 @@ import logging
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcb_analysis.stats import batch_sums, ema_update_
+from pcb_train.distributed import all_reduce_sum_
 
 logger = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def pcb_started(
 
     Give exactly one threshold (`start_epoch` with `epoch`, or `start_iter` with `iteration`); the
     caller defines the counters (pcbkit: 0-based iteration; epoch = iterations done / iterations
-    per epoch, so fractions such as 17/24 of a schedule work).
+    per epoch, so fractions such as 2/3 of a schedule work).
     """
     if (start_epoch is None) == (start_iter is None):
         raise ValueError("pcb_started: give exactly one of start_epoch / start_iter")
@@ -255,10 +255,6 @@ def pcb_active(
 
 
 # ---------------------------------------------------------------------------- online matrix
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 class OnlineConfusion(nn.Module):
@@ -320,9 +316,9 @@ class OnlineConfusion(nn.Module):
         s_b, n_b = self._sum_s, self._sum_n
         try:
             batch_sums(logits.detach(), labels, k, out=(s_b, n_b, self._sum_h))
-            if self.sync and _distributed():
-                dist.all_reduce(s_b, op=dist.ReduceOp.SUM)
-                dist.all_reduce(n_b, op=dist.ReduceOp.SUM)
+            if self.sync:
+                all_reduce_sum_(s_b)
+                all_reduce_sum_(n_b)
             counts_b = n_b.to(self.counts.dtype)
             ema_update_(self.matrix, s_b, counts_b, self.momentum)
             self.counts += counts_b

@@ -281,10 +281,3 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
             batch, position = self.sampler.take(position, self.batch_size)
             yield batch[lo : lo + self.per_rank]
             done += 1
-
-
-def shard_indices(num_items: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """Evaluation sharding: rank r gets items r, r + W, r + 2W, ... (every item on exactly one rank)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"shard_indices: bad rank={rank} / world_size={world_size}")
-    return list(range(rank, num_items, world_size))

@@ -24,7 +24,7 @@ factors for RFS); `solver.epochs` / epoch-unit `lr_steps` convert through it, `s
   - "epoch": PCB from the first iteration of the `pcb_start`-th epoch counted from 1, as
     MMDetection's `start_epoch` **[choice]**: 17 starts after 16 completed epochs, at the first
     learning-rate drop of the 2x schedule (steps at epochs 16 and 22), as docs/method.md §4.3 says;
-  - "fraction": from iteration round(pcb_start * max_iter) (17/24 = 0.7083 of a run);
+  - "fraction": from iteration round(pcb_start * max_iter) (2/3 = 16 of 24 epochs);
   - "iteration": from iteration index pcb_start (0-based).
 
 Outputs in `out_dir` (default runs/<name>), written by rank 0, each atomically:
@@ -68,24 +68,36 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError, input_error
-from pcb_train.config import ModelConfig, SolverConfig, TrainConfig, save_config, to_dict
+from pcb_train.config import ModelConfig, TrainConfig, save_config, to_dict
 from pcb_train.data import LVISDetectionDataset, collate, horizontal_flip, load_lvis_json, targets_to
+from pcb_train.distributed import (
+    DistContext,
+    all_reduce_max_,
+    barrier,
+    current_context,
+    gather_to_main,
+    init_distributed,
+    reduce_means,
+    resolve_device,
+    shard_indices,
+    shutdown,
+)
+from pcb_train.inference import iter_batches
 from pcb_train.iterative_head import StepClsLosses, iterative_cls_loss
-from pcb_train.pcb_loss import OnlineConfusion, pcb_started
+from pcb_train.pcb_loss import OnlineConfusion
 from pcb_train.samplers import (
     DistributedBatchSampler,
     RandomSampler,
     RepeatFactorSampler,
     SamplerPosition,
     image_repeat_factors,
-    shard_indices,
 )
+from pcb_train.schedule import make_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -157,126 +169,8 @@ class TrainResult:
 # schedule
 
 
-@dataclass(frozen=True)
-class Schedule:
-    """Iteration-level schedule: total iterations, learning-rate factor and PCB start per step i.
-
-    iters_per_epoch: nominal epoch length / global batch (float); lr_steps: iteration indices from
-    which one more factor `gamma` applies; pcb_start_iter: first iteration index whose loss may use
-    PCB (None when the PCB loss is off).
-    """
-
-    max_iter: int
-    iters_per_epoch: float
-    lr_steps: tuple[int, ...]
-    gamma: float
-    warmup_iters: int
-    warmup_factor: float
-    pcb_start_iter: int | None
-
-    def lr_factor(self, i: int) -> float:
-        """Multiplier of the peak learning rate at iteration index i (0-based)."""
-        factor = 1.0
-        if i < self.warmup_iters:
-            a = i / self.warmup_iters
-            factor = self.warmup_factor * (1.0 - a) + a
-        decays = sum(1 for s in self.lr_steps if i >= s)
-        return factor * self.gamma**decays
-
-    def epoch(self, i: int) -> float:
-        """Completed (nominal) epochs before iteration index i."""
-        return i / self.iters_per_epoch
-
-    def pcb_started(self, i: int) -> bool:
-        """The schedule half of PCB's start condition for iteration index i."""
-        if self.pcb_start_iter is None:
-            return False
-        return pcb_started(iteration=i, start_iter=self.pcb_start_iter)
-
-
-def make_schedule(solver: SolverConfig, model: ModelConfig, nominal_epoch_length: float) -> Schedule:
-    """The `Schedule` of a config for a sampler whose epochs hold `nominal_epoch_length` entries."""
-    ipe = nominal_epoch_length / solver.ims_per_batch
-    if solver.max_iter is not None:
-        max_iter = int(solver.max_iter)
-        steps = tuple(int(round(s)) for s in solver.lr_steps)
-    else:
-        max_iter = max(1, int(round(solver.epochs * ipe)))
-        steps = tuple(int(round(s * ipe)) for s in solver.lr_steps)
-    start: int | None = None
-    if model.pcb_loss:
-        if model.pcb_start_unit == "iteration":
-            start = int(round(model.pcb_start))
-        elif model.pcb_start_unit == "fraction":
-            start = int(round(model.pcb_start * max_iter))
-        else:  # 1-based epoch number, MMDetection's start_epoch
-            start = int(math.ceil(max(model.pcb_start - 1.0, 0.0) * ipe - 1e-9))
-    return Schedule(
-        max_iter=max_iter,
-        iters_per_epoch=ipe,
-        lr_steps=steps,
-        gamma=solver.gamma,
-        warmup_iters=solver.warmup_iters,
-        warmup_factor=solver.warmup_factor,
-        pcb_start_iter=start,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # distributed context and devices
-
-
-@dataclass(frozen=True)
-class DistContext:
-    """rank / world size / local rank of this process; `owned`: this module initialised the group."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    owned: bool = False
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def _wants_cuda(device: str) -> bool:
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise PcbkitError("device: 'cuda' requested but no CUDA device is available (use device=cpu)")
-        return True
-    return device == "auto" and torch.cuda.is_available()
-
-
-def init_distributed(device: str) -> DistContext:
-    """Join the process group: an existing one, or torchrun's (WORLD_SIZE > 1), or none."""
-    if dist.is_available() and dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-        return DistContext(dist.get_rank(), dist.get_world_size(), local, owned=False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistContext()
-    if not dist.is_available():
-        raise PcbkitError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
-    cuda = _wants_cuda(device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return DistContext(dist.get_rank(), dist.get_world_size(), local, owned=True)
-
-
-def resolve_device(device: str, ctx: DistContext) -> torch.device:
-    """'auto' -> this rank's CUDA device when there is one, else the CPU."""
-    if _wants_cuda(device):
-        index = ctx.local_rank % max(torch.cuda.device_count(), 1)
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
 
 
 def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
@@ -287,11 +181,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         logger.warning("solver.amp=%s needs CUDA: training in float32 on the %s", amp, device.type)
         return None
     return AMP_DTYPES[amp]
-
-
-def _barrier(ctx: DistContext) -> None:
-    if ctx.distributed:
-        dist.barrier()
 
 
 # --------------------------------------------------------------------------------------------
@@ -488,16 +377,6 @@ class WindowMeter:
         self.count = int(state.get("count", 0))
         self.time = float(state.get("time", 0.0))
         self.data_time = float(state.get("data_time", 0.0))
-
-
-def _reduce_means(means: dict[str, float], ctx: DistContext, device: torch.device) -> dict[str, float]:
-    """Average each value over ranks (every rank has the same keys in the same order)."""
-    if not ctx.distributed or not means:
-        return means
-    keys = sorted(means)
-    t = torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return {k: float(v) / ctx.world_size for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def _format_seconds(s: float) -> str:
@@ -733,35 +612,24 @@ def evaluate_detector(
     gt: the ground truth (default: the dataset's annotation file). Returns {"segm": metrics, "bbox":
     metrics, "AP", "APr", "APc", "APf", "APb", "detections"} on rank 0 (AP.. from segm with a mask
     head, else bbox; NaN -> None), None on the other ranks."""
-    from tqdm import tqdm
-
     from pcb_analysis.lvis_eval import evaluate, nan_to_none
     from pcb_train.backends import detections_to_lvis, identity
 
     ctx = ctx or DistContext()
     device = next(backend.model.parameters()).device
     indices = shard_indices(len(dataset), ctx.rank, ctx.world_size)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.Subset(dataset, indices),
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        collate_fn=collate,
-        generator=torch.Generator(),
-    )
     results: list[dict[str, Any]] = []
-    for images, targets in tqdm(
-        loader, desc="evaluate", unit="batch", disable=not (progress and ctx.is_main), dynamic_ncols=True
-    ):
-        dets = backend.infer([im.to(device) for im in images], {"none": identity})["none"]
+    batches = iter_batches(
+        dataset, indices, batch_size, num_workers, device=device, progress=progress and ctx.is_main, desc="evaluate"
+    )
+    for images, targets in batches:
+        dets = backend.infer(images, {"none": identity})["none"]
         for det, target in zip(dets, targets, strict=True):
             results.extend(detections_to_lvis(det, int(target["image_id"]), categories))
-    if ctx.distributed:
-        gathered: list[Any] = [None] * ctx.world_size if ctx.is_main else []
-        dist.gather_object(results, gathered if ctx.is_main else None, dst=0)
-        if not ctx.is_main:
-            return None
-        results = [r for part in gathered for r in part]
+    gathered = gather_to_main(results, ctx)
+    if gathered is None:
+        return None
+    results = [r for part in gathered for r in part]
     if gt is None:
         gt = str(dataset.ann_file)
     out: dict[str, Any] = {}
@@ -816,9 +684,7 @@ def _gather_rng(ctx: DistContext, device: torch.device) -> list[dict[str, Any]]:
         return [mine]
     if device.type == "cuda":  # gather_object pickles tensors: move them to the CPU first
         mine = {**mine, "cuda": None if mine["cuda"] is None else mine["cuda"].cpu()}
-    out: list[Any] = [None] * ctx.world_size if ctx.is_main else []
-    dist.gather_object(mine, out if ctx.is_main else None, dst=0)
-    return out if ctx.is_main else []
+    return gather_to_main(mine, ctx) or []
 
 
 # --------------------------------------------------------------------------------------------
@@ -844,12 +710,12 @@ def train(
     Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt.
     """
     cfg = cfg.resolved()
-    ctx = init_distributed(cfg.device)
+    ctx = current_context()
+    ctx = init_distributed(ctx, resolve_device(cfg.device, ctx.local_rank, option="device"))
     try:
         return _train(cfg, out_dir, ctx, resume, force, evaluate_at_end, progress, on_log)
     finally:
-        if ctx.owned and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown(ctx)
 
 
 def _train(
@@ -878,7 +744,7 @@ def _train(
             f"solver.ims_per_batch: {cfg.solver.ims_per_batch} images do not split evenly over "
             f"{ctx.world_size} processes"
         )
-    device = resolve_device(cfg.device, ctx)
+    device = resolve_device(cfg.device, ctx.local_rank, option="device")
     amp_dtype = resolve_amp(cfg.solver.amp, device)
     out = Path(out_dir) if out_dir is not None else Path("runs") / cfg.name
     if out.exists() and not out.is_dir():
@@ -904,7 +770,7 @@ def _train(
             "or --force to start over"
         )
 
-    _barrier(ctx)  # every rank has checked the folder before rank 0 writes to it
+    barrier(ctx)  # every rank has checked the folder before rank 0 writes to it
 
     # -- model, loss, optimiser ---------------------------------------------------------
     seed_everything(cfg.seed)
@@ -974,7 +840,7 @@ def _train(
         else:
             _truncate_metrics(out / METRICS_FILE, start_iter)
         save_config(cfg, out / CONFIG_FILE)
-    _barrier(ctx)
+    barrier(ctx)
     log = RunLog(out, ctx.is_main and to_write, purge_step=start_iter if state is not None else None)
     eval_workers = min(cfg.data.num_workers, 2)
     eval_batch = max(1, min(EVAL_BATCH_MAX, cfg.solver.ims_per_batch // ctx.world_size))
@@ -1015,7 +881,7 @@ def _train(
                 iteration,
                 *(_fmt(metrics.get(k)) for k in ("AP", "APr", "APc", "APf", "APb")),
             )
-        _barrier(ctx)
+        barrier(ctx)
         return metrics
 
     # -- train ------------------------------------------------------------------------------
@@ -1108,7 +974,7 @@ def _train(
             i += 1
             bar.update(1)
             if i % cfg.log_period == 0 or i == schedule.max_iter:
-                means = _reduce_means(meter.means(), ctx, device)
+                means = reduce_means(meter.means(), ctx, device)
                 sec = meter.time / max(meter.count, 1)
                 record: dict[str, Any] = {
                     "type": "train",
@@ -1137,8 +1003,7 @@ def _train(
             finite = all(math.isfinite(v) for v in values.values())
             stop_now = stop.requested
             if ctx.distributed:  # every rank takes the same decisions
-                flags = torch.tensor([float(stop_now), float(not finite)], device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                flags = all_reduce_max_(torch.tensor([float(stop_now), float(not finite)], device=device))
                 stop_now, finite = bool(flags[0] > 0), not bool(flags[1] > 0)
             if not finite:
                 raise FloatingPointError(
@@ -1158,7 +1023,7 @@ def _train(
     if interrupted or i < schedule.max_iter:
         checkpoint(i)
         log.close()
-        _barrier(ctx)
+        barrier(ctx)
         logger.warning(
             "stopped at iteration %d of %d; checkpoint %s (continue with --resume)",
             i,
@@ -1183,7 +1048,7 @@ def _train(
                 extra={"iteration": i, "train_config": to_dict(cfg), "pcb": pcb_extra},
             ),
         )
-    _barrier(ctx)
+    barrier(ctx)
     metrics: dict[str, Any] | None = None
     if evaluate_at_end and val_ds is not None:
         if not trained_now and final_file.is_file():

@@ -28,7 +28,7 @@ from pcb_analysis.synth import SynthConfig, generate
 from pcb_train.backends import build_backend, make_checkpoint, save_checkpoint
 from pcb_train.backends.torchvision_backend import TorchvisionBackend
 from pcb_train.config import load_config, save_config
-from pcb_train.dump_logits import DistInfo, DumpLogitsConfig, dist_from_env, dump_logits, shard_indices
+from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 12
@@ -281,22 +281,6 @@ def test_resume_refuses_another_checkpoint(world: dict[str, Path], tmp_path: Pat
 
 # --------------------------------------------------------------------------------------------
 # ranks
-
-
-def test_shard_indices_partition_without_padding() -> None:
-    for n in (0, 1, 5, 8):
-        for w in (1, 2, 3):
-            parts = [shard_indices(n, DistInfo(r, w, r)) for r in range(w)]
-            flat = sorted(i for p in parts for i in p)
-            assert flat == list(range(n))  # disjoint, covering, no padding
-    assert shard_indices(5, DistInfo(1, 2, 1)) == [1, 3]
-
-
-def test_dist_from_env() -> None:
-    assert dist_from_env({}) == DistInfo(0, 1, 0)
-    assert dist_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == DistInfo(3, 4, 1)
-    with pytest.raises(PcbkitError, match="outside WORLD_SIZE"):
-        dist_from_env({"RANK": "4", "WORLD_SIZE": "4"})
 
 
 def _free_port() -> int:

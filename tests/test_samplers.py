@@ -8,6 +8,7 @@ from itertools import islice
 import numpy as np
 import pytest
 
+from pcb_train.distributed import shard_indices
 from pcb_train.samplers import (
     DistributedBatchSampler,
     RandomSampler,
@@ -15,7 +16,6 @@ from pcb_train.samplers import (
     SamplerPosition,
     category_repeat_factors,
     image_repeat_factors,
-    shard_indices,
 )
 
 

@@ -26,15 +26,14 @@ from pcb_analysis.errors import PcbkitError
 from pcb_analysis.synth import SynthConfig, generate
 from pcb_train.backends import build_backend, read_checkpoint
 from pcb_train.config import TrainConfig, load_config
+from pcb_train.schedule import Schedule, make_schedule
 from pcb_train.train import (
     FINAL_METRICS,
     FINAL_MODEL,
     LAST_CHECKPOINT,
     METRICS_FILE,
-    Schedule,
     TrainResult,
     config_differences,
-    make_schedule,
     resolve_amp,
     rng_state,
     set_rng_state,
@@ -91,9 +90,9 @@ def test_make_schedule_units() -> None:
     assert s.epoch(160) == 16.0
     # lr 0.02 at 16 images, linear scaling: 10 images -> 0.0125
     assert cfg.solver.lr == pytest.approx(0.0125)
-    # fraction of max_iter: round(0.7083 * 3000) = 2125 (17/24 of the run); iteration: as given
+    # fraction of max_iter: round(2/3 * 3000) = 2000 (16/24 of the run); iteration: as given
     frac = load_config(TINY_YAML, ["model.pcb_loss=true"])
-    assert make_schedule(frac.solver, frac.model, 1500.0).pcb_start_iter == 2125
+    assert make_schedule(frac.solver, frac.model, 1500.0).pcb_start_iter == 2000
     it = load_config(
         None,
         [
@@ -172,9 +171,9 @@ def test_synth_configs() -> None:
     assert pcb.model.pcb_loss and pcb.model.iterative_head and pcb.model.step_weights == (0.2, 0.2, 0.6)
     assert soft.solver == pcb.solver and soft.data == pcb.data  # only the method differs
     sched = make_schedule(pcb.solver, pcb.model, 1500.0)
-    # PCB from 17/24 of the run, at the first learning-rate drop
-    assert sched.pcb_start_iter == sched.lr_steps[0] == round(17 / 24 * sched.max_iter)
-    assert sched.lr_steps[1] == round(22 / 24 * sched.max_iter)
+    # PCB after 16 of 24 "epochs" (2/3 of the run), at the first learning-rate drop; second drop at 11/12
+    assert sched.pcb_start_iter == sched.lr_steps[0] == round(2 / 3 * sched.max_iter)
+    assert sched.lr_steps[1] == round(11 / 12 * sched.max_iter)
 
 
 # --------------------------------------------------------------------------------------------
