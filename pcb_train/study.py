@@ -257,24 +257,27 @@ def write_report(
         raise PcbkitError(f"{stats[first]['val']}: statistics carry no category space")
     cm_val = val.confusion(warn=False).numpy()
     empty = val.empty_classes().numpy()
-    block = plots.select_block(cm_val, space, k=min(10, int((~empty).sum()) or space.num_classes),
-                               how="most-confused", empty=empty)
-    figs: dict[str, str] = {}
-    plots.plot_block(cm_val, space, block, rep / "figure1_block.png", log2=True, empty=empty, dpi=REPORT_DPI,
-                     title=f"Figure 1 analogue: {first}, val, most-confused 10-class block (log2)")
-    figs[f"Figure 1 analogue: 10-class block of the {first} model's val confusion matrix (log2)"] = "figure1_block.png"
-    plots.plot_overview(cm_val, space, rep / "overview.png", empty=empty, dpi=REPORT_DPI,
-                        title=f"{first}: whole val confusion matrix")
-    figs[f"Whole-matrix overview ({first}, val)"] = "overview.png"
-    if any(space.image_count):
-        plots.plot_diagonal(val.mean_score(warn=False).numpy(), space, rep / "diagonal.png", empty=empty,
-                            dpi=REPORT_DPI)
-        figs[f"Mean score (diagonal) against training images ({first}, val)"] = "diagonal.png"
-    plots.plot_difference(train.confusion(warn=False).numpy(), cm_val, space, rep / "train_vs_val.png",
-                          labels=("train", "val"), dpi=REPORT_DPI)
-    figs[f"Train-set minus val-set matrix ({first})"] = "train_vs_val.png"
-    pairs = plots.top_confused_pairs(cm_val, space, n=50, empty=empty)
-    plots.write_top_pairs_csv(pairs, rep / "top_confused_pairs.csv")
+    views = {"block": "figure1_block.png", "overview": "overview.png", "diagonal": "diagonal.png",
+             "difference": "train_vs_val.png"}
+    if not any(space.image_count):
+        del views["diagonal"]
+    captions = {
+        "block": f"Figure 1 analogue: 10-class block of the {first} model's val confusion matrix (log2)",
+        "overview": f"Whole-matrix overview ({first}, val)",
+        "diagonal": f"Mean score (diagonal) against training images ({first}, val)",
+        "difference": f"Train-set minus val-set matrix ({first})",
+    }
+    cm_train = train.confusion(warn=False).numpy()
+    pairs = plots.render_views(
+        {v: rep / f for v, f in views.items()}, plots.Matrix(cm_val, empty), space,
+        mean_score=val.mean_score(warn=False).numpy(),
+        difference=(plots.Matrix(cm_train, label="train"), plots.Matrix(cm_val, label="val")),
+        pairs_csv=rep / "top_confused_pairs.csv", n_pairs=50, dpi=REPORT_DPI,
+        titles={"block": f"Figure 1 analogue: {first}, val, most-confused 10-class block (log2)",
+                "overview": f"{first}: whole val confusion matrix"},
+    ).pairs
+    assert pairs is not None  # pairs_csv was given
+    figs = {captions[v]: f for v, f in views.items()}
     show = pairs.head(10)
     pairs_md = "\n".join(
         ["| true class | predicted as | M[i,j] | M[j,i] | asymmetry |", "|---|---|---|---|---|"]

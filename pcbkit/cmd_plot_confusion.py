@@ -1,7 +1,8 @@
 """`pcbkit plot-confusion`: Figure 1 of the PCB paper and whole-matrix views from a statistics file.
 
-Thin command: parse and validate, load `ClassStats`, call `pcb_analysis.plots`. numpy, torch and
-matplotlib are imported inside the body so `pcbkit --help` stays instant.
+Thin command: parse and validate the options, then `pcb_analysis.plots.render_views` draws and
+this prints what was written. Only click is imported at module level (numpy, torch and matplotlib
+load inside the command) so `pcbkit --help` stays instant.
 """
 
 from __future__ import annotations
@@ -15,31 +16,11 @@ from pcb_analysis.errors import PcbkitError, input_error
 
 logger = logging.getLogger(__name__)
 
-# Literal copies of pcb_analysis.plots.SELECTIONS / the views below (importing plots here would pull
-# in numpy at `pcbkit --help` time); a test pins them to the library's tuples.
+# Literal copies of pcb_analysis.plots.SELECTIONS / VIEWS (importing plots here would pull in numpy at
+# `pcbkit --help` time); a test pins them to the library's tuples.
 SELECTIONS = ("random", "most-confused", "frequent", "rare")
-VIEWS = ("block", "overview", "diagonal", "head-tail", "difference", "all")
 ALL_VIEWS = ("block", "overview", "diagonal", "head-tail", "difference")
-
-
-def _output_paths(views: list[str], stats_path: Path, out: Path | None) -> dict[str, Path]:
-    """One path per view: `out` itself for one view, `<out stem>-<view><ext>` for several;
-    by default `<stats stem>-<view>.png` next to the statistics file."""
-    if out is None:
-        return {v: stats_path.with_name(f"{stats_path.stem}-{v}.png") for v in views}
-    if out.suffix.lower() not in (".png", ".pdf"):
-        raise input_error(out, f"figure extension must be .png or .pdf, got {out.suffix or '(none)'!r}")
-    if len(views) == 1:
-        return {views[0]: out}
-    return {v: out.with_name(f"{out.stem}-{v}{out.suffix}") for v in views}
-
-
-def _labels(st: object, other: object, a: Path, b: Path) -> tuple[str, str]:
-    """Names of the two matrices in the difference view: their split names when distinct, else file stems."""
-    split_a, split_b = getattr(st, "split", None), getattr(other, "split", None)
-    if split_a and split_b and split_a != split_b:
-        return str(split_a), str(split_b)
-    return (a.stem, b.stem) if a.stem != b.stem else (str(a), str(b))
+VIEWS = (*ALL_VIEWS, "all")
 
 
 @click.command("plot-confusion")
@@ -153,100 +134,31 @@ def plot_confusion_cmd(
     views = (
         [v for v in ALL_VIEWS if v != "difference" or compare_path is not None] if view == "all" else [view]
     )
-    paths = _output_paths(views, stats_path, out)
-
-    # --- heavy part --------------------------------------------------------------------------
-    import numpy as np
-
+    # heavy imports (numpy, torch, matplotlib) only once the options are valid
     from pcb_analysis import plots
-    from pcb_analysis.categories import CategorySpace
-    from pcb_analysis.stats import ClassStats
+    from pcb_analysis.plots.from_stats import load_matrices
 
-    st = ClassStats.load(stats_path)
-    k = int(st.n.shape[0])
-    space: CategorySpace | None = getattr(st, "categories", None)
-    if categories_json is not None:
-        given = CategorySpace.from_lvis_json(categories_json)
-        if space is not None:
-            space.check_same(given, f"{categories_json} (--categories)")
-        elif given.num_classes != k:
-            raise input_error(categories_json, f"{given.num_classes} categories, but {stats_path} has K={k}")
-        space = given
-    if space is None:
-        logger.warning(
-            "%s carries no category space: classes are named class_<k>, frequency unknown "
-            "(pass --categories LVIS_JSON for names, r/c/f and training image counts)",
-            stats_path,
-        )
-        space = CategorySpace(
-            ids=tuple(range(1, k + 1)),
-            names=tuple(f"class_{c}" for c in range(k)),
-            frequency=("f",) * k,
-            image_count=(0,) * k,
-        )
-    if space.num_classes != k:
-        raise input_error(
-            stats_path, f"category space has {space.num_classes} classes but the statistics K={k}"
-        )
-
-    cm = st.confusion().detach().cpu().numpy()
-    empty = st.empty_classes().detach().cpu().numpy().astype(bool)
-
-    other = None
-    if compare_path is not None:
-        other = ClassStats.load(compare_path)
-        k_other = int(other.n.shape[0])
-        other_space = getattr(other, "categories", None)
-        if k_other != k:
-            raise input_error(compare_path, f"K={k_other} classes, but {stats_path} has K={k}")
-        if other_space is not None:
-            space.check_same(other_space, f"{compare_path} (--compare)")
-
-    classes: list[int] = []
+    paths = plots.output_paths(views, stats_path, out)
+    loaded = load_matrices(stats_path, categories_json, compare_path)
+    k = loaded.categories.num_classes
+    if "block" in views and class_names is None and n_classes is not None and n_classes > k:
+        raise PcbkitError(f"--classes {n_classes}: larger than the number of classes K={k}")
+    done = plots.render_views(
+        paths,
+        loaded.main,
+        loaded.categories,
+        block=None if class_names is None else [c for c in class_names.split(",") if c.strip()],
+        select=how,
+        block_size=n_classes,
+        seed=seed or 0,
+        log2=log2,
+        difference=None if loaded.other is None else (loaded.main, loaded.other),
+        pairs_csv=pairs_csv,
+        n_pairs=n_pairs,
+        source=stats_path,
+    )
     if "block" in views:
-        if class_names is not None:
-            classes = plots.resolve_classes(space, [c for c in class_names.split(",") if c.strip()])
-        else:
-            if n_classes is not None and n_classes > k:
-                raise PcbkitError(f"--classes {n_classes}: larger than the number of classes K={k}")
-            # by default the block holds only classes with positives (empty rows are placeholders)
-            n_defined = int((~empty).sum())
-            size = n_classes if n_classes is not None else min(10, n_defined or k)
-            classes = plots.select_block(cm, space, size, how, seed=seed or 0, empty=empty)
         chosen = "given" if class_names is not None else how
-        click.echo(f"block ({chosen}): {', '.join(space.names[c] for c in classes)}")
-    if "diagonal" in views and not any(space.image_count):
-        msg = "no training image counts in the category space; pass --categories LVIS_JSON"
-        if view != "all":
-            raise PcbkitError(f"{stats_path}: {msg}")
-        logger.warning("skipping the diagonal view: %s", msg)
-        del paths["diagonal"]
-
-    written: list[Path] = []
-    for v, path in paths.items():
-        if v == "block":
-            written.append(plots.plot_block(cm, space, classes, path, log2=log2, empty=empty))
-        elif v == "overview":
-            written.append(plots.plot_overview(cm, space, path, empty=empty))
-        elif v == "diagonal":
-            written.append(plots.plot_diagonal(np.diagonal(cm), space, path, empty=empty))
-        elif v == "head-tail":
-            written.append(plots.plot_zoom(cm, space, path, log2=log2, empty=empty))
-        elif v == "difference":
-            assert other is not None and compare_path is not None
-            written.append(
-                plots.plot_difference(
-                    cm,
-                    other.confusion().detach().cpu().numpy(),
-                    space,
-                    path,
-                    labels=_labels(st, other, stats_path, compare_path),
-                    empty_a=empty,
-                    empty_b=other.empty_classes().detach().cpu().numpy().astype(bool),
-                )
-            )
-    if pairs_csv is not None:
-        table = plots.top_confused_pairs(cm, space, n_pairs, empty=empty)
-        written.append(plots.write_top_pairs_csv(table, pairs_csv))
-    for path in written:
+        click.echo(f"block ({chosen}): {', '.join(loaded.categories.names[c] for c in done.block)}")
+    for path in done.written:
         click.echo(f"wrote {path}")

@@ -17,6 +17,7 @@ import pytest
 from pcb_analysis import plots
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError
+from pcb_analysis.plots import views as plot_views
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PDF_MAGIC = b"%PDF-"
@@ -65,7 +66,7 @@ def is_png(path: Path) -> bool:
 def captured(monkeypatch: pytest.MonkeyPatch) -> list:
     """Record each figure's first axes (texts, images) just before it is saved and cleared."""
     seen: list = []
-    original = plots._save
+    original = plot_views.save_figure
 
     def spy(fig, out, dpi):
         ax = fig.axes[0]
@@ -78,7 +79,7 @@ def captured(monkeypatch: pytest.MonkeyPatch) -> list:
         )
         return original(fig, out, dpi)
 
-    monkeypatch.setattr(plots, "_save", spy)
+    monkeypatch.setattr(plot_views, "save_figure", spy)
     return seen
 
 
@@ -357,6 +358,7 @@ def test_command_choices_match_library() -> None:
     from pcbkit import cmd_plot_confusion as cmd
 
     assert cmd.SELECTIONS == plots.SELECTIONS
+    assert cmd.ALL_VIEWS == plots.VIEWS
 
 
 def write_stats(
