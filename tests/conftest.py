@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+
+from pcb_analysis.synth import SynthConfig, generate
+
+SYNTH_TINY = SynthConfig(seed=0, num_classes=12, train_images=180, val_images=40, size=64)
+"""The tiny synthetic dataset of `synth_dataset`: K = 12 classes (r, c and f), 64 px images."""
 
 
 @pytest.fixture()
@@ -24,3 +30,13 @@ def run_pcbkit(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tupl
         return code, out, err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def synth_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`SYNTH_TINY` written once per session (train.json, val.json, images/) and shared by the data,
+    dump-logits, calibrate and train tests. Treat it as read-only: a test that needs an edited
+    annotation file writes the edited copy into its own tmp_path."""
+    root = tmp_path_factory.mktemp("synth_tiny")
+    generate(root, SYNTH_TINY, progress=False)
+    return root

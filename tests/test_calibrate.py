@@ -21,7 +21,6 @@ from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps import stats_from_dump
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.stats import ClassStats
-from pcb_analysis.synth import SynthConfig, generate
 from pcb_train.backends import build_backend, make_checkpoint, save_checkpoint
 from pcb_train.calibrate import (
     TRAIN_MATRIX,
@@ -81,16 +80,15 @@ def dump(world: dict[str, Path], out: Path, split: str = "val", **kw: Any) -> Pa
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, synth_dataset: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("calib_world")
-    generate(root / "synth", SynthConfig(num_classes=K, train_images=180, val_images=40, size=64), progress=False)
-    space = CategorySpace.from_lvis_json(root / "synth" / "val.json")
+    space = CategorySpace.from_lvis_json(synth_dataset / "val.json")
     config, ckpt = write_model(root / "model", space)
     w = {
         "root": root,
-        "gt": root / "synth" / "val.json",
-        "train_gt": root / "synth" / "train.json",
-        "images": root / "synth" / "images",
+        "gt": synth_dataset / "val.json",
+        "train_gt": synth_dataset / "train.json",
+        "images": synth_dataset / "images",
         "config": config,
         "checkpoint": ckpt,
     }

@@ -249,15 +249,8 @@ def test_decode_segmentation_rle_forms() -> None:
 
 
 @pytest.fixture(scope="module")
-def synth_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    synth = pytest.importorskip("pcb_analysis.synth")
-    root = tmp_path_factory.mktemp("synth")
-    synth.generate(
-        root,
-        synth.SynthConfig(seed=1, num_classes=12, train_images=180, val_images=40, size=64),
-        progress=False,
-    )
-    return root
+def synth_split(synth_dataset: Path) -> Path:
+    return synth_dataset  # the session's shared K = 12 dataset (conftest)
 
 
 def test_on_a_synthetic_split(synth_split: Path) -> None:

@@ -24,7 +24,6 @@ from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.stats import ClassStats
-from pcb_analysis.synth import SynthConfig, generate
 from pcb_train.backends import build_backend, make_checkpoint, save_checkpoint
 from pcb_train.backends.torchvision_backend import TorchvisionBackend
 from pcb_train.config import load_config, save_config
@@ -64,15 +63,14 @@ def write_model(folder: Path, categories: CategorySpace | None, k: int = K, seed
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def world(tmp_path_factory: pytest.TempPathFactory, synth_dataset: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("dump_world")
-    generate(root / "synth", SynthConfig(num_classes=K, train_images=180, val_images=40, size=64), progress=False)
-    space = CategorySpace.from_lvis_json(root / "synth" / "val.json")
+    space = CategorySpace.from_lvis_json(synth_dataset / "val.json")
     config, ckpt = write_model(root / "model", space)
     return {
         "root": root,
-        "gt": root / "synth" / "val.json",
-        "images": root / "synth" / "images",
+        "gt": synth_dataset / "val.json",
+        "images": synth_dataset / "images",
         "config": config,
         "checkpoint": ckpt,
     }

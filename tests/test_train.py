@@ -23,7 +23,6 @@ import pytest
 import torch
 
 from pcb_analysis.errors import PcbkitError
-from pcb_analysis.synth import SynthConfig, generate
 from pcb_train.backends import build_backend, read_checkpoint
 from pcb_train.config import TrainConfig, load_config
 from pcb_train.schedule import Schedule, make_schedule
@@ -181,10 +180,8 @@ def test_synth_configs() -> None:
 
 
 @pytest.fixture(scope="module")
-def synth12(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth12")
-    generate(out, SynthConfig(num_classes=K, train_images=180, val_images=40, size=64), progress=False)
-    return out
+def synth12(synth_dataset: Path) -> Path:
+    return synth_dataset  # the session's shared K = 12 dataset (conftest)
 
 
 def tiny_overrides(data: Path, *extra: str) -> list[str]:
