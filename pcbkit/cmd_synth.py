@@ -1,11 +1,13 @@
 """`pcbkit synth`: write the embedded synthetic long-tailed dataset (LVIS v1 format).
 
-Only click is imported at module level; numpy, pycocotools and the generator load inside the command.
-The option defaults repeat `pcb_analysis.synth.SynthConfig`'s (a test keeps them equal).
+Only click (and the standard library) is imported at module level: the generator pulls in numpy, PIL
+and pycocotools, so it loads inside the command and `pcbkit --help` stays instant. The option defaults
+repeat `pcb_analysis.synth.SynthConfig`'s (a test keeps them equal).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -26,9 +28,7 @@ import click
 @click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels (square).")
 def synth_cmd(out_dir: Path, seed: int, classes: int, train_images: int, val_images: int, size: int) -> None:
     """Generate the synthetic long-tailed LVIS-format dataset (confusable r/c/f class families)."""
-    import time
-
-    from pcb_analysis.synth import SynthConfig, generate
+    from pcb_analysis.synth import SynthConfig, generate  # heavy: see the module docstring
 
     cfg = SynthConfig(
         seed=seed, num_classes=classes, train_images=train_images, val_images=val_images, size=size

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pcb_analysis.synth import SynthConfig, generate
+from pcbkit.cli import main
 
 SYNTH_TINY = SynthConfig(seed=0, num_classes=12, train_images=180, val_images=40, size=64)
 """The tiny synthetic dataset of `synth_dataset`: K = 12 classes (r, c and f), 64 px images."""
@@ -17,8 +18,6 @@ SYNTH_TINY = SynthConfig(seed=0, num_classes=12, train_images=180, val_images=40
 def run_pcbkit(capsys: pytest.CaptureFixture[str]) -> Callable[[list[str]], tuple[int, str, str]]:
     """Run `pcbkit ARGS` in-process through `pcbkit.cli.main` (the console script's one-line
     error handling included); returns (exit code, stdout, stderr) of that call only."""
-    from pcbkit.cli import main
-
     def run(args: list[str]) -> tuple[int, str, str]:
         capsys.readouterr()
         try:

@@ -13,11 +13,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from click.testing import CliRunner
 
 from pcb_analysis import plots
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.plots import views as plot_views
+from pcb_analysis.stats import ClassStats
+from pcbkit import cmd_plot_confusion as cmd
+from pcbkit.cmd_plot_confusion import plot_confusion_cmd
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PDF_MAGIC = b"%PDF-"
@@ -355,8 +360,6 @@ def test_command_module_imports_light() -> None:
 
 
 def test_command_choices_match_library() -> None:
-    from pcbkit import cmd_plot_confusion as cmd
-
     assert cmd.SELECTIONS == plots.SELECTIONS
     assert cmd.ALL_VIEWS == plots.VIEWS
 
@@ -366,10 +369,6 @@ def write_stats(
 ) -> Path:
     """Statistics whose confusion matrix is `m`: one positive of class i with foreground logits log M[i]
     (so its foreground softmax p is exactly row i); classes in `empty` get no positive."""
-    import torch
-
-    from pcb_analysis.stats import ClassStats
-
     k = m.shape[0]
     rows = [i for i in range(k) if i not in empty]
     logits = torch.full((len(rows), k + 1), -30.0, dtype=torch.float64)
@@ -390,10 +389,6 @@ def stats_file(tmp_path: Path) -> Path:
 
 
 def invoke(args: list[str]):
-    from click.testing import CliRunner
-
-    from pcbkit.cmd_plot_confusion import plot_confusion_cmd
-
     return CliRunner().invoke(plot_confusion_cmd, args)
 
 

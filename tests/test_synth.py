@@ -361,7 +361,8 @@ def test_cli_defaults_match_config() -> None:
 def test_cli_module_imports_only_click() -> None:
     code = (
         "import sys, pcbkit.cmd_synth; "
-        "heavy = [m for m in ('numpy', 'torch', 'PIL', 'pycocotools', 'pcb_analysis.synth') if m in sys.modules]; "
+        "heavy = [m for m in ('numpy', 'torch', 'PIL', 'pycocotools', 'pcb_analysis.synth') "
+        "if m in sys.modules]; "
         "print(heavy); sys.exit(1 if heavy else 0)"
     )
     root = Path(__file__).resolve().parents[1]
