@@ -2,8 +2,9 @@
 
 Indices are contiguous class indices 0..K-1 of a `CategorySpace`; `cm` is the confusion matrix M
 [K, K] (row = ground truth, column = predicted) and `empty` the bool [K] mask of classes without
-positives (placeholder rows), which selections skip when they can. The "most-confused" block
-maximises the asymmetric mass A(B) = sum_{i<j in B} |M[i, j] - M[j, i]| greedily (docs/method.md §7).
+positives (placeholder rows), which selections skip when they can. The "most-confused" block (the
+kind of block Figure 1 shows, docs/method.md §7) maximises the asymmetric mass
+A(B) = sum_{i<j in B} |M[i, j] - M[j, i]| greedily (see `select_block`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ class, column j = predicted class, M[i, j] = mean foreground probability of clas
 positives of class i (docs/method.md §2), rows sum to 1; `ms` [K] is its diagonal (mean score).
 `empty` is an optional bool [K] mask of classes without positives: their rows are placeholders, drawn
 grey. Every view takes plain arrays plus a `CategorySpace` (names, r/c/f, training image count), writes
-`out` (.png or .pdf) atomically and returns its path. What each view shows: docs/method.md §7.
+`out` (.png or .pdf) atomically and returns its path. `plot_block` is Figure 1 (docs/method.md §7);
+the other views keep a K = 1,203 matrix readable.
 """
 
 from __future__ import annotations
