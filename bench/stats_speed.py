@@ -3,7 +3,7 @@
 Writes a float16 dump of >= 2 million proposal rows to a temporary directory (removed at the end),
 then times, each in a fresh subprocess (so peak RSS is per phase):
 
-  (a) pcbkit   `stats_from_dump`: manifest + size checks, CRC-32, finiteness, softmax, S/n/H update
+  (a) pcbkit   `ClassStats.from_dump`: manifest + size checks, CRC-32, finiteness, softmax, S/n/H update
   (b) numpy    a straightforward baseline: np.load(mmap) chunks, float64 softmax rows, np.add.at
                (run on a subset of rows when slow; its rows/s is extrapolated and says so)
   (c) roofline just reading the logits + labels shards and computing the foreground softmax
@@ -14,6 +14,9 @@ and prints rows/s, the ratios (c)/(a) (goal <= 1.3) and (a)/(b) (goal >= 10) and
 page cache, so this measures CPU cost, not the disk. Logits [R, K+1], background = column K.
 
     python bench/stats_speed.py [--rows 2000000] [--classes 1203] [--positive-fraction 1.0]
+
+Imports of torch and pcbkit stay inside the phase functions on purpose: each phase runs in its own
+subprocess and reports its peak RSS, which must not include what the other phases load.
 """
 
 from __future__ import annotations
@@ -94,14 +97,15 @@ def write_dump(out: Path, rows: int, k: int, positive_fraction: float, shard_row
 
 
 def phase_pcbkit(dump: Path, chunk_rows: int, max_shards: int | None) -> dict:
-    from pcb_analysis.dumps import DumpReader, stats_from_dump
+    from pcb_analysis.dumps import DumpReader
+    from pcb_analysis.stats import ClassStats
 
     reader = DumpReader(dump)
     if max_shards is not None:  # the same reader on a smaller dump: peak RSS must not depend on size
         reader.shards = reader.shards[:max_shards]
         reader.num_rows = sum(s.rows for s in reader.shards)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    st = stats_from_dump(reader, progress=False, chunk_rows=chunk_rows)
+    st = ClassStats.from_dump(reader, progress=False, chunk_rows=chunk_rows)
     return {
         "rows": reader.num_rows,
         "seconds": time.perf_counter() - t0,
@@ -289,7 +293,7 @@ def main() -> None:
         print()
         print(f"{'phase (best of ' + str(args.repeats) + ' wall times)':<46}{'rows':>11}{'wall s':>9}{'CPU s':>9}"
               f"{'rows/s':>11}{'rows/CPU s':>12}{'peak RSS':>11}")
-        print(_row("(a) pcbkit stats_from_dump", a))
+        print(_row("(a) pcbkit ClassStats.from_dump", a))
         print(_row("(a) same, first quarter of the shards", quarter))
         print(_row("(b) numpy np.add.at, float64" + (" (subset)" if subset else ""), base))
         print(_row("(c) roofline: read + softmax (f32 buffer)", c))

@@ -30,15 +30,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import PcbkitError
-
-if TYPE_CHECKING:
-    from pcb_analysis.stats import ClassStats
+from pcb_analysis.stats import ClassStats
 
 logger = logging.getLogger(__name__)
 
@@ -240,8 +239,6 @@ def _stat_inputs(
     gamma: float,
 ) -> StatInputs:
     """Validate `stats` against K and turn it into operand-builder inputs (ridge applied)."""
-    from pcb_analysis.stats import ClassStats
-
     lam = _check_ridge(ridge)
     matrix = score = None
     if isinstance(stats, ClassStats):
@@ -418,8 +415,6 @@ def calibrate_dump(
     Yields `(chunk, {name: q~ [r, K+1] float32})` per chunk of the dump; `chunk` holds `columns`
     plus `logits` (torch tensors). Memory is bounded by the chunk size, whatever the dump size.
     """
-    from pcb_analysis.dumps import DumpReader
-
     reader = dump if isinstance(dump, DumpReader) else DumpReader(dump)
     for name, cal in calibrators.items():
         if cal.num_classes and cal.num_classes != reader.num_classes:
@@ -442,8 +437,6 @@ def positive_accuracy(
     label of each class, or from the dump's category space); accuracy is averaged over classes
     (each class with positives weighs the same), the balanced view that APr/APc/APf also take.
     """
-    from pcb_analysis.dumps import DumpReader
-
     reader = dump if isinstance(dump, DumpReader) else DumpReader(dump)
     k = reader.num_classes
     freq = frequency if frequency is not None else reader.categories.frequency

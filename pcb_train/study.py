@@ -134,7 +134,7 @@ def run_step(
 
 def dump_and_stats(model: StudyModel, inp: StudyInputs, log: StepLog) -> dict[str, Path]:
     """Positive-only dumps of train and val and their statistics; returns {split: stats.npz}."""
-    from pcb_analysis.dumps import stats_from_dump
+    from pcb_analysis.stats import ClassStats
     from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
 
     out: dict[str, Path] = {}
@@ -153,7 +153,7 @@ def dump_and_stats(model: StudyModel, inp: StudyInputs, log: StepLog) -> dict[st
                  lambda cfg=cfg: _fresh_dump(cfg, dump_logits, inp.force), inp.force)
 
         def make_stats(dump_dir: Path = dump_dir, stats_path: Path = stats_path, split: str = split) -> None:
-            st = stats_from_dump(dump_dir, progress=inp.progress, split=split)
+            st = ClassStats.from_dump(dump_dir, progress=inp.progress, split=split)
             st.save(stats_path)
 
         run_step(log, f"{model.name}/stats-{split}", stats_path.parent,

@@ -18,7 +18,6 @@ import torch
 
 from pcb_analysis.calibration import Calibrator, logit_adjust
 from pcb_analysis.categories import CategorySpace
-from pcb_analysis.dumps import stats_from_dump
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.stats import ClassStats
 from pcb_train.backends import build_backend, make_checkpoint, save_checkpoint
@@ -93,7 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory, synth_dataset: Path) -> dict
         "checkpoint": ckpt,
     }
     w["dump"] = dump(w, root / "dump_val")
-    stats_from_dump(w["dump"], progress=False).save(root / "val_stats.npz")
+    ClassStats.from_dump(w["dump"], progress=False).save(root / "val_stats.npz")
     w["stats"] = root / "val_stats.npz"
     return w
 
@@ -218,7 +217,7 @@ def test_offline_box_ap_equals_in_model(world: dict[str, Path], tmp_path: Path, 
     monkeypatch.setattr(FastRCNNPredictor, "forward", fp16_logits)
     d = dump(world, tmp_path / "dump")
     stats = tmp_path / "stats.npz"
-    stats_from_dump(d, progress=False).save(stats)
+    ClassStats.from_dump(d, progress=False).save(stats)
     out = tmp_path / "res"
     stat = ("none", "ms", "cm", "cm-bayes")
     in_model = calibrate_model(model_cfg(world, out, stats=stats, stat=stat, gammas=(1.0,)))
@@ -257,7 +256,7 @@ def test_offline_mode_refuses_unusable_dumps(world: dict[str, Path], tmp_path: P
 
 def test_train_statistics_are_labelled_table_4(world: dict[str, Path], tmp_path: Path) -> None:
     d = dump(world, tmp_path / "train_dump", split="train", boxes="none", positives_only=True)
-    train = stats_from_dump(d, progress=False)
+    train = ClassStats.from_dump(d, progress=False)
     assert train.split == "train"
     rel = statistics_relation(train, "val", world["gt"])
     assert rel["relation"] == "train-split" and rel["label"].startswith(TRAIN_MATRIX)

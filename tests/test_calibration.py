@@ -271,7 +271,7 @@ def test_calibrate_dump_offline_improves_planted_confusion(tmp_path):
     """Offline path on a dump: cm from the dump's own statistics recovers a planted confusion."""
     from pcb_analysis.calibration import Calibrator, calibrate_dump, positive_accuracy
     from pcb_analysis.categories import CategorySpace
-    from pcb_analysis.dumps import DumpWriter, stats_from_dump
+    from pcb_analysis.dumps import DumpWriter
 
     k = 3
     space = CategorySpace(ids=(1, 2, 3), names=("head", "mid", "tail"), frequency=("f", "c", "r"),
@@ -287,7 +287,7 @@ def test_calibrate_dump_offline_improves_planted_confusion(tmp_path):
                 logits[2, 0] += 3.0
                 logits[3, 0] += 3.0
             w.add_image(img, torch.zeros(5, 4), logits, labels, torch.ones(5))
-    st = stats_from_dump(tmp_path / "dump", progress=False)
+    st = ClassStats.from_dump(tmp_path / "dump", progress=False)
     cals = {s: Calibrator.build(s, st) for s in ("none", "cm")}
     rows = 0
     for chunk, out in calibrate_dump(tmp_path / "dump", cals):

@@ -17,9 +17,9 @@ from pcb_analysis.dumps import (
     DumpReader,
     DumpWriter,
     merge_manifests,
-    stats_from_dump,
 )
 from pcb_analysis.errors import PcbkitError
+from pcb_analysis.stats import ClassStats
 
 K = 5
 
@@ -342,7 +342,7 @@ def test_nan_logits_named(tmp_path: Path) -> None:
         for _ in reader.iter_chunks(columns=("logits", "labels")):  # image id found without the column
             pass
     with pytest.raises(PcbkitError, match="NaN/inf"):
-        stats_from_dump(tmp_path / "d", progress=False)
+        ClassStats.from_dump(tmp_path / "d", progress=False)
 
 
 def test_inf_logits_named(tmp_path: Path) -> None:
@@ -403,15 +403,13 @@ def test_empty_image_counts_as_done(tmp_path: Path) -> None:
         with pytest.raises(PcbkitError, match="unfinished"):
             DumpReader(tmp_path / "d")  # a writer is (re)running: the manifest says so until close()
     with pytest.raises(PcbkitError, match="no proposal rows"):
-        stats_from_dump(tmp_path / "d", progress=False)
+        ClassStats.from_dump(tmp_path / "d", progress=False)
 
 
 # ----------------------------------------------------------------------------------- statistics
 
 
 def test_stats_from_dump_hand_computed(tmp_path: Path) -> None:
-    from pcb_analysis.stats import ClassStats
-
     k = 2
     space = make_space(k)
     ln3 = math.log(3.0)
@@ -428,7 +426,7 @@ def test_stats_from_dump_hand_computed(tmp_path: Path) -> None:
     labels = np.array([0, 1, 2, -1, 1])
     image = {"image_id": 1, "boxes": np.zeros((5, 4)), "logits": logits, "labels": labels, "ious": np.ones(5)}
     write_dump(tmp_path / "d", [image], space=space)
-    st = stats_from_dump(tmp_path / "d", progress=False, chunk_rows=2)
+    st = ClassStats.from_dump(tmp_path / "d", progress=False, chunk_rows=2)
     assert isinstance(st, ClassStats)
     # S = [[1/2, 1/2], [3/4 + 1/4, 1/4 + 3/4]] = [[.5, .5], [1, 1]]; n = [1, 2]; H = [[?, ?], [1, 1]]
     # (row 0 ties at 1/2: its arg-max is either column; check the row sum only)
@@ -442,11 +440,9 @@ def test_stats_from_dump_hand_computed(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 10_000])
 def test_stats_from_dump_equals_one_pass(tmp_path: Path, chunk_rows: int) -> None:
-    from pcb_analysis.stats import ClassStats
-
     images = make_images(40, seed=13, max_rows=9)
     write_dump(tmp_path / "d", images, shard_rows=11)
-    st = stats_from_dump(tmp_path / "d", progress=False, chunk_rows=chunk_rows)
+    st = ClassStats.from_dump(tmp_path / "d", progress=False, chunk_rows=chunk_rows)
     # one pass over the same (float16-rounded) rows, all labels included
     z = torch.from_numpy(concat(images, "logits").astype(np.float16))
     y = torch.from_numpy(concat(images, "labels").astype(np.int64))
@@ -465,7 +461,6 @@ def test_stats_from_dump_equals_one_pass(tmp_path: Path, chunk_rows: int) -> Non
 def test_cli_stats(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pcb_analysis.stats import ClassStats
     from pcbkit.cmd_stats import stats_cmd
 
     images = make_images(30, seed=14)
