@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.lvis_json import read_lvis_json
 
 FREQUENCIES = ("r", "c", "f")
 
@@ -79,11 +80,15 @@ class CategorySpace:
         except (KeyError, TypeError, ValueError) as err:
             raise input_error(source, f"malformed category space ({err!r})") from err
         if "hash" in d and d["hash"] != space.hash:
-            raise input_error(source, f"category space hash {d['hash']} does not match its content ({space.hash})")
+            raise input_error(
+                source, f"category space hash {d['hash']} does not match its content ({space.hash})"
+            )
         return space
 
     @classmethod
-    def from_categories(cls, categories: list[dict[str, Any]], source: str | Path | None = None) -> CategorySpace:
+    def from_categories(
+        cls, categories: list[dict[str, Any]], source: str | Path | None = None
+    ) -> CategorySpace:
         """Build from an LVIS `categories` list (any order; sorted by id here)."""
         try:
             cats = sorted(categories, key=lambda c: int(c["id"]))
@@ -98,17 +103,8 @@ class CategorySpace:
 
     @classmethod
     def from_lvis_json(cls, path: str | Path) -> CategorySpace:
-        """Read the `categories` of an LVIS annotation file."""
-        path = Path(path)
-        if not path.is_file():
-            raise input_error(path, "file not found")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise input_error(path, f"not valid JSON ({err.msg} at line {err.lineno})") from err
-        if not isinstance(data, dict) or "categories" not in data:
-            raise input_error(path, "not an LVIS annotation file: missing field 'categories'")
+        """Read the `categories` of an LVIS annotation file (the only section it needs)."""
+        data = read_lvis_json(path, "annotation", require=("categories",))
         return cls.from_categories(data["categories"], source=path)
 
     def check_same(self, other: CategorySpace, what: str) -> None:

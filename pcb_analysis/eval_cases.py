@@ -158,7 +158,8 @@ def jittered_detections(
             return
         x, y, bw, bh = (round(float(v), 2) for v in mask_utils.toBbox(rle))
         seg = {"size": [h, w], "counts": rle["counts"].decode("ascii")}
-        out.append({"image_id": img["id"], "category_id": cat, "bbox": [x, y, bw, bh], "score": score, "segmentation": seg})
+        det = {"image_id": img["id"], "category_id": cat, "bbox": [x, y, bw, bh], "score": score}
+        out.append({**det, "segmentation": seg})
 
     for ann in gt["annotations"]:
         img = imgs[ann["image_id"]]
@@ -171,5 +172,11 @@ def jittered_detections(
         h, w = int(img["height"]), int(img["width"])
         for _ in range(false_positives):
             r = float(rng.uniform(0.05, 0.3)) * min(h, w)
-            add(img, int(rng.choice(cat_ids)), _polygon(rng, rng.uniform(0, w), rng.uniform(0, h), r), round(float(rng.uniform(0, 0.6)), 4))
+            # one expression on purpose: the random draws happen in argument order
+            add(
+                img,
+                int(rng.choice(cat_ids)),
+                _polygon(rng, rng.uniform(0, w), rng.uniform(0, h), r),
+                round(float(rng.uniform(0, 0.6)), 4),
+            )
     return out

@@ -9,8 +9,11 @@ declares it.
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import types
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ class _NumpyWithFloat(types.ModuleType):
 
 def lvis_eval_module() -> types.ModuleType:
     """Import `lvis.eval` with the numpy alias in place (idempotent)."""
+    # lvis-api is an optional reference (tests, benchmarks, `--reference`), never needed by pcbkit itself
     import lvis.eval as lvis_eval_mod
 
     if not isinstance(lvis_eval_mod.np, _NumpyWithFloat):
@@ -44,11 +48,7 @@ def reference_evaluate(
     max_dets: int = 300,
 ) -> dict[str, float]:
     """Run lvis-api itself (slow, pure Python): the reference pcbkit's fast evaluator must match."""
-    import copy
-    import json
-    import warnings
-
-    from lvis import LVIS, LVISResults
+    from lvis import LVIS, LVISResults  # optional reference: imported only when it is asked for
 
     mod = lvis_eval_module()
     if isinstance(gt, dict):

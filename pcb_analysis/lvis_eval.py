@@ -1,57 +1,56 @@
-"""LVIS evaluation: AP, AP50, AP75, APs/m/l, APr/c/f and AR, with lvis-api's exact semantics, fast.
+"""LVIS evaluation with lvis-api's exact semantics, fast: AP, AP50, AP75, APs/m/l, APr/c/f, AR.
 
-The reference is lvis-api (`lvis` 0.5.3, `LVISEval`). This module re-implements the same
-protocol with arrays instead of per-(image, category) Python loops and gives the same numbers to
-floating-point identity (tests compare both on adversarial inputs). Semantics that are kept on
-purpose, because they are what lvis-api computes:
-
-- Categories: every category of the ground truth; AP averages over those with >= 1 non-ignored
-  ground-truth instance in the evaluated split (others are -1 and excluded).
-- At most `max_dets` (300) detections per image, the highest scores (ties: file order); `-1`
-  removes the cap. Annotations and detections with area 0 are dropped (lvis-api's filter).
-- Federated rules: a detection of category c in image I is evaluated only when c has ground truth
-  in I or is in I's `neg_category_ids`; an unmatched detection of a category in I's
-  `not_exhaustive_category_ids` is ignored (not a false positive).
-- A detection's area (for the small/medium/large ranges) is its box area `w * h` whenever the
-  result carries a `bbox`, even in segm evaluation, and its mask area otherwise.
-- Greedy matching per IoU threshold in score order, never re-matching a ground truth; a match to
-  an area-ignored ground truth is taken only when no regular one qualifies; ties in IoU go to
-  the later ground truth in file order. Precision is made monotone from the right and read at
-  101 recall points.
-
-Fixed AP (Dave et al., 2021; docs/method.md §6): no per-image cap, the 10,000 highest-scoring
-detections per category over the whole split, then the same protocol.
-
-Speed comes from: one ground-truth index per file (cached in-process, keyed by path, size and
-mtime), IoUs computed once per image, greedy matching vectorised across all (image, category)
-groups at once (groups bucketed by size), accumulation per category on sorted arrays, and the
-IoU + matching stage split over worker processes (fork) when `workers > 1`.
+The reference is lvis-api (`lvis` 0.5.3, `LVISEval`); this module gives the same numbers to
+floating-point identity (tests compare both on adversarial inputs). The rules it keeps on purpose
+(federated negatives and not-exhaustive lists, 300 detections per image, box area for the area
+ranges, greedy matching order, 101-point precision) are listed in docs/evaluation.md §1; fixed AP
+(10,000 per class, no per-image cap) in §4 and docs/method.md §6. Shapes: precision [T, R, C, A]
+and recall [T, C, A] with T = 10 IoU thresholds, R = 101 recall points, C categories, A = 4 area
+ranges; -1 where a category has no ground truth. Ground truth: `pcb_analysis.lvis_gt`;
+detections: `pcb_analysis.lvis_results`; both re-exported here. Speed notes: docs/evaluation.md §5.
 """
 
 from __future__ import annotations
 
-import gc
-import json
 import logging
 import math
 import multiprocessing as mp
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.errors import PcbkitError
+from pcb_analysis.lvis_gt import FREQ_LABELS, GroundTruth, load_ground_truth, to_rle
+from pcb_analysis.lvis_json import gc_paused
+from pcb_analysis.lvis_results import Detections, cap_per_category, cap_per_image, load_results, select
 
-try:  # optional: parses LVIS-size results files several times faster than the json module
-    import orjson
-except ImportError:  # pragma: no cover - orjson is a declared dependency
-    orjson = None  # type: ignore[assignment]
+__all__ = [
+    "AREA_LABELS",
+    "AREA_RNGS",
+    "FIXED_AP_PER_CLASS",
+    "FREQ_LABELS",
+    "IOU_THRS",
+    "IOU_TYPES",
+    "MAX_DETS",
+    "REC_THRS",
+    "Detections",
+    "EvalResult",
+    "GroundTruth",
+    "cap_per_category",
+    "cap_per_image",
+    "default_workers",
+    "evaluate",
+    "evaluate_full",
+    "gc_paused",
+    "load_ground_truth",
+    "load_results",
+    "nan_to_none",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,371 +60,8 @@ IOU_THRS = np.linspace(0.5, 0.95, int(np.round((0.95 - 0.5) / 0.05)) + 1, endpoi
 REC_THRS = np.linspace(0.0, 1.00, int(np.round((1.00 - 0.0) / 0.01)) + 1, endpoint=True)
 AREA_RNGS = ((0.0, 1e5**2), (0.0, 32.0**2), (32.0**2, 96.0**2), (96.0**2, 1e5**2))
 AREA_LABELS = ("all", "small", "medium", "large")
-FREQ_LABELS = ("r", "c", "f")
 MAX_DETS = 300
 FIXED_AP_PER_CLASS = 10_000
-
-
-# --------------------------------------------------------------------------------------------
-# Ground truth
-# --------------------------------------------------------------------------------------------
-@dataclass
-class GroundTruth:
-    """Index of an LVIS annotation file, arrays over images (I), categories (C), annotations (G).
-
-    Annotation arrays are ordered by (image, file order), the order lvis-api visits them.
-    `key = image_index * C + category_index` identifies an (image, category) pair.
-    """
-
-    source: str
-    img_ids: np.ndarray  # [I] int64, sorted
-    heights: np.ndarray  # [I] int64
-    widths: np.ndarray  # [I] int64
-    cat_ids: np.ndarray  # [C] int64, sorted
-    cat_freq: np.ndarray  # [C] '<U1' r/c/f
-    neg_keys: np.ndarray  # sorted int64 keys of (image, neg category)
-    nel_keys: np.ndarray  # sorted int64 keys of (image, not-exhaustive category)
-    ann_img: np.ndarray  # [G] int64 image index
-    ann_cat: np.ndarray  # [G] int64 category index
-    ann_id: np.ndarray  # [G] int64
-    ann_area: np.ndarray  # [G] float64
-    ann_ignore: np.ndarray  # [G] bool (the optional "ignore" field)
-    ann_bbox: np.ndarray  # [G, 4] float64 xywh
-    ann_segm: list[Any]  # [G] raw segmentation (polygons or RLE)
-    _rles: list[Any] | None = field(default=None, repr=False)
-
-    @property
-    def num_cats(self) -> int:
-        return int(self.cat_ids.shape[0])
-
-    @property
-    def pos_keys(self) -> np.ndarray:
-        return np.unique(self.ann_img * self.num_cats + self.ann_cat)
-
-    def rles(self) -> list[Any]:
-        """Compressed RLE of every annotation (computed once, then cached)."""
-        if self._rles is None:
-            out = []
-            for g, segm in enumerate(self.ann_segm):
-                h = int(self.heights[self.ann_img[g]])
-                w = int(self.widths[self.ann_img[g]])
-                out.append(_to_rle(segm, h, w))
-            self._rles = out
-        return self._rles
-
-
-def _to_rle(segm: Any, h: int, w: int) -> Any:
-    """lvis-api's `ann_to_rle`: polygons are merged into one RLE; uncompressed RLE is compressed."""
-    if isinstance(segm, list):
-        return mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-    if isinstance(segm.get("counts"), list):
-        return mask_utils.frPyObjects(segm, h, w)
-    return segm
-
-
-_GT_CACHE: dict[tuple[str, int, int], GroundTruth] = {}
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building large acyclic object graphs.
-
-    Parsing an LVIS results file creates millions of dicts and lists; with the collector on,
-    CPython re-scans them again and again (measured: about 2.5x slower to parse).
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
-
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise input_error(path, f"{what} file not found")
-    if not path.is_file():
-        raise input_error(path, f"{what} path is not a file")
-    data = path.read_bytes()
-    with gc_paused():
-        if orjson is not None:
-            try:
-                return orjson.loads(data)
-            except orjson.JSONDecodeError:
-                pass  # fall through to the standard parser for its precise error message (and NaN)
-        try:
-            return json.loads(data)
-        except json.JSONDecodeError as err:
-            raise input_error(path, f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
-        except UnicodeDecodeError as err:
-            raise input_error(path, "not a UTF-8 text file") from err
-
-
-def load_ground_truth(gt: str | Path | dict[str, Any] | GroundTruth) -> GroundTruth:
-    """Read and index an LVIS annotation file (or an already parsed dict); cached per file."""
-    if isinstance(gt, GroundTruth):
-        return gt
-    if isinstance(gt, dict):
-        return _index_ground_truth(gt, "<ground truth dict>")
-    path = Path(gt)
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise input_error(path, "ground-truth file not found") from None
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    cached = _GT_CACHE.get(key)
-    if cached is not None:
-        return cached
-    data = _read_json(path, "ground-truth")
-    index = _index_ground_truth(data, str(path))
-    _GT_CACHE.clear()  # keep one index: LVIS val is large
-    _GT_CACHE[key] = index
-    return index
-
-
-def _field(rows: Sequence[dict[str, Any]], name: str, source: str, section: str) -> list[Any]:
-    try:
-        return [r[name] for r in rows]
-    except KeyError:
-        bad = next(i for i, r in enumerate(rows) if name not in r)
-        raise input_error(source, f"not an LVIS file: {section}[{bad}] has no field '{name}'") from None
-    except TypeError:
-        raise input_error(source, f"not an LVIS file: '{section}' must be a list of objects") from None
-
-
-def _index_ground_truth(data: Any, source: str) -> GroundTruth:
-    if not isinstance(data, dict):
-        raise input_error(source, "not an LVIS annotation file: top level is not a JSON object")
-    for section in ("images", "annotations", "categories"):
-        if section not in data:
-            raise input_error(source, f"not an LVIS annotation file: missing field '{section}'")
-        if not isinstance(data[section], list):
-            raise input_error(source, f"not an LVIS annotation file: '{section}' is not a list")
-    images, anns, cats = data["images"], data["annotations"], data["categories"]
-    if not images:
-        raise input_error(source, "field 'images': empty split (no images)")
-    if not cats:
-        raise input_error(source, "field 'categories': no categories")
-
-    cat_ids_raw = np.asarray(_field(cats, "id", source, "categories"), dtype=np.int64)
-    freq_raw = _field(cats, "frequency", source, "categories")
-    bad = sorted({str(f) for f in freq_raw if f not in FREQ_LABELS})
-    if bad:
-        raise input_error(source, f"field 'categories[].frequency': unknown value(s) {bad}; expected r, c or f")
-    order = np.argsort(cat_ids_raw, kind="stable")
-    cat_ids = cat_ids_raw[order]
-    if np.unique(cat_ids).shape[0] != cat_ids.shape[0]:
-        raise input_error(source, "field 'categories[].id': duplicate category ids")
-    cat_freq = np.asarray(freq_raw)[order].astype("<U1")
-
-    img_ids_raw = np.asarray(_field(images, "id", source, "images"), dtype=np.int64)
-    heights_raw = np.asarray(_field(images, "height", source, "images"), dtype=np.int64)
-    widths_raw = np.asarray(_field(images, "width", source, "images"), dtype=np.int64)
-    neg_raw = _field(images, "neg_category_ids", source, "images")
-    nel_raw = _field(images, "not_exhaustive_category_ids", source, "images")
-    iorder = np.argsort(img_ids_raw, kind="stable")
-    img_ids = img_ids_raw[iorder]
-    if np.unique(img_ids).shape[0] != img_ids.shape[0]:
-        raise input_error(source, "field 'images[].id': duplicate image ids")
-    heights, widths = heights_raw[iorder], widths_raw[iorder]
-    num_cats = int(cat_ids.shape[0])
-
-    def keys_of(lists: list[Any], name: str) -> np.ndarray:
-        img_idx: list[int] = []
-        flat: list[int] = []
-        for pos, lst in enumerate(lists):
-            if not isinstance(lst, list):
-                raise input_error(source, f"field 'images[{pos}].{name}' is not a list")
-            flat.extend(lst)
-            img_idx.extend([pos] * len(lst))
-        if not flat:
-            return np.zeros(0, dtype=np.int64)
-        raw_pos = np.asarray(img_idx, dtype=np.int64)
-        inv = np.empty_like(iorder)
-        inv[iorder] = np.arange(iorder.shape[0])
-        cidx = np.searchsorted(cat_ids, np.asarray(flat, dtype=np.int64))
-        cidx = np.minimum(cidx, num_cats - 1)
-        known = cat_ids[cidx] == np.asarray(flat, dtype=np.int64)
-        # Unknown ids in these lists cannot match any detection (detections are checked against the
-        # categories), so dropping them changes nothing.
-        return np.unique(inv[raw_pos[known]] * num_cats + cidx[known])
-
-    neg_keys = keys_of(neg_raw, "neg_category_ids")
-    nel_keys = keys_of(nel_raw, "not_exhaustive_category_ids")
-
-    if anns:
-        a_img = np.asarray(_field(anns, "image_id", source, "annotations"), dtype=np.int64)
-        a_cat = np.asarray(_field(anns, "category_id", source, "annotations"), dtype=np.int64)
-        a_id = np.asarray(_field(anns, "id", source, "annotations"), dtype=np.int64)
-        a_area = np.asarray(_field(anns, "area", source, "annotations"), dtype=np.float64)
-        a_bbox = np.asarray(_field(anns, "bbox", source, "annotations"), dtype=np.float64).reshape(-1, 4)
-        a_ign = np.asarray([bool(a.get("ignore", 0)) for a in anns], dtype=bool)
-        a_segm = [a.get("segmentation") for a in anns]
-    else:
-        a_img = a_cat = a_id = np.zeros(0, dtype=np.int64)
-        a_area = np.zeros(0)
-        a_bbox = np.zeros((0, 4))
-        a_ign = np.zeros(0, dtype=bool)
-        a_segm = []
-    img_pos = np.searchsorted(img_ids, a_img)
-    img_pos_c = np.minimum(img_pos, img_ids.shape[0] - 1)
-    if a_img.size and not np.all(img_ids[img_pos_c] == a_img):
-        bad_i = int(np.argmax(img_ids[img_pos_c] != a_img))
-        raise input_error(source, f"annotations[{bad_i}].image_id {int(a_img[bad_i])} is not in 'images'")
-    cat_pos = np.minimum(np.searchsorted(cat_ids, a_cat), num_cats - 1)
-    if a_cat.size and not np.all(cat_ids[cat_pos] == a_cat):
-        bad_i = int(np.argmax(cat_ids[cat_pos] != a_cat))
-        raise input_error(source, f"annotations[{bad_i}].category_id {int(a_cat[bad_i])} is not in 'categories'")
-    if a_area.size and not np.all(np.isfinite(a_area)):
-        bad_i = int(np.argmax(~np.isfinite(a_area)))
-        raise input_error(source, f"annotations[{bad_i}].area is not finite")
-    # lvis-api's get_ann_ids keeps 0 < area < inf only.
-    keep = (a_area > 0) & (a_area < np.inf)
-    # Visit order of lvis-api: images in sorted id order, annotations in file order within an image.
-    order_a = np.lexsort((np.arange(a_img.shape[0]), img_pos_c))
-    order_a = order_a[keep[order_a]]
-    return GroundTruth(
-        source=source,
-        img_ids=img_ids,
-        heights=heights,
-        widths=widths,
-        cat_ids=cat_ids,
-        cat_freq=cat_freq,
-        neg_keys=neg_keys,
-        nel_keys=nel_keys,
-        ann_img=img_pos_c[order_a].astype(np.int64),
-        ann_cat=cat_pos[order_a].astype(np.int64),
-        ann_id=a_id[order_a],
-        ann_area=a_area[order_a],
-        ann_ignore=a_ign[order_a],
-        ann_bbox=a_bbox[order_a],
-        ann_segm=[a_segm[i] for i in order_a],
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# Detections
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Detections:
-    """Detections as arrays, in input order. `order` is the position in the results file."""
-
-    img: np.ndarray  # [D] int64 image index into GroundTruth.img_ids
-    cat: np.ndarray  # [D] int64 category index
-    score: np.ndarray  # [D] float64
-    bbox: np.ndarray  # [D, 4] float64 xywh (NaN when absent)
-    has_bbox: np.ndarray  # [D] bool
-    segm: list[Any] | None  # segmentation per ORIGINAL result (index with `order`), or None
-    order: np.ndarray  # [D] int64
-
-
-def load_results(results: str | Path | list[dict[str, Any]], gt: GroundTruth, iou_type: str) -> Detections:
-    """Validate an LVIS results list (file or parsed) against the ground truth."""
-    source = str(results) if isinstance(results, (str, Path)) else "<results list>"
-    if isinstance(results, (str, Path)):
-        results = _read_json(Path(results), "results")
-    if not isinstance(results, list):
-        raise input_error(source, "not an LVIS results file: expected a JSON list of detections")
-    if not results:
-        raise input_error(source, "results list is empty (no detections to evaluate)")
-    n = len(results)
-    try:
-        img_raw = np.fromiter((r["image_id"] for r in results), dtype=np.int64, count=n)
-        cat_raw = np.fromiter((r["category_id"] for r in results), dtype=np.int64, count=n)
-        score = np.fromiter((r["score"] for r in results), dtype=np.float64, count=n)
-    except (KeyError, TypeError, ValueError):
-        for i, r in enumerate(results):
-            if not isinstance(r, dict):
-                raise input_error(source, f"results[{i}] is not an object") from None
-            for name in ("image_id", "category_id", "score"):
-                if name not in r:
-                    raise input_error(source, f"results[{i}] has no field '{name}'") from None
-                if not isinstance(r[name], (int, float)) or isinstance(r[name], bool):
-                    raise input_error(source, f"results[{i}].{name} is not a number") from None
-        raise
-    bad = ~np.isfinite(score)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise input_error(source, f"results[{i}].score is {score[i]} (scores must be finite numbers)")
-    img = np.searchsorted(gt.img_ids, img_raw)
-    img_c = np.minimum(img, gt.img_ids.shape[0] - 1)
-    if not np.all(gt.img_ids[img_c] == img_raw):
-        i = int(np.argmax(gt.img_ids[img_c] != img_raw))
-        raise input_error(
-            source, f"results[{i}].image_id {int(img_raw[i])} is not an image of the ground truth ({gt.source})"
-        )
-    cat = np.minimum(np.searchsorted(gt.cat_ids, cat_raw), gt.num_cats - 1)
-    if not np.all(gt.cat_ids[cat] == cat_raw):
-        unknown = sorted(set(cat_raw[gt.cat_ids[cat] != cat_raw].tolist()))
-        shown = ", ".join(str(c) for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise input_error(
-            source, f"field 'category_id': {len(unknown)} id(s) not in the ground truth's categories ({shown})"
-        )
-    has_bbox = np.fromiter(("bbox" in r for r in results), dtype=bool, count=n)
-    bbox = np.full((n, 4), np.nan)
-    if has_bbox.any():
-        try:
-            bbox[has_bbox] = np.asarray([r["bbox"] for r in results if "bbox" in r], dtype=np.float64).reshape(-1, 4)
-        except (TypeError, ValueError):
-            raise input_error(source, "field 'bbox': every bbox must be four numbers [x, y, w, h]") from None
-        if not np.all(np.isfinite(bbox[has_bbox])):
-            i = int(np.argmax(has_bbox & ~np.all(np.isfinite(bbox), axis=1)))
-            raise input_error(source, f"results[{i}].bbox has a non-finite value")
-    segm: list[Any] | None = None
-    if iou_type == "bbox":
-        if not has_bbox.all():
-            i = int(np.argmax(~has_bbox))
-            raise input_error(source, f"results[{i}] has no field 'bbox' (needed for bbox evaluation)")
-    else:
-        segm = [r.get("segmentation") for r in results]
-        missing = [i for i, s in enumerate(segm) if s is None and not has_bbox[i]]
-        if missing:
-            raise input_error(source, f"results[{missing[0]}] has neither 'segmentation' nor 'bbox'")
-    return Detections(
-        img=img_c.astype(np.int64),
-        cat=cat.astype(np.int64),
-        score=score,
-        bbox=bbox,
-        has_bbox=has_bbox,
-        segm=segm,
-        order=np.arange(n, dtype=np.int64),
-    )
-
-
-def _select(d: Detections, idx: np.ndarray) -> Detections:
-    return Detections(
-        img=d.img[idx],
-        cat=d.cat[idx],
-        score=d.score[idx],
-        bbox=d.bbox[idx],
-        has_bbox=d.has_bbox[idx],
-        segm=d.segm,
-        order=d.order[idx],
-    )
-
-
-def cap_per_image(d: Detections, max_dets: int) -> np.ndarray:
-    """Indices of the detections kept by lvis-api's per-image cap (highest scores, ties: file order)."""
-    if max_dets < 0:
-        return np.arange(d.img.shape[0])
-    o = np.lexsort((d.order, -d.score, d.img))
-    img_sorted = d.img[o]
-    start = np.searchsorted(img_sorted, img_sorted, side="left")
-    rank = np.arange(o.shape[0]) - start
-    counts = np.bincount(d.img, minlength=int(d.img.max()) + 1)
-    # lvis-api only truncates images with more than max_dets detections, keeping the others whole.
-    keep = (rank < max_dets) | (counts[img_sorted] <= max_dets)
-    return np.sort(o[keep])
-
-
-def cap_per_category(d: Detections, per_class: int) -> np.ndarray:
-    """Indices of the `per_class` highest-scoring detections of each category (fixed AP)."""
-    o = np.lexsort((d.order, -d.score, d.cat))
-    cat_sorted = d.cat[o]
-    start = np.searchsorted(cat_sorted, cat_sorted, side="left")
-    rank = np.arange(o.shape[0]) - start
-    return np.sort(o[rank < per_class])
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +99,7 @@ def _det_rle(dets: Detections, i: int, h: int, w: int) -> Any:
     if s is None:  # lvis-api turns a box-only result into a box polygon
         x, y, bw, bh = dets.bbox[i]
         s = [[x, y, x, y + bh, x + bw, y + bh, x + bw, y]]
-    return _to_rle(s, h, w)
+    return to_rle(s, h, w)
 
 
 def _match_range(img_lo: int, img_hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -530,14 +166,17 @@ def _match_range(img_lo: int, img_hi: int) -> tuple[np.ndarray, np.ndarray, np.n
         iou = np.full((G, Dp, Np), -1.0)
         gt_ig = np.ones((G, A, Np), dtype=bool)
         pad = np.ones((G, Np), dtype=bool)
-        # lvis-api records the matched gt id and tests it against 0, so a gt with id 0 never counts as a match.
+        # lvis-api records the matched gt id and tests it against 0, so a gt with id 0 never counts
+        # as a match.
         gid_nonzero = np.zeros((G, Np), dtype=bool)
         for r, g in enumerate(members):
             nd, ng = int(d_cnt[g]), int(g_cnt[g])
             iou[r, :nd, :ng] = iou_blocks[g]
             gsel = g_order[g_start[g] : g_start[g] + ng]
             area = gt.ann_area[gsel]
-            gt_ig[r, :, :ng] = gt.ann_ignore[gsel][None, :] | (area[None, :] < lo[:, None]) | (area[None, :] > hi[:, None])
+            gt_ig[r, :, :ng] = (
+                gt.ann_ignore[gsel][None, :] | (area[None, :] < lo[:, None]) | (area[None, :] > hi[:, None])
+            )
             pad[r, :ng] = False
             gid_nonzero[r, :ng] = gt.ann_id[gsel] != 0
         gt_taken = np.broadcast_to(pad[:, None, None, :], (G, T, A, Np)).copy()
@@ -614,7 +253,11 @@ def _accumulate(
     hi = np.array([r[1] for r in AREA_RNGS])
 
     # Non-ignored ground truth per (category, area range).
-    g_ok = ~gt.ann_ignore[:, None] & (gt.ann_area[:, None] >= lo[None, :]) & (gt.ann_area[:, None] <= hi[None, :])
+    g_ok = (
+        ~gt.ann_ignore[:, None]
+        & (gt.ann_area[:, None] >= lo[None, :])
+        & (gt.ann_area[:, None] <= hi[None, :])
+    )
     num_gt = np.zeros((C, A), dtype=np.int64)
     for a in range(A):
         num_gt[:, a] = np.bincount(gt.ann_cat[g_ok[:, a]], minlength=C)
@@ -740,24 +383,24 @@ def _evaluate(
     dets = results if isinstance(results, Detections) else load_results(results, index, iou_type)
     if fixed:
         max_dets = -1
-        dets = _select(dets, cap_per_category(dets, fixed_per_class))
-    dets = _select(dets, cap_per_image(dets, max_dets))
+        dets = select(dets, cap_per_category(dets, fixed_per_class))
+    dets = select(dets, cap_per_image(dets, max_dets))
 
     C = index.num_cats
     # Federated filter: category present in the image, or verified absent (negative).
     d_key = dets.img * C + dets.cat
     allowed = np.union1d(index.pos_keys, index.neg_keys)
-    dets = _select(dets, np.flatnonzero(np.isin(d_key, allowed)))
+    dets = select(dets, np.flatnonzero(np.isin(d_key, allowed)))
 
     # Detection area for the area ranges (box area when a box is given, as lvis-api does).
     det_area = _det_areas(dets, index, iou_type)
     keep = (det_area > 0) & (det_area < np.inf)
-    dets = _select(dets, np.flatnonzero(keep))
+    dets = select(dets, np.flatnonzero(keep))
     det_area = det_area[keep]
 
     # Sort by (image, category, -score, file order): the order lvis-api evaluates in.
     o = np.lexsort((dets.order, -dets.score, dets.cat, dets.img))
-    dets = _select(dets, o)
+    dets = select(dets, o)
     det_area = det_area[o]
 
     work = _Work(iou_type=iou_type, gt=index, dets=dets, det_area=det_area)
@@ -774,7 +417,7 @@ def _det_areas(dets: Detections, gt: GroundTruth, iou_type: str) -> np.ndarray:
         assert dets.segm is not None
         for i in np.flatnonzero(~dets.has_bbox):
             img = int(dets.img[i])
-            rle = _to_rle(dets.segm[int(dets.order[i])], int(gt.heights[img]), int(gt.widths[img]))
+            rle = to_rle(dets.segm[int(dets.order[i])], int(gt.heights[img]), int(gt.widths[img]))
             area[i] = float(mask_utils.area(rle))
     return area
 

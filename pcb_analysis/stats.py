@@ -292,7 +292,7 @@ class ClassStats:
         ]
         empty_idx = torch.nonzero(empty).flatten().tolist()
         if empty_idx:
-            per_bucket = {f: sum(1 for i in cats.bucket_indices(f) if bool(empty[i])) for f in ("r", "c", "f")}
+            per_bucket = {f: sum(bool(empty[i]) for i in cats.bucket_indices(f)) for f in ("r", "c", "f")}
             by_bucket = ", ".join(f"{f} {count}" for f, count in per_bucket.items())
             names = [cats.names[i] for i in empty_idx]
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")

@@ -23,7 +23,6 @@ side from `DataConfig.train_min_sizes` per image), so the dataset returns the fi
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +39,7 @@ from torch.utils.data import Dataset
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import input_error
+from pcb_analysis.lvis_json import read_lvis_json
 
 logger = logging.getLogger(__name__)
 
@@ -77,21 +77,8 @@ def _candidate_paths(image_root: Path, img: Mapping[str, Any]) -> list[Path]:
 
 
 def load_lvis_json(ann_file: str | Path) -> dict[str, Any]:
-    """Read an LVIS-format annotation file, with clear errors for a missing file or bad JSON."""
-    path = Path(ann_file)
-    if not path.is_file():
-        raise input_error(path, "annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        raise input_error(path, f"not valid JSON ({err.msg} at line {err.lineno})") from err
-    if not isinstance(data, dict):
-        raise input_error(path, "not an LVIS annotation file (top level is not an object)")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise input_error(path, f"not an LVIS annotation file: missing list field '{key}'")
-    return data
+    """Read an LVIS-format annotation file (`pcb_analysis.lvis_json.read_lvis_json`: clear errors)."""
+    return read_lvis_json(ann_file, "annotation")
 
 
 def check_categories(found: CategorySpace, expected: CategorySpace | int | None, source: str | Path) -> None:

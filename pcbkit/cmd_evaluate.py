@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import click
 
+from pcb_analysis.atomic import write_json_atomic
+from pcb_analysis.errors import PcbkitError
+
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+_LABELS = {"segm": "mask", "bbox": "box", "segm_fixed": "mask fixed", "bbox_fixed": "box fixed"}
 
 
 @click.command("evaluate")
-@click.option("--gt", "gt_path", required=True, type=click.Path(dir_okay=False), help="LVIS annotation file (e.g. val.json).")
-@click.option("--results", "results_path", required=True, type=click.Path(dir_okay=False), help="LVIS results file (JSON list).")
+@click.option(
+    "--gt", "gt_path", required=True, type=click.Path(dir_okay=False),
+    help="LVIS annotation file (e.g. val.json).",
+)
+@click.option(
+    "--results", "results_path", required=True, type=click.Path(dir_okay=False),
+    help="LVIS results file (JSON list).",
+)
 @click.option("--iou-type", type=click.Choice(["segm", "bbox", "both"]), default="both", show_default=True)
-@click.option("--fixed-ap", is_flag=True, help="Also report fixed AP (top 10,000 per class, no per-image cap).")
-@click.option("--workers", type=int, default=None, help="Worker processes for matching (default: CPUs, at most 8).")
-@click.option("--reference", is_flag=True, help="Evaluate with lvis-api itself (slow) instead of pcbkit's fast path.")
+@click.option(
+    "--fixed-ap", is_flag=True,
+    help="Also report fixed AP (top 10,000 per class, no per-image cap).",
+)
+@click.option(
+    "--workers", type=int, default=None,
+    help="Worker processes for matching (default: CPUs, at most 8).",
+)
+@click.option(
+    "--reference", is_flag=True,
+    help="Evaluate with lvis-api itself (slow) instead of pcbkit's fast path.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the metrics as JSON here (atomically).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False), default=None,
+    help="Also write the metrics as JSON here (atomically).",
+)
 def evaluate_cmd(
     gt_path: str,
     results_path: str,
@@ -27,11 +52,8 @@ def evaluate_cmd(
     out: str | None,
 ) -> None:
     """Evaluate LVIS results: AP, AP50, AP75, APs/m/l, APr/c/f (mask) and APb (box)."""
-    import json
-    import time
-
-    from pcb_analysis.atomic import write_json_atomic
-    from pcb_analysis.errors import PcbkitError
+    # numpy and pycocotools (behind the evaluators) load only when the command runs, not for --help
+    from pcb_analysis.lvis_compat import reference_evaluate
     from pcb_analysis.lvis_eval import evaluate, load_ground_truth, load_results
 
     if workers is not None and workers < 1:
@@ -42,8 +64,6 @@ def evaluate_cmd(
     report: dict[str, dict[str, float]] = {}
     for t in types:
         if reference:
-            from pcb_analysis.lvis_compat import reference_evaluate
-
             load_results(results_path, gt, t)  # same input checks as the fast path
             report[t] = reference_evaluate(gt_path, results_path, t)
             if fixed_ap:
@@ -68,7 +88,7 @@ def format_table(report: dict[str, dict[str, float]]) -> str:
     header = f"{'eval':<12}" + "".join(f"{m:>8}" for m in METRIC_ORDER)
     lines.append(header)
     for name, metrics in report.items():
-        label = {"segm": "mask", "bbox": "box", "segm_fixed": "mask fixed", "bbox_fixed": "box fixed"}.get(name, name)
+        label = _LABELS.get(name, name)
         lines.append(f"{label:<12}" + "".join(_fmt(metrics.get(m)) for m in METRIC_ORDER))
     if "bbox" in report:
         lines.append(f"APb = {_fmt(report['bbox']['AP']).strip()}")

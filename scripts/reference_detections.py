@@ -6,12 +6,12 @@ Used by `make demo` until the training pipeline exists, to exercise `pcbkit eval
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from pcb_analysis.atomic import write_json_atomic
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.eval_cases import jittered_detections
+from pcb_analysis.lvis_json import read_lvis_json
 
 
 def main() -> int:
@@ -21,10 +21,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     try:
-        with open(args.gt, encoding="utf-8") as f:
-            gt = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        print(f"reference_detections: error: {args.gt}: {err}", file=sys.stderr)
+        gt = read_lvis_json(args.gt)
+    except PcbkitError as err:  # its message starts with the path
+        print(f"reference_detections: error: {err}", file=sys.stderr)
         return 2
     try:
         dets = jittered_detections(gt, seed=args.seed)

@@ -1,0 +1,145 @@
+"""Detections of an LVIS results list, validated against the ground truth (docs/evaluation.md §3).
+
+D detections as arrays in file order: image index into `GroundTruth.img_ids`, category index,
+score, box xywh (NaN when absent), segmentation per original result, and `order` (position in
+the file, the tie-breaker lvis-api uses). A results list is a JSON list of objects with
+`image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] and/or `segmentation` (RLE).
+`cap_per_image` (lvis-api's 300 per image) and `cap_per_category` (fixed AP's 10,000 per class)
+return the indices they keep; `select` takes a subset.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pcb_analysis.errors import input_error
+from pcb_analysis.lvis_gt import GroundTruth
+from pcb_analysis.lvis_json import read_json
+
+
+@dataclass
+class Detections:
+    """Detections as arrays, in input order. `order` is the position in the results file."""
+
+    img: np.ndarray  # [D] int64 image index into GroundTruth.img_ids
+    cat: np.ndarray  # [D] int64 category index
+    score: np.ndarray  # [D] float64
+    bbox: np.ndarray  # [D, 4] float64 xywh (NaN when absent)
+    has_bbox: np.ndarray  # [D] bool
+    segm: list[Any] | None  # segmentation per ORIGINAL result (index with `order`), or None
+    order: np.ndarray  # [D] int64
+
+
+def load_results(results: str | Path | list[dict[str, Any]], gt: GroundTruth, iou_type: str) -> Detections:
+    """Validate an LVIS results list (file or parsed) against the ground truth."""
+    source = str(results) if isinstance(results, (str, Path)) else "<results list>"
+    if isinstance(results, (str, Path)):
+        results = read_json(results, "results")
+    if not isinstance(results, list):
+        raise input_error(source, "not an LVIS results file: expected a JSON list of detections")
+    if not results:
+        raise input_error(source, "results list is empty (no detections to evaluate)")
+    n = len(results)
+    try:
+        img_raw = np.fromiter((r["image_id"] for r in results), dtype=np.int64, count=n)
+        cat_raw = np.fromiter((r["category_id"] for r in results), dtype=np.int64, count=n)
+        score = np.fromiter((r["score"] for r in results), dtype=np.float64, count=n)
+    except (KeyError, TypeError, ValueError):
+        for i, r in enumerate(results):
+            if not isinstance(r, dict):
+                raise input_error(source, f"results[{i}] is not an object") from None
+            for name in ("image_id", "category_id", "score"):
+                if name not in r:
+                    raise input_error(source, f"results[{i}] has no field '{name}'") from None
+                if not isinstance(r[name], (int, float)) or isinstance(r[name], bool):
+                    raise input_error(source, f"results[{i}].{name} is not a number") from None
+        raise
+    bad = ~np.isfinite(score)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise input_error(source, f"results[{i}].score is {score[i]} (scores must be finite numbers)")
+    img = np.searchsorted(gt.img_ids, img_raw)
+    img_c = np.minimum(img, gt.img_ids.shape[0] - 1)
+    if not np.all(gt.img_ids[img_c] == img_raw):
+        i = int(np.argmax(gt.img_ids[img_c] != img_raw))
+        raise input_error(
+            source,
+            f"results[{i}].image_id {int(img_raw[i])} is not an image of the ground truth ({gt.source})",
+        )
+    cat = np.minimum(np.searchsorted(gt.cat_ids, cat_raw), gt.num_cats - 1)
+    if not np.all(gt.cat_ids[cat] == cat_raw):
+        unknown = sorted(set(cat_raw[gt.cat_ids[cat] != cat_raw].tolist()))
+        shown = ", ".join(str(c) for c in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise input_error(
+            source,
+            f"field 'category_id': {len(unknown)} id(s) not in the ground truth's categories ({shown})",
+        )
+    has_bbox = np.fromiter(("bbox" in r for r in results), dtype=bool, count=n)
+    bbox = np.full((n, 4), np.nan)
+    if has_bbox.any():
+        try:
+            given = [r["bbox"] for r in results if "bbox" in r]
+            bbox[has_bbox] = np.asarray(given, dtype=np.float64).reshape(-1, 4)
+        except (TypeError, ValueError):
+            raise input_error(source, "field 'bbox': every bbox must be four numbers [x, y, w, h]") from None
+        if not np.all(np.isfinite(bbox[has_bbox])):
+            i = int(np.argmax(has_bbox & ~np.all(np.isfinite(bbox), axis=1)))
+            raise input_error(source, f"results[{i}].bbox has a non-finite value")
+    segm: list[Any] | None = None
+    if iou_type == "bbox":
+        if not has_bbox.all():
+            i = int(np.argmax(~has_bbox))
+            raise input_error(source, f"results[{i}] has no field 'bbox' (needed for bbox evaluation)")
+    else:
+        segm = [r.get("segmentation") for r in results]
+        missing = [i for i, s in enumerate(segm) if s is None and not has_bbox[i]]
+        if missing:
+            raise input_error(source, f"results[{missing[0]}] has neither 'segmentation' nor 'bbox'")
+    return Detections(
+        img=img_c.astype(np.int64),
+        cat=cat.astype(np.int64),
+        score=score,
+        bbox=bbox,
+        has_bbox=has_bbox,
+        segm=segm,
+        order=np.arange(n, dtype=np.int64),
+    )
+
+
+def select(d: Detections, idx: np.ndarray) -> Detections:
+    return Detections(
+        img=d.img[idx],
+        cat=d.cat[idx],
+        score=d.score[idx],
+        bbox=d.bbox[idx],
+        has_bbox=d.has_bbox[idx],
+        segm=d.segm,
+        order=d.order[idx],
+    )
+
+
+def cap_per_image(d: Detections, max_dets: int) -> np.ndarray:
+    """Indices of the detections kept by lvis-api's per-image cap (highest scores, ties: file order)."""
+    if max_dets < 0:
+        return np.arange(d.img.shape[0])
+    o = np.lexsort((d.order, -d.score, d.img))
+    img_sorted = d.img[o]
+    start = np.searchsorted(img_sorted, img_sorted, side="left")
+    rank = np.arange(o.shape[0]) - start
+    counts = np.bincount(d.img, minlength=int(d.img.max()) + 1)
+    # lvis-api only truncates images with more than max_dets detections, keeping the others whole.
+    keep = (rank < max_dets) | (counts[img_sorted] <= max_dets)
+    return np.sort(o[keep])
+
+
+def cap_per_category(d: Detections, per_class: int) -> np.ndarray:
+    """Indices of the `per_class` highest-scoring detections of each category (fixed AP)."""
+    o = np.lexsort((d.order, -d.score, d.cat))
+    cat_sorted = d.cat[o]
+    start = np.searchsorted(cat_sorted, cat_sorted, side="left")
+    rank = np.arange(o.shape[0]) - start
+    return np.sort(o[rank < per_class])
