@@ -8,7 +8,7 @@ M = S / n row-wise (empty rows -> identity rows). Plain functions on tensors (de
 never `.cuda()`), shared by the offline analysis (`pcb_analysis.stats.ClassStats`) and the
 trainer's online matrix (`pcb_train.pcb_loss`): `check_logits_labels`, `check_finite`,
 `foreground_probs`, `batch_sums`, `row_normalise`, `ema_update_`. Speed and precision notes of
-`batch_sums`: docs/statistics.md.
+`batch_sums`: docs/statistics.md §1-§2.
 """
 
 from __future__ import annotations

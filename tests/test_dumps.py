@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps import (
@@ -20,6 +22,7 @@ from pcb_analysis.dumps import (
 )
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.stats import ClassStats
+from pcbkit.cmd_stats import stats_cmd
 
 K = 5
 
@@ -54,7 +57,8 @@ def make_images(n_images: int, k: int = K, seed: int = 0, max_rows: int = 6) -> 
 
 def write_dump(path: Path, images: list[dict], space: CategorySpace | None = None, **kw) -> None:
     kw.setdefault("shard_rows", 8)
-    with DumpWriter(path, space or make_space(), "val", {"checkpoint_hash": "ck1", "git_sha": "abc"}, **kw) as w:
+    provenance = {"checkpoint_hash": "ck1", "git_sha": "abc"}
+    with DumpWriter(path, space or make_space(), "val", provenance, **kw) as w:
         for im in images:
             w.add_image(**im)
 
@@ -116,12 +120,19 @@ def test_regressed_boxes_round_trip(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got["regressed"], concat(images, "regressed"))
         assert DumpReader(tmp_path / kind).manifest["regressed"] == kind
     with pytest.raises(PcbkitError, match="regressed must be"):
-        write_dump(tmp_path / "bad", [{**make_images(1, seed=1)[0], "regressed": np.zeros((6, 3))}], regressed="agnostic")
+        write_dump(
+            tmp_path / "bad",
+            [{**make_images(1, seed=1)[0], "regressed": np.zeros((6, 3))}],
+            regressed="agnostic",
+        )
 
 
 def test_torch_inputs_and_as_torch(tmp_path: Path) -> None:
     images = make_images(3, seed=5)
-    as_t = [{k: (torch.from_numpy(np.asarray(v)) if k != "image_id" else v) for k, v in im.items()} for im in images]
+    as_t = [
+        {k: (torch.from_numpy(np.asarray(v)) if k != "image_id" else v) for k, v in im.items()}
+        for im in images
+    ]
     write_dump(tmp_path / "d", as_t)
     chunks = list(DumpReader(tmp_path / "d").iter_chunks(as_torch=True))
     assert all(isinstance(c["logits"], torch.Tensor) and c["logits"].dtype == torch.float16 for c in chunks)
@@ -142,7 +153,8 @@ def test_streaming_chunks_are_bounded(tmp_path: Path, prefetch: int) -> None:
         n = len(chunk["labels"])
         assert 1 <= n <= 64
         assert all(len(a) == n for a in chunk.values())
-        assert chunk.start + n <= next(s.rows for s in reader.shards if s.name == chunk.shard)  # within one shard
+        # within one shard
+        assert chunk.start + n <= next(s.rows for s in reader.shards if s.name == chunk.shard)
         spans.add(chunk.shard)
         bases.add(chunk["logits"].__array_interface__["data"][0])
         sizes.append(n)
@@ -161,12 +173,16 @@ def test_streaming_chunks_are_bounded(tmp_path: Path, prefetch: int) -> None:
 
 
 def test_prefetch_matches_inline_and_stops_early(tmp_path: Path) -> None:
-    import threading
-
     write_dump(tmp_path / "d", make_images(40, seed=21), shard_rows=9)
     reader = DumpReader(tmp_path / "d")
-    inline = [(c.shard, c.start, {k: np.array(v) for k, v in c.items()}) for c in reader.iter_chunks(rows=4, prefetch=0)]
-    ahead = [(c.shard, c.start, {k: np.array(v) for k, v in c.items()}) for c in reader.iter_chunks(rows=4, prefetch=3)]
+    inline = [
+        (c.shard, c.start, {k: np.array(v) for k, v in c.items()})
+        for c in reader.iter_chunks(rows=4, prefetch=0)
+    ]
+    ahead = [
+        (c.shard, c.start, {k: np.array(v) for k, v in c.items()})
+        for c in reader.iter_chunks(rows=4, prefetch=3)
+    ]
     assert [(a, b) for a, b, _ in inline] == [(a, b) for a, b, _ in ahead]
     for (_, _, x), (_, _, y) in zip(inline, ahead, strict=True):
         for c in x:
@@ -193,7 +209,10 @@ def test_columns_subset_reads_only_those(tmp_path: Path) -> None:
 def test_interrupted_writer_leaves_only_complete_shards_and_resumes(tmp_path: Path) -> None:
     images = make_images(20, seed=2)
     out = tmp_path / "d"
-    with pytest.raises(RuntimeError, match="boom"), DumpWriter(out, make_space(), "val", {}, shard_rows=8) as w:
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        DumpWriter(out, make_space(), "val", {}, shard_rows=8) as w,
+    ):
         for i, im in enumerate(images):
             if i == 13:
                 raise RuntimeError("boom")
@@ -338,7 +357,9 @@ def test_nan_logits_named(tmp_path: Path) -> None:
     target["logits"][1, 2] = np.nan
     write_dump(tmp_path / "d", images, check_finite=False)
     reader = DumpReader(tmp_path / "d")
-    with pytest.raises(PcbkitError, match=rf"shard shard-r00-\d+: logits contain NaN/inf.*image {target['image_id']}"):
+    with pytest.raises(
+        PcbkitError, match=rf"shard shard-r00-\d+: logits contain NaN/inf.*image {target['image_id']}"
+    ):
         for _ in reader.iter_chunks(columns=("logits", "labels")):  # image id found without the column
             pass
     with pytest.raises(PcbkitError, match="NaN/inf"):
@@ -360,7 +381,9 @@ def test_multi_rank_merge(tmp_path: Path) -> None:
     out = tmp_path / "d"
     space = make_space()
     for rank in (1, 0):  # order of completion does not matter
-        with DumpWriter(out, space, "val", {"checkpoint_hash": "ck1"}, shard_rows=6, rank=rank, world_size=2) as w:
+        with DumpWriter(
+            out, space, "val", {"checkpoint_hash": "ck1"}, shard_rows=6, rank=rank, world_size=2
+        ) as w:
             for im in images[rank::2]:
                 w.add_image(**im)
     with pytest.raises(PcbkitError, match="manifest not found"):
@@ -394,7 +417,13 @@ def test_merge_refuses_unfinished_duplicate_and_missing_ranks(tmp_path: Path) ->
 
 
 def test_empty_image_counts_as_done(tmp_path: Path) -> None:
-    empty = {"image_id": 5, "boxes": np.zeros((0, 4)), "logits": np.zeros((0, K + 1)), "labels": np.zeros(0, int), "ious": np.zeros(0)}
+    empty = {
+        "image_id": 5,
+        "boxes": np.zeros((0, 4)),
+        "logits": np.zeros((0, K + 1)),
+        "labels": np.zeros(0, int),
+        "ious": np.zeros(0),
+    }
     write_dump(tmp_path / "d", [empty])
     reader = DumpReader(tmp_path / "d")
     assert reader.num_rows == 0 and reader.image_ids().tolist() == [5]
@@ -409,7 +438,7 @@ def test_empty_image_counts_as_done(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------- statistics
 
 
-def test_stats_from_dump_hand_computed(tmp_path: Path) -> None:
+def test_class_stats_from_dump_hand_computed(tmp_path: Path) -> None:
     k = 2
     space = make_space(k)
     ln3 = math.log(3.0)
@@ -431,15 +460,19 @@ def test_stats_from_dump_hand_computed(tmp_path: Path) -> None:
     # S = [[1/2, 1/2], [3/4 + 1/4, 1/4 + 3/4]] = [[.5, .5], [1, 1]]; n = [1, 2]; H = [[?, ?], [1, 1]]
     # (row 0 ties at 1/2: its arg-max is either column; check the row sum only)
     # fp16 rounding of ln 3 (1.0986328) moves 3/4 by < 2e-5.
-    torch.testing.assert_close(st.S, torch.tensor([[0.5, 0.5], [1.0, 1.0]], dtype=torch.float64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        st.S, torch.tensor([[0.5, 0.5], [1.0, 1.0]], dtype=torch.float64), atol=1e-4, rtol=0
+    )
     assert st.n.tolist() == [1, 2]
     assert st.H[1].tolist() == [1, 1] and int(st.H[0].sum()) == 1
-    torch.testing.assert_close(st.mean_score(), torch.tensor([0.5, 0.5], dtype=st.mean_score().dtype), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        st.mean_score(), torch.tensor([0.5, 0.5], dtype=st.mean_score().dtype), atol=1e-4, rtol=0
+    )
     assert st.split == "val" and st.categories == space
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 7, 10_000])
-def test_stats_from_dump_equals_one_pass(tmp_path: Path, chunk_rows: int) -> None:
+def test_class_stats_from_dump_equals_one_pass(tmp_path: Path, chunk_rows: int) -> None:
     images = make_images(40, seed=13, max_rows=9)
     write_dump(tmp_path / "d", images, shard_rows=11)
     st = ClassStats.from_dump(tmp_path / "d", progress=False, chunk_rows=chunk_rows)
@@ -459,14 +492,12 @@ def test_stats_from_dump_equals_one_pass(tmp_path: Path, chunk_rows: int) -> Non
 
 
 def test_cli_stats(tmp_path: Path) -> None:
-    from click.testing import CliRunner
-
-    from pcbkit.cmd_stats import stats_cmd
-
     images = make_images(30, seed=14)
     write_dump(tmp_path / "d", images)
     out = tmp_path / "s" / "val.npz"
-    res = CliRunner().invoke(stats_cmd, ["--dump", str(tmp_path / "d"), "--out", str(out), "--split-name", "val2", "--no-progress"])
+    res = CliRunner().invoke(
+        stats_cmd, ["--dump", str(tmp_path / "d"), "--out", str(out), "--split-name", "val2", "--no-progress"]
+    )
     assert res.exit_code == 0, res.output
     rows = sum(len(im["labels"]) for im in images)
     positives = int(sum(((im["labels"] >= 0) & (im["labels"] < K)).sum() for im in images))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,23 +19,32 @@ from pcb_analysis.lvis_compat import reference_evaluate
 from pcb_analysis.lvis_eval import (
     cap_per_category,
     cap_per_image,
+    default_workers,
     evaluate,
     evaluate_full,
     load_ground_truth,
     load_results,
 )
+from pcbkit.cli import cli
 
 
 def _gt(images, anns, cats=None):
     cats = cats or [
-        {"id": 1, "name": "a", "synset": "a.n.01", "frequency": "f", "image_count": 200, "instance_count": 300},
+        {"id": 1, "name": "a", "synset": "a.n.01", "frequency": "f",
+         "image_count": 200, "instance_count": 300},
         {"id": 2, "name": "b", "synset": "b.n.01", "frequency": "r", "image_count": 3, "instance_count": 3},
     ]
     return {"images": images, "annotations": anns, "categories": cats}
 
 
 def _img(i, neg=(), nel=()):
-    return {"id": i, "height": 100, "width": 100, "neg_category_ids": list(neg), "not_exhaustive_category_ids": list(nel)}
+    return {
+        "id": i,
+        "height": 100,
+        "width": 100,
+        "neg_category_ids": list(neg),
+        "not_exhaustive_category_ids": list(nel),
+    }
 
 
 def _ann(i, img, cat, box):
@@ -63,7 +74,9 @@ def test_golden_two_gts_three_dets():
     # Recall points 0.00..0.50 (51 of them) land on index 0 -> 1; 0.51..1.00 (50) on index 2 -> 2/3.
     # Same at every IoU threshold (IoU is 1), so AP = (51 * 1 + 50 * 2/3) / 101 = 253 / 303.
     gt = _gt([_img(1)], [_ann(1, 1, 1, (0, 0, 20, 20)), _ann(2, 1, 1, (50, 50, 20, 20))])
-    dets = [_det(1, 1, (0, 0, 20, 20), 0.9), _det(1, 1, (80, 0, 10, 10), 0.8), _det(1, 1, (50, 50, 20, 20), 0.7)]
+    dets = [
+        _det(1, 1, (0, 0, 20, 20), 0.9), _det(1, 1, (80, 0, 10, 10), 0.8), _det(1, 1, (50, 50, 20, 20), 0.7)
+    ]
     m = evaluate(gt, dets, "bbox")
     assert m["AP"] == pytest.approx(253 / 303, abs=1e-12)
     assert m["AP50"] == pytest.approx(253 / 303, abs=1e-12)
@@ -82,7 +95,9 @@ def test_federated_rules():
         [_img(1, neg=[2]), _img(2, nel=[1])],
         [_ann(1, 1, 1, (0, 0, 40, 40)), _ann(2, 2, 1, (0, 0, 40, 40)), _ann(3, 2, 2, (60, 60, 30, 30))],
     )
-    perfect = [_det(1, 1, (0, 0, 40, 40), 0.9), _det(2, 1, (0, 0, 40, 40), 0.9), _det(2, 2, (60, 60, 30, 30), 0.9)]
+    perfect = [
+        _det(1, 1, (0, 0, 40, 40), 0.9), _det(2, 1, (0, 0, 40, 40), 0.9), _det(2, 2, (60, 60, 30, 30), 0.9)
+    ]
     assert evaluate(gt, perfect, "bbox")["AP"] == pytest.approx(1.0)
     # An unmatched detection of a not-exhaustive category (image 2, cat 1) is ignored: AP stays 1.
     nel_fp = perfect + [_det(2, 1, (50, 0, 20, 20), 0.95)]
@@ -107,7 +122,9 @@ def test_rare_class_without_detections_scores_zero():
 def test_cap_per_image_keeps_top_scores_ties_in_file_order():
     gt = load_ground_truth(_gt([_img(1), _img(2)], [_ann(1, 1, 1, (0, 0, 4, 4))]))
     dets = load_results(
-        [_det(1, 1, (0, 0, 1, 1), s) for s in (0.1, 0.5, 0.5, 0.9)] + [_det(2, 1, (0, 0, 1, 1), 0.2)], gt, "bbox"
+        [_det(1, 1, (0, 0, 1, 1), s) for s in (0.1, 0.5, 0.5, 0.9)] + [_det(2, 1, (0, 0, 1, 1), 0.2)],
+        gt,
+        "bbox",
     )
     # image 1 has 4 > 2 detections: keep 0.9 (index 3) and the first 0.5 (index 1); image 2 is untouched
     assert cap_per_image(dets, 2).tolist() == [1, 3, 4]
@@ -191,7 +208,9 @@ def test_bad_input_messages(tmp_path, small_files):
     gt_path, res_path, case = small_files
     with pytest.raises(PcbkitError, match="missing.json: ground-truth file not found"):
         evaluate(tmp_path / "missing.json", res_path)
-    with pytest.raises(PcbkitError, match="notlvis.json: not an LVIS annotation file: missing field 'images'"):
+    with pytest.raises(
+        PcbkitError, match="notlvis.json: not an LVIS annotation file: missing field 'images'"
+    ):
         evaluate(_bad(tmp_path, "notlvis.json", {"foo": 1}), res_path)
     with pytest.raises(PcbkitError, match="garbage.json: not valid JSON"):
         evaluate(_bad(tmp_path, "garbage.json", "{not json"), res_path)
@@ -214,8 +233,6 @@ def test_bad_input_messages(tmp_path, small_files):
 
 
 def test_cli_evaluate_table_and_json(tmp_path, small_files):
-    from pcbkit.cli import cli
-
     gt_path, res_path, case = small_files
     out = tmp_path / "m.json"
     r = CliRunner().invoke(
@@ -235,9 +252,6 @@ def test_cli_evaluate_table_and_json(tmp_path, small_files):
 
 
 def test_cli_bad_input_is_one_line_nonzero(tmp_path, small_files):
-    import subprocess
-    import sys
-
     gt_path, res_path, _ = small_files
     empty = _bad(tmp_path, "empty.json", [])
     proc = subprocess.run(
@@ -251,7 +265,10 @@ def test_cli_bad_input_is_one_line_nonzero(tmp_path, small_files):
     out = tmp_path / "keep.json"
     out.write_text("good")
     proc = subprocess.run(
-        [sys.executable, "-m", "pcbkit", "evaluate", "--gt", str(gt_path), "--results", str(empty), "--out", str(out)],
+        [
+            sys.executable, "-m", "pcbkit", "evaluate",
+            "--gt", str(gt_path), "--results", str(empty), "--out", str(out),
+        ],
         capture_output=True,
         text=True,
     )
@@ -267,9 +284,7 @@ def test_worker_count_does_not_change_results():
 
 
 def test_no_forked_workers_inside_a_process_group(tmp_path: Path) -> None:
-    import torch.distributed as dist
-
-    from pcb_analysis.lvis_eval import default_workers
+    import torch.distributed as dist  # heavy (torch): only this test of the module needs it
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -1,4 +1,6 @@
-"""Tests of pcb_analysis.stats: S, n, H, confusion, mean score, merge, persistence, EMA (docs/method.md §2, §4.1).
+"""Tests of pcb_analysis.stats / class_sums: S, n, H, confusion, mean score, merge, persistence, EMA.
+
+docs/method.md §2, §4.1.
 
 Logits [R, K+1], background = column K; labels -1 ignore, 0..K-1 positive, K background.
 """
@@ -79,7 +81,9 @@ def space(k: int, tag: str = "") -> CategorySpace:
     )
 
 
-def random_batch(r: int, k: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def random_batch(
+    r: int, k: int, seed: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     logits = (torch.randn(r, k + 1, generator=g) * 2.0).to(dtype)
     labels = torch.randint(-1, k + 1, (r,), generator=g)
@@ -134,7 +138,11 @@ def test_foreground_probs_drops_background() -> None:
 def test_batch_sums_tuple_and_accumulator_forms() -> None:
     S, n, H = batch_sums(hand_logits(), torch.tensor(HAND_LABELS), 3)
     torch.testing.assert_close(S, torch.tensor(HAND_S, dtype=torch.float64))
-    out = (torch.ones(3, 3, dtype=torch.float64), torch.ones(3, dtype=torch.int64), torch.ones(3, 3, dtype=torch.int64))
+    out = (
+        torch.ones(3, 3, dtype=torch.float64),
+        torch.ones(3, dtype=torch.int64),
+        torch.ones(3, 3, dtype=torch.int64),
+    )
     res = batch_sums(hand_logits(), torch.tensor(HAND_LABELS), 3, out=out)
     assert res.S is out[0] and res.n is out[1] and res.H is out[2]  # accumulated in place
     torch.testing.assert_close(out[0], S + 1)
@@ -259,7 +267,8 @@ def test_ignored_labels_do_not_count() -> None:
 
 def test_row_normalise_golden() -> None:
     # S row 0 = (1, 3) / n 4 -> (0.25, 0.75); row 1 has n = 0 -> identity row (0, 1)
-    m, empty = row_normalise(torch.tensor([[1.0, 3.0], [0.0, 0.0]], dtype=torch.float64), torch.tensor([4, 0]))
+    s_rows = torch.tensor([[1.0, 3.0], [0.0, 0.0]], dtype=torch.float64)
+    m, empty = row_normalise(s_rows, torch.tensor([4, 0]))
     assert m.tolist() == [[0.25, 0.75], [0.0, 1.0]] and empty.tolist() == [False, True]
 
 
@@ -331,7 +340,9 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     back = ClassStats.load(path, categories=space(3))
     assert torch.equal(back.S, st.S) and torch.equal(back.n, st.n) and torch.equal(back.H, st.H)
     assert back.categories == st.categories and back.category_hash == space(3).hash
-    assert (back.source, back.split, back.rows, back.background, back.ignored) == ("dumps/m/val", "val", 7, 1, 1)
+    assert (back.source, back.split, back.rows, back.background, back.ignored) == (
+        "dumps/m/val", "val", 7, 1, 1
+    )
     with np.load(path) as data:  # derived arrays for convenience
         np.testing.assert_allclose(data["CM"], np.array(HAND_M), atol=1e-12)
         np.testing.assert_allclose(data["MS"], np.array(HAND_MS), atol=1e-12)
@@ -418,7 +429,8 @@ def test_ema_update_renormalises_and_starts_from_zero() -> None:
     #   0.99 * 0 + 0.01 * mean -> renormalised -> mean.
     m = torch.zeros(3, 3, dtype=torch.float32)
     s_b = torch.tensor([[0.0, 0.0, 0.0], [0.6, 2.4, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    ema_update_(m, s_b, torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64), 0.99)  # float64 counts (OnlineConfusion)
+    # float64 counts (OnlineConfusion)
+    ema_update_(m, s_b, torch.tensor([0.0, 3.0, 0.0], dtype=torch.float64), 0.99)
     torch.testing.assert_close(m[1], torch.tensor([0.2, 0.8, 0.0]))
     assert m[0].abs().sum() == 0 and m[2].abs().sum() == 0
     # a second batch of class 1 moves it by (1 - mu) toward the new mean: 0.99*(0.2, 0.8) + 0.01*(1, 0)
