@@ -40,7 +40,8 @@ if str(ROOT) not in sys.path:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set of this process image (VmHWM; ru_maxrss would include the parent's after fork+exec)."""
+    """Peak resident set of this process image (VmHWM; ru_maxrss would include the parent's after
+    fork+exec)."""
     try:
         with open("/proc/self/status", encoding="ascii") as f:
             for line in f:
@@ -60,7 +61,9 @@ def cpu_seconds() -> float:
 # ------------------------------------------------------------------------------------ dump
 
 
-def write_dump(out: Path, rows: int, k: int, positive_fraction: float, shard_rows: int, seed: int = 0) -> float:
+def write_dump(
+    out: Path, rows: int, k: int, positive_fraction: float, shard_rows: int, seed: int = 0
+) -> float:
     """A dump of `rows` rows in images of 1,000 proposals; returns seconds spent writing."""
     from tqdm import tqdm
 
@@ -159,7 +162,8 @@ def phase_roofline(dump: Path, chunk_rows: int, variant: str) -> dict:
         else:
             torch.softmax(zt, dim=1, dtype=torch.float32)
         rows += len(z)
-    return {"rows": rows, "seconds": time.perf_counter() - t0, "cpu": cpu_seconds() - c0, "peak_rss": peak_rss_bytes()}
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+    return {"rows": rows, "seconds": seconds, "cpu": cpu, "peak_rss": peak_rss_bytes()}
 
 
 def phase_numpy(dump: Path, chunk_rows: int, max_rows: int | None) -> dict:
@@ -221,7 +225,8 @@ def _row(label: str, r: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=2_000_000, help="proposal rows in the dump (default 2,000,000)")
+    ap.add_argument("--rows", type=int, default=2_000_000,
+                    help="proposal rows in the dump (default 2,000,000)")
     ap.add_argument("--classes", type=int, default=1203, help="K foreground classes (default 1203, LVIS v1)")
     ap.add_argument("--positive-fraction", type=float, default=1.0,
                     help="fraction of rows with a class label (1.0 = a --positives-only dump, the worst case "
@@ -229,11 +234,12 @@ def main() -> None:
     ap.add_argument("--shard-rows", type=int, default=65_536)
     ap.add_argument("--chunk-rows", type=int, default=8_192)
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads in every phase (default 1; 0 = torch's default). pcbkit's reader "
-                         "adds one I/O thread of its own")
+                    help="torch intra-op threads in every phase (default 1; 0 = torch's default). "
+                         "pcbkit's reader adds one I/O thread of its own")
     ap.add_argument("--baseline-rows", type=int, default=200_000,
                     help="rows timed for the numpy baseline (its rows/s is extrapolated to the dump)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of (a) and (c), best kept (shared CPU)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="timed runs of (a) and (c), best kept (shared CPU)")
     ap.add_argument("--tmp", type=str, default=None, help="parent directory of the temporary dump")
     ap.add_argument("--keep", action="store_true", help="keep the dump (prints its path)")
     # internal: one phase in this subprocess
@@ -267,8 +273,9 @@ def main() -> None:
     dump = tmp / "dump"
     try:
         threads = args.threads or torch.get_num_threads()
-        print(f"pcbkit stats benchmark: {args.rows:,} rows, K = {args.classes} (+1 background), float16 logits, "
-              f"positive fraction {args.positive_fraction}, chunks of {args.chunk_rows:,} rows; "
+        print(f"pcbkit stats benchmark: {args.rows:,} rows, K = {args.classes} (+1 background), "
+              f"float16 logits, positive fraction {args.positive_fraction}, "
+              f"chunks of {args.chunk_rows:,} rows; "
               f"torch {torch.__version__}, {threads} torch thread(s), {os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.1f} at start")
         wsec = write_dump(dump, args.rows, args.classes, args.positive_fraction, args.shard_rows)
@@ -291,7 +298,8 @@ def main() -> None:
         ra, rc, rb = a["rows"] / a["seconds"], c["rows"] / c["seconds"], base["rows"] / base["seconds"]
         subset = base["rows"] < a["rows"]
         print()
-        print(f"{'phase (best of ' + str(args.repeats) + ' wall times)':<46}{'rows':>11}{'wall s':>9}{'CPU s':>9}"
+        title = "phase (best of " + str(args.repeats) + " wall times)"
+        print(f"{title:<46}{'rows':>11}{'wall s':>9}{'CPU s':>9}"
               f"{'rows/s':>11}{'rows/CPU s':>12}{'peak RSS':>11}")
         print(_row("(a) pcbkit ClassStats.from_dump", a))
         print(_row("(a) same, first quarter of the shards", quarter))
@@ -302,8 +310,8 @@ def main() -> None:
         if subset:
             print(f"numpy baseline timed on the first {base['rows']:,} rows only; rows/s extrapolated: "
                   f"~{a['rows'] / rb:,.0f} s for the whole dump")
-        print(f"(a) time / (c) roofline time:  wall {rc / ra:.2f}x, CPU {a['cpu'] / c['cpu']:.2f}x  (goal <= 1.3x; "
-              f"vs (c'): wall {c2['rows'] / c2['seconds'] / ra:.2f}x)")
+        print(f"(a) time / (c) roofline time:  wall {rc / ra:.2f}x, CPU {a['cpu'] / c['cpu']:.2f}x  "
+              f"(goal <= 1.3x; vs (c'): wall {c2['rows'] / c2['seconds'] / ra:.2f}x)")
         print(f"(a) / (b) speed:               wall {ra / rb:.1f}x, CPU "
               f"{(a['rows'] / a['cpu']) / (base['rows'] / base['cpu']):.1f}x  (goal >= 10x)")
         print(f"(a) peak RSS:                  {a['peak_rss'] / 2**30:.2f} GB at {a['rows']:,} rows, "
