@@ -16,7 +16,7 @@ first, then `pcb_loss(logits, labels, confusion.matrix, a_r)`; `iterative_head.i
 does exactly that for every step.
 
 The matrix math (foreground softmax, per-class sums, EMA) lives in ONE place,
-`pcb_analysis.stats`, shared with the offline analysis; `OnlineConfusion` only holds the buffers,
+`pcb_analysis.class_sums`, shared with the offline analysis; `OnlineConfusion` only holds the buffers,
 all-reduces the batch sums and calls it.
 """
 
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcb_analysis.stats import batch_sums, ema_update_
+from pcb_analysis.class_sums import batch_sums, ema_update_
 from pcb_train.distributed import all_reduce_sum_
 
 logger = logging.getLogger(__name__)
@@ -267,9 +267,9 @@ class OnlineConfusion(nn.Module):
     the last bit on the same batch. Cost: 8 B x K^2 = 11.6 MB at K = 1,203.
 
     `update(logits, labels)` (no gradient): per-class sums of the foreground softmax over this
-    batch's positives via `pcb_analysis.stats.batch_sums`, SUM-all-reduced over ranks when
+    batch's positives via `pcb_analysis.class_sums.batch_sums`, SUM-all-reduced over ranks when
     torch.distributed is initialised (every rank joins, even with zero positives), then
-    `pcb_analysis.stats.ema_update_` (only classes with n_b > 0; rows renormalised), `counts += n_b`.
+    `pcb_analysis.class_sums.ema_update_` (only classes with n_b > 0; rows renormalised), `counts += n_b`.
     Every rank therefore ends with identical buffers. Device-agnostic: move the module with `.to()`.
 
     The batch sums go into scratch accumulators (non-persistent buffers, float64 S [K, K], int64
