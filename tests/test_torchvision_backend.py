@@ -24,7 +24,7 @@ from pcb_train.backends import (
     match_proposals,
     save_checkpoint,
 )
-from pcb_train.backends.torchvision_backend import (
+from pcb_train.backends.torchvision import (
     TorchvisionBackend,
     as_torchvision_model,
     bg_last_to_tv,
@@ -309,7 +309,7 @@ def test_records_restore_training_mode(fresh: TorchvisionBackend) -> None:
 
 def test_compact_masks_give_the_same_lvis_results_as_pasted_ones(backend: TorchvisionBackend) -> None:
     from pcb_analysis.categories import CategorySpace
-    from pcb_train.backends.base import detections_to_lvis
+    from pcb_train.backends.postprocess import detections_to_lvis
 
     cats = CategorySpace(ids=tuple(range(1, K + 1)), names=tuple(f"c{i}" for i in range(K)),
                          frequency=("f",) * K, image_count=(1,) * K)
@@ -419,7 +419,7 @@ def test_paste_masks_matches_torchvision() -> None:
     from torchvision.models.detection.roi_heads import paste_masks_in_image
     from torchvision.ops import clip_boxes_to_image
 
-    from pcb_train.backends.torchvision_backend import paste_masks
+    from pcb_train.backends.mask_ops import paste_masks
 
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(40, 7, 7, generator=g)
@@ -438,7 +438,7 @@ def test_paste_masks_matches_torchvision() -> None:
 
 
 def test_class_mask_logits_equal_the_full_predictor(backend: TorchvisionBackend) -> None:
-    from pcb_train.backends.torchvision_backend import class_mask_logits
+    from pcb_train.backends.torchvision import class_mask_logits
 
     pred = backend.model.roi_heads.mask_predictor
     x = torch.randn(6, pred.conv5_mask.in_channels, 4, 4, generator=torch.Generator().manual_seed(0))
@@ -661,7 +661,7 @@ def test_r50_fpn_at_lvis_class_count() -> None:
 
 
 def test_mask_head_in_chunks_equals_one_call(backend: TorchvisionBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pcb_train.backends.torchvision_backend as tvb
+    import pcb_train.backends.torchvision.roi_heads as tvb
 
     images = make_images()
     with torch.no_grad():

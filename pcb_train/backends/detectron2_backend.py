@@ -29,7 +29,7 @@ Inputs: images [3, H, W] float RGB in [0, 1] -> `detectron2_inputs`: detectron2'
 (bilinear), with "height"/"width" = the original size; the model normalises and pads itself.
 Boxes and masks come back in original image pixels (detectron2's `detector_postprocess`).
 
-Checkpoints (`load_checkpoint`): pcbkit checkpoints (`base.make_checkpoint` of this model's state
+Checkpoints (`load_checkpoint`): pcbkit checkpoints (`checkpoint.make_checkpoint` of this model's state
 dict) are read with `weights_only=True` and checked against the config and categories; anything
 else is taken as a detectron2 file: `.pkl` through detectron2's own reader, `.pth` with
 `weights_only=True` first and, when that refuses the file (detectron2 checkpoints may pickle
@@ -563,7 +563,7 @@ class Detectron2Backend:
     ) -> list[ProposalRecord]:
         """Per image: the box head's class logits [R, K+1] (background last; the last iterative
         step) for its test-time RPN proposals (or the given `proposals`, xyxy original pixels),
-        matched to the ground truth (`base.match_proposals`), optionally with regressed boxes."""
+        matched to the ground truth (`matching.match_proposals`), optionally with regressed boxes."""
         from detectron2.structures import Boxes, Instances
 
         if len(targets) != len(images):
