@@ -49,8 +49,6 @@ from torch import Tensor  # noqa: E402
 K = 1203
 
 
-
-
 def synthetic_confusion(k: int, seed: int = 0) -> Tensor:
     """M = 0.6 I + 0.4 D, D with Dirichlet(0.05) rows: row-stochastic, diagonally dominant (invertible)."""
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +66,9 @@ def r50_fpn_backend(config: str, size: int, max_size: int, threads: int = 0) -> 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs" / config, [f"model.min_size={size}", f"model.max_size={max_size}"]).model
+    cfg = load_config(
+        ROOT / "configs" / config, [f"model.min_size={size}", f"model.max_size={max_size}"]
+    ).model
     backend = build_backend(cfg)
     backend.model.eval()
     return backend
@@ -80,7 +80,9 @@ def smooth_images(n: int, h: int, w: int, seed: int = 0) -> list[Tensor]:
     out = []
     for _ in range(n):
         small = torch.rand(1, 3, max(h // 16, 1), max(w // 16, 1), generator=g)
-        out.append(torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0])
+        out.append(
+            torch.nn.functional.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)[0]
+        )
     return out
 
 
@@ -137,17 +139,24 @@ def main() -> None:
     wall, cpu = interleaved_medians({n: run(n) for n in configs}, args.warmup, args.repeats)
     cal_wall, cal_cpu = interleaved_medians({"cm": lambda: cal(q)}, 1, max(args.repeats, 3))
     for name in configs:
-        print(f"  infer {name:<8} wall {wall[name]:7.2f} s  cpu {cpu[name]:7.2f} s  ({dets[name]} detections)")
-    print(f"  calibrator cm alone on q [{rows}, {K + 1}]: wall {cal_wall['cm']:.3f} s  cpu {cal_cpu['cm']:.3f} s")
+        print(
+            f"  infer {name:<8} wall {wall[name]:7.2f} s  cpu {cpu[name]:7.2f} s  ({dets[name]} detections)"
+        )
+    print(
+        f"  calibrator cm alone on q [{rows}, {K + 1}]: "
+        f"wall {cal_wall['cm']:.3f} s  cpu {cal_cpu['cm']:.3f} s"
+    )
     print(
         f"  (proposal, class) pairs above the {thresh:g} score threshold, i.e. NMS candidates: "
         f"none {candidates['none']:,}, cm {candidates['cm']:,} of {rows * K:,}"
     )
     print(
-        f"ratio cm / none: wall {wall['cm'] / wall['none']:.3f}x, cpu {cpu['cm'] / cpu['none']:.3f}x (goal <= 1.05x)"
+        f"ratio cm / none: wall {wall['cm'] / wall['none']:.3f}x, "
+        f"cpu {cpu['cm'] / cpu['none']:.3f}x (goal <= 1.05x)"
     )
     print(
-        f"calibrator alone / infer none: cpu {cal_cpu['cm'] / cpu['none']:.4f} (the transform's own cost; the rest "
+        f"calibrator alone / infer none: cpu {cal_cpu['cm'] / cpu['none']:.4f} "
+        "(the transform's own cost; the rest "
         "of the difference is post-processing on fewer or more candidates)"
     )
     print(

@@ -72,8 +72,7 @@ def main() -> None:
 
     from pcb_analysis.calibration import Calibrator
     from pcb_analysis.categories import CategorySpace
-    from pcb_train.backends import identity
-    from pcb_train.backends.base import detections_to_lvis
+    from pcb_train.backends import detections_to_lvis, identity
 
     backend = r50_fpn_backend("lvis_v0.5_r50_fpn_softmax_2x.yaml", args.size, args.max_size, args.threads)
     k = backend.num_classes

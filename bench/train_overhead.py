@@ -43,8 +43,6 @@ CHANNELS = 256
 ROI = 7
 
 
-
-
 def make_labels(gen: torch.Generator, gt_classes: int) -> Tensor:
     """1,024 RoI labels: 25% positives, the rest background (K).
 
@@ -126,8 +124,11 @@ class Predictor(nn.Module):
 
 def two_mlp_head() -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(CHANNELS * ROI * ROI, FEAT), nn.ReLU(inplace=True),
-        nn.Linear(FEAT, FEAT), nn.ReLU(inplace=True),
+        nn.Flatten(),
+        nn.Linear(CHANNELS * ROI * ROI, FEAT),
+        nn.ReLU(inplace=True),
+        nn.Linear(FEAT, FEAT),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -176,8 +177,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=21, help="timed repeats of the classification step")
     ap.add_argument("--head-repeats", type=int, default=5, help="timed repeats of the box-head benchmark")
-    ap.add_argument("--gt-classes", type=int, default=30,
-                    help="distinct classes among the positives (default 30: 2 images x ~15 objects)")
+    ap.add_argument(
+        "--gt-classes",
+        type=int,
+        default=30,
+        help="distinct classes among the positives (default 30: 2 images x ~15 objects)",
+    )
     ap.add_argument("--skip-head", action="store_true", help="only the classification-step benchmark")
     ap.add_argument("--agnostic", action="store_true", help="also time class-agnostic deltas [R, 4]")
     args = ap.parse_args()
@@ -186,21 +191,30 @@ def main() -> None:
 
     threads = args.threads or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={K}, {ROIS} RoIs, "
-          f"{int(ROIS * POS_FRACTION)} positives of <= {args.gt_classes} classes, features {FEAT}-d / [{ROIS}, {CHANNELS}, {ROI}, {ROI}]")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, K={K}, {ROIS} RoIs, "
+        f"{int(ROIS * POS_FRACTION)} positives of <= {args.gt_classes} classes, "
+        f"features {FEAT}-d / [{ROIS}, {CHANNELS}, {ROI}, {ROI}]"
+    )
 
     t, c = bench_cls_step(args.warmup, args.repeats, args.gt_classes)
-    print("\n(1) classification step, forward+backward of the cls FC layer + loss (median of "
-          f"{args.repeats}; wall / process CPU):")
+    print(
+        "\n(1) classification step, forward+backward of the cls FC layer + loss (median of "
+        f"{args.repeats}; wall / process CPU):"
+    )
     print(f"    plain CE                        {t['ce'] * 1e3:8.2f} ms / {c['ce'] * 1e3:8.2f} ms")
     print(f"    PCB loss + online matrix update {t['pcb'] * 1e3:8.2f} ms / {c['pcb'] * 1e3:8.2f} ms")
-    print(f"      parts: OnlineConfusion.update {t['update'] * 1e3:.2f} / {c['update'] * 1e3:.2f} ms; "
-          f"pcb_loss fwd+bwd {t['pcb_loss_fb'] * 1e3:.2f} / {c['pcb_loss_fb'] * 1e3:.2f} ms; "
-          f"F.cross_entropy fwd+bwd {t['ce_loss_fb'] * 1e3:.2f} / {c['ce_loss_fb'] * 1e3:.2f} ms")
+    print(
+        f"      parts: OnlineConfusion.update {t['update'] * 1e3:.2f} / {c['update'] * 1e3:.2f} ms; "
+        f"pcb_loss fwd+bwd {t['pcb_loss_fb'] * 1e3:.2f} / {c['pcb_loss_fb'] * 1e3:.2f} ms; "
+        f"F.cross_entropy fwd+bwd {t['ce_loss_fb'] * 1e3:.2f} / {c['ce_loss_fb'] * 1e3:.2f} ms"
+    )
     for what, d in (("wall", t), ("CPU ", c)):
         ratio1 = d["pcb"] / d["ce"]
-        print(f"    ratio PCB / CE ({what})           {ratio1:8.3f}x   (goal <= 1.05)  "
-              f"{'OK' if ratio1 <= 1.05 else 'OVER'}")
+        print(
+            f"    ratio PCB / CE ({what})           {ratio1:8.3f}x   (goal <= 1.05)  "
+            f"{'OK' if ratio1 <= 1.05 else 'OVER'}"
+        )
 
     if args.skip_head:
         return
@@ -210,14 +224,21 @@ def main() -> None:
     for name, box_dim in dims:
         h, hc = bench_head(box_dim, min(args.warmup, 1), args.head_repeats)
         flops = head_macs(box_dim, 3) / head_macs(box_dim, 1)
-        print(f"\n(2) RoI box head forward+backward from [{ROIS}, {CHANNELS}, {ROI}, {ROI}], {name} "
-              f"(median of {args.head_repeats}; wall / process CPU):")
+        print(
+            f"\n(2) RoI box head forward+backward from [{ROIS}, {CHANNELS}, {ROI}, {ROI}], {name} "
+            f"(median of {args.head_repeats}; wall / process CPU):"
+        )
         print(f"    plain head                      {h['plain'] * 1e3:8.1f} ms / {hc['plain'] * 1e3:8.1f} ms")
-        print(f"    iterative head, 3 steps         {h['iterative'] * 1e3:8.1f} ms / {hc['iterative'] * 1e3:8.1f} ms")
+        print(
+            f"    iterative head, 3 steps         {h['iterative'] * 1e3:8.1f} ms / "
+            f"{hc['iterative'] * 1e3:8.1f} ms"
+        )
         for what, d in (("wall", h), ("CPU ", hc)):
             ratio2 = d["iterative"] / d["plain"]
-            print(f"    ratio iterative / plain ({what})  {ratio2:8.3f}x   (goal <= 3.2)  "
-                  f"{'OK' if ratio2 <= 3.2 else 'OVER'};  measured / FLOP ratio {ratio2 / flops:.3f}")
+            print(
+                f"    ratio iterative / plain ({what})  {ratio2:8.3f}x   (goal <= 3.2)  "
+                f"{'OK' if ratio2 <= 3.2 else 'OVER'};  measured / FLOP ratio {ratio2 / flops:.3f}"
+            )
         print(f"    matmul-FLOP ratio (3 passes + 2 x two MLPs) {flops:.3f}x")
 
 

@@ -3,7 +3,7 @@
 R proposals, K foreground classes; logits [R, K+1], background = column K; q = softmax over all
 K+1 logits. Every statistic is a score transform q [R, K+1] -> q~ [R, K+1] that keeps the
 background probability (docs/method.md §3), applied BEFORE the standard post-processing
-(`pcb_train.backends.base.select_detections`: score > 1e-4, class-wise NMS 0.5, top 300 per image;
+(`pcb_train.backends.select_detections`: score > 1e-4, class-wise NMS 0.5, top 300 per image;
 masks are then predicted for the calibrated detections).
 
 Two modes, one post-processing function:
@@ -72,7 +72,7 @@ from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError, input_error
 from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS
 from pcb_analysis.stats import ClassStats
-from pcb_train.backends.base import (
+from pcb_train.backends import (
     ScoreTransform,
     detections_to_lvis,
     identity,
@@ -721,7 +721,7 @@ def _all_image_ids(gt: str | Path) -> list[int]:
 def class_probabilities_for(backend_name: str) -> Callable[[Tensor], Tensor]:
     """The softmax the named backend scores with in-model (so the offline path gets its exact q)."""
     if backend_name == "torchvision":
-        from pcb_train.backends.torchvision_backend import PCBRoIHeads
+        from pcb_train.backends.torchvision import PCBRoIHeads
 
         return PCBRoIHeads.class_probabilities
     return softmax_probabilities

@@ -72,7 +72,9 @@ def modulation_mlp(
     starts as the constant `b` (its first layer keeps the default initialisation, so gradients reach
     it as soon as the last layer moves).
     """
-    mlp = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features))
+    mlp = nn.Sequential(
+        nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features)
+    )
     if out_bias is not None:
         last = mlp[2]
         assert isinstance(last, nn.Linear)
@@ -135,7 +137,8 @@ class IterativeRoIHead(nn.Module):
         super().__init__()
         if modulation_init not in MODULATION_INITS:
             raise ValueError(
-                f"IterativeRoIHead: modulation_init must be one of {MODULATION_INITS}, got {modulation_init!r}"
+                f"IterativeRoIHead: modulation_init must be one of {MODULATION_INITS}, "
+                f"got {modulation_init!r}"
             )
         if n_iter < 1:
             raise ValueError(f"IterativeRoIHead: n_iter must be >= 1, got {n_iter}")
@@ -158,7 +161,9 @@ class IterativeRoIHead(nn.Module):
             bd = _predictor_width(predictor, "bbox_pred", box_dim, "box_dim (4K or 4)")
             identity = modulation_init == "identity"
             self.mlp_cls = modulation_mlp(k1, self.feat_channels, hidden, out_bias=0.0 if identity else None)
-            self.mlp_loc = modulation_mlp(bd, self.roi_size * self.roi_size, hidden, out_bias=1.0 if identity else None)
+            self.mlp_loc = modulation_mlp(
+                bd, self.roi_size * self.roi_size, hidden, out_bias=1.0 if identity else None
+            )
 
     def modulate(self, features: Tensor, logits: Tensor, deltas: Tensor) -> Tensor:
         """`F * g + c` for features [R, C, S, S], logits [R, K+1], deltas [R, 4K|4] -> [R, C, S, S]."""
@@ -252,7 +257,9 @@ def iterative_cls_loss(
 SHARED_KEYS = (("iterative_head.box_head.", "box_head."), ("iterative_head.predictor.", "box_predictor."))
 
 
-def _drop_shared_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+def _drop_shared_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any
+) -> None:
     for shared, _ in SHARED_KEYS:
         for key in [k for k in state_dict if k.startswith(prefix + shared)]:
             del state_dict[key]

@@ -175,7 +175,7 @@ def test_calibrate_cli_end_to_end(world: dict[str, Path], tmp_path: Path, run_pc
 def test_statistics_share_one_backbone_pass(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pcb_train.backends.torchvision_backend import TinyBackbone
+    from pcb_train.backends.torchvision import TinyBackbone
 
     calls = {"n": 0}
     real = TinyBackbone.forward
@@ -395,7 +395,7 @@ def test_tau_needs_instance_counts(world: dict[str, Path], tmp_path: Path) -> No
 def test_batched_nms_equals_torchvision_bit_for_bit() -> None:
     from torchvision.ops import boxes as box_ops
 
-    from pcb_train.backends.base import batched_nms
+    from pcb_train.backends.postprocess import batched_nms
 
     g = torch.Generator().manual_seed(0)
     for n, k in ((40, 3), (3000, 40), (20000, 300)):  # the last two take the per-class path
@@ -413,7 +413,7 @@ def test_select_detections_hand_case() -> None:
     q rows (c0, c1, bg): (0.6, 0.1, 0.3), (0.5, 0.04, 0.46). Candidates above 0.05: (row 0, c0) 0.6,
     (row 0, c1) 0.1, (row 1, c0) 0.5. Row 1's c0 box overlaps row 0's c0 box with IoU 81/119 = 0.68
     > 0.5: suppressed. Kept, by score: (0, c0) 0.6, (0, c1) 0.1."""
-    from pcb_train.backends.base import select_detections
+    from pcb_train.backends.postprocess import select_detections
 
     q = torch.tensor([[0.6, 0.1, 0.3], [0.5, 0.04, 0.46]])
     box = torch.tensor([0.0, 0.0, 10.0, 10.0])
@@ -453,7 +453,7 @@ def test_per_class_top_keeps_the_best_per_class_in_arrival_order_on_ties() -> No
 
 
 def test_select_detections_uncapped_is_the_sorted_superset_of_capped() -> None:
-    from pcb_train.backends.base import select_detections
+    from pcb_train.backends.postprocess import select_detections
 
     g = torch.Generator().manual_seed(0)
     r, k = 30, 4
@@ -504,7 +504,7 @@ def test_fixed_ap_results_are_uncapped_and_standard_results_their_per_image_pref
 def test_several_calibrations_share_one_pass_and_equal_separate_runs(
     world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pcb_train.backends.torchvision_backend import TinyBackbone
+    from pcb_train.backends.torchvision import TinyBackbone
     from pcb_train.calibrate import calibrate_models
 
     a = model_cfg(world, tmp_path / "a", stat=("none", "cm"))
@@ -532,7 +532,7 @@ def test_several_calibrations_share_one_pass_and_equal_separate_runs(
 
 
 def test_rle_cache_encodes_each_pair_once_and_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pcb_train.backends.base as base
+    import pcb_train.backends.postprocess as base
 
     cats = CategorySpace(ids=(5, 9), names=("a", "b"), frequency=("r", "f"), image_count=(1, 2))
     g = torch.Generator().manual_seed(0)

@@ -36,7 +36,9 @@ except ImportError as _err:
 
 def needs_detectron2(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Mark a test `needs_detectron2` and skip it, with the reason, when detectron2 cannot be imported."""
-    return pytest.mark.needs_detectron2(pytest.mark.skipif(D2_MISSING is not None, reason=D2_MISSING or "")(fn))
+    return pytest.mark.needs_detectron2(
+        pytest.mark.skipif(D2_MISSING is not None, reason=D2_MISSING or "")(fn)
+    )
 
 
 K = 3
@@ -55,7 +57,12 @@ TINY = [
     "model.roi_batch_size_per_image=32",
     f"model.detections_per_image={DETS}",  # detectron2 pastes masks one by one on the CPU
 ]
-PCB = ["model.iterative_head=true", "model.pcb_loss=true", "model.pcb_start_unit=iteration", "model.pcb_start=1"]
+PCB = [
+    "model.iterative_head=true",
+    "model.pcb_loss=true",
+    "model.pcb_start_unit=iteration",
+    "model.pcb_start=1",
+]
 
 
 def tiny_config(*overrides: str) -> ModelConfig:
@@ -93,7 +100,9 @@ def make_targets(images: list[Tensor]) -> list[dict[str, Tensor]]:
         for j, (x1, y1, x2, y2) in enumerate(boxes[:n].int().tolist()):
             masks[j, y1:y2, x1:x2] = 1
         labels = torch.tensor([0, 1] if i == 0 else [2, 1, 0])
-        out.append({"boxes": boxes[:n].clone(), "labels": labels, "masks": masks, "image_id": torch.tensor(100 + i)})
+        out.append(
+            {"boxes": boxes[:n].clone(), "labels": labels, "masks": masks, "image_id": torch.tensor(100 + i)}
+        )
     return out
 
 
@@ -148,21 +157,25 @@ def trained_pcb() -> Any:
 def test_missing_detectron2_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hide detectron2 (a None entry makes `import detectron2` raise ImportError) and request it."""
     for name in list(sys.modules):
-        if name == "detectron2" or name.startswith("detectron2.") or name in (
-            "pcb_train.detectron2_pcb",
-            "pcb_train.backends.detectron2_backend",
+        if (
+            name == "detectron2"
+            or name.startswith("detectron2.")
+            or name == "pcb_train.backends.detectron2"
+            or name.startswith("pcb_train.backends.detectron2.")
         ):
             monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "detectron2", None)
     config = ModelConfig(backend="detectron2", arch="tiny", num_classes=3)
-    with pytest.raises(PcbkitError, match="detectron2 is not installed: build it from source with pip install"):
+    with pytest.raises(
+        PcbkitError, match="detectron2 is not installed: build it from source with pip install"
+    ):
         build_backend(config)
     with pytest.raises(PcbkitError, match="--no-build-isolation <source dir>"):
-        from pcb_train.backends.detectron2_backend import Detectron2Backend
+        from pcb_train.backends.detectron2 import Detectron2Backend
 
         Detectron2Backend(config)
     with pytest.raises(PcbkitError, match="not installed"):
-        from pcb_train.backends.detectron2_backend import detectron2_cfg
+        from pcb_train.backends.detectron2 import detectron2_cfg
 
         detectron2_cfg(config)
 
@@ -175,7 +188,7 @@ def test_missing_detectron2_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) ->
 def test_add_pcb_config_defaults_and_start_iter() -> None:
     from detectron2.config import get_cfg
 
-    from pcb_train.detectron2_pcb import add_pcb_config, resolve_start_iter
+    from pcb_train.backends.detectron2.roi_heads import add_pcb_config, resolve_start_iter
 
     cfg = add_pcb_config(get_cfg())
     pcb = cfg.MODEL.PCB
@@ -194,29 +207,39 @@ def test_add_pcb_config_defaults_and_start_iter() -> None:
 
 @needs_detectron2
 def test_r50_fpn_lvis_settings() -> None:
-    from pcb_train.backends.detectron2_backend import detectron2_cfg
+    from pcb_train.backends.detectron2 import detectron2_cfg
 
     cfg = detectron2_cfg(
         load_config(None, ["model.backend=detectron2", "model.arch=r50_fpn", "model.num_classes=1203"]).model
     )
     m = cfg.MODEL
     assert m.WEIGHTS == "" and m.META_ARCHITECTURE == "GeneralizedRCNN" and m.MASK_ON
-    assert (m.RESNETS.DEPTH, m.FPN.OUT_CHANNELS, m.ROI_BOX_HEAD.NUM_FC, m.ROI_BOX_HEAD.FC_DIM) == (50, 256, 2, 1024)
+    widths = (m.RESNETS.DEPTH, m.FPN.OUT_CHANNELS, m.ROI_BOX_HEAD.NUM_FC, m.ROI_BOX_HEAD.FC_DIM)
+    assert widths == (50, 256, 2, 1024)
     assert list(m.RPN.IN_FEATURES) == ["p2", "p3", "p4", "p5", "p6"]
     assert [list(s) for s in m.ANCHOR_GENERATOR.SIZES] == [[32], [64], [128], [256], [512]]
-    assert (m.RPN.PRE_NMS_TOPK_TEST, m.RPN.POST_NMS_TOPK_TEST, m.RPN.POST_NMS_TOPK_TRAIN) == (1000, 1000, 1000)
+    rpn_top = (m.RPN.PRE_NMS_TOPK_TEST, m.RPN.POST_NMS_TOPK_TEST, m.RPN.POST_NMS_TOPK_TRAIN)
+    assert rpn_top == (1000, 1000, 1000)
     assert m.ROI_HEADS.NAME == "PCBROIHeads" and m.ROI_HEADS.NUM_CLASSES == 1203
     assert (m.ROI_HEADS.BATCH_SIZE_PER_IMAGE, m.ROI_HEADS.POSITIVE_FRACTION) == (512, 0.25)
     assert list(m.ROI_HEADS.IOU_THRESHOLDS) == [0.5]
-    assert (m.ROI_HEADS.SCORE_THRESH_TEST, m.ROI_HEADS.NMS_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE) == (1e-4, 0.5, 300)
-    assert (m.ROI_MASK_HEAD.NUM_CONV, m.ROI_MASK_HEAD.CONV_DIM, m.ROI_MASK_HEAD.POOLER_RESOLUTION) == (4, 256, 14)
+    test = (m.ROI_HEADS.SCORE_THRESH_TEST, m.ROI_HEADS.NMS_THRESH_TEST, cfg.TEST.DETECTIONS_PER_IMAGE)
+    assert test == (1e-4, 0.5, 300)
+    mask = (m.ROI_MASK_HEAD.NUM_CONV, m.ROI_MASK_HEAD.CONV_DIM, m.ROI_MASK_HEAD.POOLER_RESOLUTION)
+    assert mask == (4, 256, 14)
     assert (cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST) == (800, 1333)
     assert not m.PCB.ENABLED and not m.PCB.ITERATIVE and m.PCB.MODULATION_INIT == "default"
     ident = load_config(None, ["model.backend=detectron2", "model.modulation_init=identity"]).model
     assert detectron2_cfg(ident).MODEL.PCB.MODULATION_INIT == "identity"
     # a PCB start given as a fraction of training
     frac = load_config(
-        None, ["model.backend=detectron2", "model.pcb_loss=true", "model.pcb_start_unit=fraction", "model.pcb_start=0.5"]
+        None,
+        [
+            "model.backend=detectron2",
+            "model.pcb_loss=true",
+            "model.pcb_start_unit=fraction",
+            "model.pcb_start=0.5",
+        ],
     ).model
     assert detectron2_cfg(frac, max_iter=1000).MODEL.PCB.START_ITER == 500
     with pytest.raises(PcbkitError, match="anchor_sizes"):
@@ -227,7 +250,7 @@ def test_r50_fpn_lvis_settings() -> None:
 def test_tiny_model_builds(backend: Any) -> None:
     from detectron2.modeling import GeneralizedRCNN
 
-    from pcb_train.detectron2_pcb import PCBROIHeads
+    from pcb_train.backends.detectron2.roi_heads import PCBROIHeads
 
     assert isinstance(backend, DetectorBackend)
     assert backend.name == "detectron2" and backend.num_classes == K
@@ -432,7 +455,7 @@ def test_default_trainer_trains_and_resumes_pcb(tmp_path: Path) -> None:
     from detectron2.structures import BoxMode
     from PIL import Image
 
-    from pcb_train.backends.detectron2_backend import detectron2_cfg
+    from pcb_train.backends.detectron2 import detectron2_cfg
 
     images = make_images()
     dicts = []
@@ -443,7 +466,12 @@ def test_default_trainer_trains_and_resumes_pcb(tmp_path: Path) -> None:
         for (x1, y1, x2, y2), label in zip(t["boxes"].tolist(), t["labels"].tolist(), strict=True):
             polygon = [x1, y1, x2, y1, x2, y2, x1, y2]
             anns.append(
-                {"bbox": [x1, y1, x2, y2], "bbox_mode": BoxMode.XYXY_ABS, "category_id": label, "segmentation": [polygon]}
+                {
+                    "bbox": [x1, y1, x2, y2],
+                    "bbox_mode": BoxMode.XYXY_ABS,
+                    "category_id": label,
+                    "segmentation": [polygon],
+                }
             )
         h, w = int(im.shape[1]), int(im.shape[2])
         dicts.append({"file_name": str(path), "image_id": i, "height": h, "width": w, "annotations": anns})
@@ -545,13 +573,17 @@ def test_detectron2_checkpoint_round_trip_keeps_pcb_buffers(tmp_path: Path, trai
     # a resumed detectron2 checkpointer restores the buffers as well
     again = tiny_backend(*PCB, seed=6)
     DetectionCheckpointer(again.model).load(str(tmp_path / "model_pcb.pth"))
-    torch.testing.assert_close(again.model.roi_heads.confusion.matrix, trained_pcb.model.roi_heads.confusion.matrix)
+    torch.testing.assert_close(
+        again.model.roi_heads.confusion.matrix, trained_pcb.model.roi_heads.confusion.matrix
+    )
 
 
 @needs_detectron2
 def test_pcbkit_checkpoint_round_trip_and_mismatches(tmp_path: Path, trained_pcb: Any) -> None:
     path = tmp_path / "pcbkit.pth"
-    save_checkpoint(path, make_checkpoint(trained_pcb.model.state_dict(), trained_pcb.config, categories=categories()))
+    save_checkpoint(
+        path, make_checkpoint(trained_pcb.model.state_dict(), trained_pcb.config, categories=categories())
+    )
     fresh = tiny_backend(*PCB, seed=7)
     info = fresh.load_checkpoint(path, categories())
     assert info.model_config == trained_pcb.config and info.categories == categories()
@@ -580,7 +612,7 @@ def test_detectron2_checkpoint_needing_weights_only_false(
     with pytest.raises(Exception):  # noqa: B017 - torch's own error type for refused globals
         torch.load(path, weights_only=True)
     fresh = tiny_backend(seed=8)
-    with caplog.at_level(logging.INFO, logger="pcb_train.backends.detectron2_backend"):
+    with caplog.at_level(logging.INFO, logger="pcb_train.backends.detectron2"):
         info = fresh.load_checkpoint(path)
     assert "weights_only=False" in caplog.text
     assert info.extra["iteration"] == 9
@@ -591,7 +623,9 @@ def test_detectron2_checkpoint_needing_weights_only_false(
 def test_detectron2_model_zoo_pickle_and_class_count(tmp_path: Path, backend: Any) -> None:
     """A model-zoo style .pkl (numpy arrays, "__author__", FrozenBN: no BatchNorm step counters)
     loads; another class count is refused."""
-    state = {k: v.numpy() for k, v in backend.model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {
+        k: v.numpy() for k, v in backend.model.state_dict().items() if not k.endswith("num_batches_tracked")
+    }
     path = tmp_path / "zoo.pkl"
     with open(path, "wb") as f:
         pickle.dump({"model": state, "__author__": "pcbkit test"}, f)
@@ -615,7 +649,9 @@ def test_local_weights_initialise_a_frozen_backbone(tmp_path: Path, backend: Any
 
     path = tmp_path / "init.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"model": {k: v.numpy() for k, v in backend.model.state_dict().items()}, "__author__": "t"}, f)
+        pickle.dump(
+            {"model": {k: v.numpy() for k, v in backend.model.state_dict().items()}, "__author__": "t"}, f
+        )
     b = tiny_backend(f"model.weights={path}", "model.trainable_backbone_layers=3", seed=11)
     bottom_up = b.model.backbone.bottom_up
     assert isinstance(bottom_up.stem.norm, FrozenBatchNorm2d)
@@ -623,5 +659,6 @@ def test_local_weights_initialise_a_frozen_backbone(tmp_path: Path, backend: Any
     assert frozen and all(n.startswith(("stem.", "res2.")) for n in frozen)  # FREEZE_AT = 2
     assert all(p.requires_grad for p in bottom_up.res3.parameters())
     torch.testing.assert_close(
-        b.model.roi_heads.box_predictor.cls_score.weight, backend.model.roi_heads.box_predictor.cls_score.weight
+        b.model.roi_heads.box_predictor.cls_score.weight,
+        backend.model.roi_heads.box_predictor.cls_score.weight,
     )

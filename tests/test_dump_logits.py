@@ -25,7 +25,7 @@ from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.stats import ClassStats
 from pcb_train.backends import build_backend, make_checkpoint, save_checkpoint
-from pcb_train.backends.torchvision_backend import TorchvisionBackend
+from pcb_train.backends.torchvision import TorchvisionBackend
 from pcb_train.config import load_config, save_config
 from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
 

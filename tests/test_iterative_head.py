@@ -65,7 +65,9 @@ def test_single_step_equals_plain_head() -> None:
     out = head(f)
     z, d = head.predictor(head.box_head(f))
     assert torch.equal(out.logits, z) and torch.equal(out.deltas, d)
-    n_plain = sum(p.numel() for p in head.box_head.parameters()) + sum(p.numel() for p in head.predictor.parameters())
+    n_plain = sum(p.numel() for p in head.box_head.parameters()) + sum(
+        p.numel() for p in head.predictor.parameters()
+    )
     assert sum(p.numel() for p in head.parameters()) == n_plain
 
 
@@ -85,7 +87,9 @@ def test_modulation_formula_and_weight_sharing() -> None:
     torch.testing.assert_close(out.step_logits[1], z1)
     torch.testing.assert_close(out.step_deltas[1], d1)
     # parameters: box head + predictor once, plus the two MLPs (in->512->out)
-    n_plain = sum(p.numel() for p in head.box_head.parameters()) + sum(p.numel() for p in head.predictor.parameters())
+    n_plain = sum(p.numel() for p in head.box_head.parameters()) + sum(
+        p.numel() for p in head.predictor.parameters()
+    )
     n_mlps = ((K + 1) * 512 + 512 + 512 * C + C) + ((4 * K) * 512 + 512 + 512 * S * S + S * S)
     assert sum(p.numel() for p in head.parameters()) == n_plain + n_mlps
 
@@ -160,7 +164,9 @@ def test_iterative_cls_loss_without_pcb_is_weighted_cross_entropy() -> None:
     assert res.alphas == (0.0, 0.0, 0.0)
     # confusion given but PCB not started: the matrix still learns (updated every step), loss is CE
     conf = OnlineConfusion(K)
-    res2 = iterative_cls_loss(out.step_logits, y, head.step_weights, confusion=conf, alpha=0.4, pcb_started=False)
+    res2 = iterative_cls_loss(
+        out.step_logits, y, head.step_weights, confusion=conf, alpha=0.4, pcb_started=False
+    )
     torch.testing.assert_close(res2.total, res.total)
     assert conf.counts.tolist() == [3.0] * K  # one positive per class per step, three steps
 
@@ -171,7 +177,9 @@ def test_iterative_cls_loss_with_pcb_uses_step_alphas_and_updated_matrix() -> No
     out = head(f)
     y = _labels()
     conf = OnlineConfusion(K, momentum=0.9)
-    res = iterative_cls_loss(out.step_logits, y, head.step_weights, confusion=conf, alpha=0.4, pcb_started=True)
+    res = iterative_cls_loss(
+        out.step_logits, y, head.step_weights, confusion=conf, alpha=0.4, pcb_started=True
+    )
     assert res.alphas == (0.0, 0.2, 0.4)  # step 0 plain CE, a_r = alpha * r / (n_iter - 1)
     # by hand: update with step r's logits, then PCB loss against the matrix after that update
     ref = OnlineConfusion(K, momentum=0.9)
@@ -192,7 +200,9 @@ def test_iterative_cls_loss_waits_until_every_class_was_seen() -> None:
     out = head(feats())
     y = torch.tensor([0, 1, 2, 3, K, K])  # class 4 never seen
     conf = OnlineConfusion(K)
-    res = iterative_cls_loss(out.step_logits, y, head.step_weights, confusion=conf, alpha=0.4, pcb_started=True)
+    res = iterative_cls_loss(
+        out.step_logits, y, head.step_weights, confusion=conf, alpha=0.4, pcb_started=True
+    )
     assert res.alphas == (0.0, 0.0, 0.0) and not conf.ready
 
 

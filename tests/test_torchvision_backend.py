@@ -311,8 +311,12 @@ def test_compact_masks_give_the_same_lvis_results_as_pasted_ones(backend: Torchv
     from pcb_analysis.categories import CategorySpace
     from pcb_train.backends.postprocess import detections_to_lvis
 
-    cats = CategorySpace(ids=tuple(range(1, K + 1)), names=tuple(f"c{i}" for i in range(K)),
-                         frequency=("f",) * K, image_count=(1,) * K)
+    cats = CategorySpace(
+        ids=tuple(range(1, K + 1)),
+        names=tuple(f"c{i}" for i in range(K)),
+        frequency=("f",) * K,
+        image_count=(1,) * K,
+    )
     images = make_images()
     transforms = {"none": identity, "half": lambda q: torch.cat([q[:, :-1] * 0.5, q[:, -1:]], 1)}
     pasted = backend.infer(images, transforms, detections_per_image=-1)
@@ -660,7 +664,9 @@ def test_r50_fpn_at_lvis_class_count() -> None:
     assert math.isfinite(float(rec.logits.abs().max()))
 
 
-def test_mask_head_in_chunks_equals_one_call(backend: TorchvisionBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mask_head_in_chunks_equals_one_call(
+    backend: TorchvisionBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pcb_train.backends.torchvision.roi_heads as tvb
 
     images = make_images()

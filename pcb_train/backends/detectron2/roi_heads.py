@@ -1,60 +1,19 @@
-"""PCB for detectron2: an ROI-heads plug-in (`PCBROIHeads`) and its config keys (`add_pcb_config`).
+"""PCB for detectron2: the ROI-heads plug-in `PCBROIHeads` and its config keys `MODEL.PCB`.
 
-R RoIs, K foreground classes; detectron2's box predictor already gives logits [R, K+1] with the
-background LAST (column K) and sample labels 0..K-1 / K = background, which is pcbkit's convention:
-nothing is converted here.
-
-Importing this module imports detectron2 and registers `PCBROIHeads` in detectron2's
-`ROI_HEADS_REGISTRY` (detectron2's own extension mechanism), so a config with
-`MODEL.ROI_HEADS.NAME = "PCBROIHeads"` builds it through `build_model(cfg)` and trains with
-detectron2's `DefaultTrainer` / `SimpleTrainer` unchanged:
-
-    from detectron2.config import get_cfg
-    from pcb_train.detectron2_pcb import add_pcb_config
-
-    cfg = add_pcb_config(get_cfg())          # adds MODEL.PCB.*
-    cfg.merge_from_file("mask_rcnn_R_50_FPN.yaml")
-    cfg.MODEL.ROI_HEADS.NAME = "PCBROIHeads"
-    cfg.MODEL.PCB.ENABLED = True             # PCB loss + online confusion matrix
-    cfg.MODEL.PCB.ITERATIVE = True           # 3-step weight-shared box head
-
-`MODEL.PCB` keys (docs/method.md §4):
-
-    ENABLED         False   the PCB loss (§4.3) with the online matrix (§4.1); False: cross-entropy
-    ALPHA           0.4     alpha; step r uses a_r = ALPHA * r / (N_ITER - 1) (ALPHA with one step)
-    MOMENTUM        0.99    EMA momentum of the online matrix
-    START_ITER      -1      iteration from which the PCB loss is active (AND every class seen);
-                            negative: round(START_FRACTION * SOLVER.MAX_ITER)
-    START_FRACTION  17/24   the paper's switch-on point (first learning-rate drop of a 2x schedule)
-    ITERATIVE       False   the iterative box head (§4.4)
-    N_ITER          3       steps of the iterative head
-    STEP_WEIGHTS    [0.2, 0.2, 0.6]  classification-loss weight of each step
-    MODULATION_INIT "default"  initialisation of the modulation MLPs: "default" (the official
-                            code) or "identity" (g = 1, c = 0 at the start; see IterativeRoIHead)
-
-Training, per iteration (detectron2's storage iteration `get_event_storage().iter`): sample RoIs
-as `StandardROIHeads` does, run the box head (`N_ITER` weight-shared steps with `F * g + c`
-modulation when ITERATIVE, `pcb_train.iterative_head.IterativeRoIHead`), classification loss
-`iterative_cls_loss` (every step updates the online matrix, `OnlineConfusion`, which all-reduces
-its batch sums over ranks when torch.distributed is initialised, as under detectron2's `launch`),
-box regression loss from the LAST step only (detectron2's `box_reg_loss`, its loss weight), mask
-head unchanged. Losses: "loss_cls", "loss_box_reg" (+ "loss_mask" and the RPN's); per-step terms
-and whether PCB is active go to the event storage ("pcb/...").
-
-Inference: the last step's logits and deltas, detectron2's `fast_rcnn_inference`, optionally
-after `score_transform` (q [R, K+1] -> q~ [R, K+1], background last) for post-hoc calibration.
-
-State: the online matrix is a module (`roi_heads.confusion`, buffers `matrix` [K, K] and `counts`
-[K], float64), so detectron2's `DetectionCheckpointer` saves and restores it with the weights. The
-iterative head shares the box head and predictor: their weights are saved once, under
-detectron2's names (`roi_heads.box_head.*`, `roi_heads.box_predictor.*`), so plain and iterative
-models share keys.
+R RoIs, K classes: detectron2's box predictor already gives logits [R, K+1] with the background
+LAST and sample labels 0..K-1 / K = background, pcbkit's convention, so nothing is converted.
+Importing this module imports detectron2 and registers `PCBROIHeads` in its ROI_HEADS_REGISTRY:
+`cfg = add_pcb_config(get_cfg())`, `cfg.MODEL.ROI_HEADS.NAME = "PCBROIHeads"`, then detectron2's
+`build_model` / `DefaultTrainer` work unchanged. Training: the classification loss of every step
+(PCB with the online matrix when MODEL.PCB.ENABLED, from `resolve_start_iter`), box loss from the
+last step; inference: the last step, after `score_transform` when set. The online matrix
+(`roi_heads.confusion`) is saved with the weights. Keys and details: docs/backends.md §7.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -62,10 +21,11 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec, cat
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
-from detectron2.structures import Instances
+from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from pcb_train.backends.base import ScoreTransform
 from pcb_train.iterative_head import (
     DEFAULT_STEP_WEIGHTS,
     IterativeRoIHead,
@@ -79,13 +39,10 @@ logger = logging.getLogger(__name__)
 
 NAME = "PCBROIHeads"
 DEFAULT_START_FRACTION = 17.0 / 24.0
-# keys of the iterative head's shared modules -> the owner's keys (saved once, under the owner's)
-
-ScoreTransform = Callable[[Tensor], Tensor]
 
 
 def add_pcb_config(cfg: CfgNode) -> CfgNode:
-    """Add the `MODEL.PCB` keys (defaults in the module docstring) to a detectron2 config; returns it.
+    """Add the `MODEL.PCB` keys (defaults: docs/backends.md §7) to a detectron2 config; returns it.
 
     A config that already has `MODEL.PCB` is left as it is (so calling this twice keeps values)."""
     if "PCB" in cfg.MODEL:
@@ -130,12 +87,13 @@ def _roi_channels(box_head: nn.Module, roi_size: int) -> int:
                 return c
             break
     raise ValueError(
-        f"PCBROIHeads: cannot infer the RoI feature channels from {type(box_head).__name__}; pass roi_channels"
+        f"PCBROIHeads: cannot infer the RoI feature channels from {type(box_head).__name__}; "
+        "pass roi_channels"
     )
 
 
 class PCBROIHeads(StandardROIHeads):
-    """`StandardROIHeads` with the PCB loss and the iterative box head (see the module docstring).
+    """`StandardROIHeads` with the PCB loss and the iterative box head (docs/backends.md §7).
 
     Args (besides `StandardROIHeads`'):
         pcb_loss: use the PCB loss with an online confusion matrix (False: cross-entropy).
@@ -165,9 +123,11 @@ class PCBROIHeads(StandardROIHeads):
     ) -> None:
         super().__init__(**kwargs)
         predictor = self.box_predictor
-        if pcb_loss and (getattr(predictor, "use_sigmoid_ce", False) or getattr(predictor, "use_fed_loss", False)):
+        sigmoid = getattr(predictor, "use_sigmoid_ce", False) or getattr(predictor, "use_fed_loss", False)
+        if pcb_loss and sigmoid:
             raise ValueError(
-                "PCBROIHeads: the PCB loss is a softmax loss; disable MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS"
+                "PCBROIHeads: the PCB loss is a softmax loss; "
+                "disable MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS"
             )
         if alpha < 0.0:
             raise ValueError(f"PCBROIHeads: alpha must be >= 0, got {alpha}")
@@ -202,7 +162,9 @@ class PCBROIHeads(StandardROIHeads):
     def from_config(cls, cfg: CfgNode, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:
         ret = super().from_config(cfg, input_shape)
         if "PCB" not in cfg.MODEL:
-            raise KeyError("PCBROIHeads: the config has no MODEL.PCB section; call add_pcb_config(cfg) first")
+            raise KeyError(
+                "PCBROIHeads: the config has no MODEL.PCB section; call add_pcb_config(cfg) first"
+            )
         pcb = cfg.MODEL.PCB
         in_features = cfg.MODEL.ROI_HEADS.IN_FEATURES
         ret.update(
@@ -282,10 +244,10 @@ class PCBROIHeads(StandardROIHeads):
         if self.training:
             losses = self.box_losses(step_logits, deltas, proposals)
             if self.train_on_pred_boxes:
-                from detectron2.structures import Boxes
-
                 with torch.no_grad():
-                    pred = self.box_predictor.predict_boxes_for_gt_classes((step_logits[-1], deltas), proposals)
+                    pred = self.box_predictor.predict_boxes_for_gt_classes(
+                        (step_logits[-1], deltas), proposals
+                    )
                     for p, boxes in zip(proposals, pred, strict=True):
                         p.proposal_boxes = Boxes(boxes)
             return losses
@@ -325,12 +287,9 @@ def _log_accuracy(logits: Tensor, gt_classes: Tensor, storage: Any) -> None:
     storage.put_scalar("fast_rcnn/cls_accuracy", float((pred == gt_classes).sum()) / n)
     n_fg = int(fg.sum())
     if n_fg:
-        storage.put_scalar("fast_rcnn/fg_cls_accuracy", float((pred[fg] == gt_classes[fg]).sum()) / n_fg)
+        fg_correct = float((pred[fg] == gt_classes[fg]).sum())
+        storage.put_scalar("fast_rcnn/fg_cls_accuracy", fg_correct / n_fg)
         storage.put_scalar("fast_rcnn/false_negative", float((pred[fg] == bg).sum()) / n_fg)
-
-
-
-
 
 
 if NAME not in ROI_HEADS_REGISTRY:  # a re-import (e.g. importlib.reload) keeps the first registration
