@@ -198,7 +198,7 @@ def test_add_pcb_config_defaults_and_start_iter() -> None:
     pcb.ALPHA = 0.2
     assert add_pcb_config(cfg).MODEL.PCB.ALPHA == 0.2  # a second call keeps the values
     cfg.SOLVER.MAX_ITER = 2400
-    assert resolve_start_iter(cfg) == 1700  # 17/24 of 2400
+    assert resolve_start_iter(cfg) == 1600  # 2/3 of 2400 (PCB after 16 of 24 epochs)
     pcb.START_ITER = 5
     assert resolve_start_iter(cfg) == 5
     cfg.merge_from_list(["MODEL.PCB.ENABLED", "True", "MODEL.PCB.STEP_WEIGHTS", "[0.5, 0.5]"])

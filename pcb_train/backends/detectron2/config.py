@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pcb_analysis.errors import PcbkitError
 from pcb_train.config import ModelConfig
+from pcb_train.schedule import DEFAULT_PCB_START_FRACTION, pcb_start_iteration
 
 if TYPE_CHECKING:
     from detectron2.config import CfgNode
@@ -56,28 +57,25 @@ def require_detectron2() -> None:
 
 
 def _start_iter(
-    config: ModelConfig, max_iter: int | None, iters_per_epoch: int | None
+    config: ModelConfig, max_iter: int | None, iters_per_epoch: float | None
 ) -> tuple[int, float]:
-    """(MODEL.PCB.START_ITER, START_FRACTION) for the config's PCB start threshold."""
-    # lazy: roi_heads imports detectron2 (optional); only called after require_detectron2()
-    from pcb_train.backends.detectron2.roi_heads import DEFAULT_START_FRACTION
-
-    if config.pcb_start_unit == "iteration":
-        return int(config.pcb_start), DEFAULT_START_FRACTION
-    if config.pcb_start_unit == "fraction":
-        if max_iter is not None:
-            return int(round(config.pcb_start * max_iter)), float(config.pcb_start)
-        return -1, float(config.pcb_start)  # resolved against SOLVER.MAX_ITER when the heads are built
-    if iters_per_epoch is not None:
-        return int(round(config.pcb_start * iters_per_epoch)), DEFAULT_START_FRACTION
-    if config.pcb_loss:  # matters for training only (detectron2's trainer reads START_ITER)
+    """(MODEL.PCB.START_ITER, START_FRACTION) for the config's PCB start (`pcb_start_iteration`;
+    START_ITER -1 when it needs a length not given: resolved from START_FRACTION x MAX_ITER)."""
+    unit = config.pcb_start_unit
+    fraction = float(config.pcb_start) if unit == "fraction" else DEFAULT_PCB_START_FRACTION
+    start = pcb_start_iteration(
+        unit, config.pcb_start, max_iter=max_iter, iters_per_epoch=iters_per_epoch
+    )
+    if start is not None:
+        return start, fraction
+    if unit == "epoch" and config.pcb_loss:  # matters for training only (the trainer reads START_ITER)
         logger.info(
             "model.pcb_start=%g epochs cannot be converted to iterations without iters_per_epoch; "
             "MODEL.PCB.START_ITER=-1 (PCB from %.3f of SOLVER.MAX_ITER): set it for your schedule",
             config.pcb_start,
-            DEFAULT_START_FRACTION,
+            DEFAULT_PCB_START_FRACTION,
         )
-    return -1, DEFAULT_START_FRACTION
+    return -1, fraction
 
 
 def detectron2_cfg(
@@ -85,7 +83,7 @@ def detectron2_cfg(
     train_min_sizes: Sequence[int] | None = None,
     *,
     max_iter: int | None = None,
-    iters_per_epoch: int | None = None,
+    iters_per_epoch: float | None = None,
 ) -> CfgNode:
     """The detectron2 config (unfrozen, with `MODEL.PCB`) of a pcbkit `ModelConfig`.
 

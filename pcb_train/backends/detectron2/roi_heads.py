@@ -34,11 +34,12 @@ from pcb_train.iterative_head import (
     share_checkpoint_keys,
 )
 from pcb_train.pcb_loss import DEFAULT_ALPHA, DEFAULT_MOMENTUM, OnlineConfusion
+from pcb_train.schedule import DEFAULT_PCB_START_FRACTION, pcb_start_iteration
 
 logger = logging.getLogger(__name__)
 
 NAME = "PCBROIHeads"
-DEFAULT_START_FRACTION = 17.0 / 24.0
+DEFAULT_START_FRACTION = DEFAULT_PCB_START_FRACTION  # 2/3: after 16 of 24 epochs (docs/method.md §4.3)
 
 
 def add_pcb_config(cfg: CfgNode) -> CfgNode:
@@ -73,7 +74,9 @@ def resolve_start_iter(cfg: CfgNode) -> int:
     frac = float(pcb.START_FRACTION)
     if not 0.0 <= frac <= 1.0:
         raise ValueError(f"MODEL.PCB.START_FRACTION must be in [0, 1], got {frac}")
-    return int(round(frac * int(cfg.SOLVER.MAX_ITER)))
+    start = pcb_start_iteration("fraction", frac, max_iter=int(cfg.SOLVER.MAX_ITER))
+    assert start is not None  # a fraction with max_iter given always resolves
+    return start
 
 
 def _roi_channels(box_head: nn.Module, roi_size: int) -> int:
