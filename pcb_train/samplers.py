@@ -252,11 +252,13 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(
-                f"DistributedBatchSampler: bad batch_size={batch_size} / rank={rank} / world_size={world_size}"
+                f"DistributedBatchSampler: bad batch_size={batch_size} / rank={rank} / "
+                f"world_size={world_size}"
             )
         if batch_size % world_size:
             raise ValueError(
-                f"DistributedBatchSampler: the global batch {batch_size} does not split over {world_size} ranks"
+                f"DistributedBatchSampler: the global batch {batch_size} does not split over "
+                f"{world_size} ranks"
             )
         if num_batches is not None and num_batches < 0:
             raise ValueError(f"DistributedBatchSampler: num_batches must be >= 0, got {num_batches}")

@@ -89,7 +89,9 @@ def make_schedule(solver: SolverConfig, model: ModelConfig, nominal_epoch_length
         steps = tuple(int(round(s * ipe)) for s in solver.lr_steps)
     start: int | None = None
     if model.pcb_loss:
-        start = pcb_start_iteration(model.pcb_start_unit, model.pcb_start, max_iter=max_iter, iters_per_epoch=ipe)
+        start = pcb_start_iteration(
+            model.pcb_start_unit, model.pcb_start, max_iter=max_iter, iters_per_epoch=ipe
+        )
     return Schedule(
         max_iter=max_iter,
         iters_per_epoch=ipe,

@@ -30,14 +30,23 @@ def test_trainer_schedule_uses_it_for_a_24_epoch_run() -> None:
     # 160 images per epoch, 16 per batch: 10 iterations per epoch, 24 epochs = 240 iterations
     cfg = load_config(
         None,
-        ["solver.ims_per_batch=16", "model.pcb_loss=true", "model.pcb_start=17", "model.pcb_start_unit=epoch"],
+        [
+            "solver.ims_per_batch=16",
+            "model.pcb_loss=true",
+            "model.pcb_start=17",
+            "model.pcb_start_unit=epoch",
+        ],
     )
     s = make_schedule(cfg.solver, cfg.model, 160.0)
     assert s.max_iter == 240 and s.pcb_start_iter == 16 * 10 == s.lr_steps[0]
     assert not s.pcb_started(159) and s.pcb_started(160)
     frac = load_config(
         None,
-        ["solver.ims_per_batch=16", "model.pcb_loss=true", f"model.pcb_start={DEFAULT_PCB_START_FRACTION}",
-         "model.pcb_start_unit=fraction"],
+        [
+            "solver.ims_per_batch=16",
+            "model.pcb_loss=true",
+            f"model.pcb_start={DEFAULT_PCB_START_FRACTION}",
+            "model.pcb_start_unit=fraction",
+        ],
     )
     assert make_schedule(frac.solver, frac.model, 160.0).pcb_start_iter == 160

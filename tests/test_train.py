@@ -32,12 +32,10 @@ from pcb_train.train import (
     LAST_CHECKPOINT,
     METRICS_FILE,
     TrainResult,
-    config_differences,
     resolve_amp,
-    rng_state,
-    set_rng_state,
     train,
 )
+from pcb_train.train_state import config_differences, rng_state, set_rng_state
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = ROOT / "configs" / "synth_tiny.yaml"
@@ -344,15 +342,21 @@ def test_run_folder_is_never_clobbered(reference_run: TrainResult, synth12: Path
 # the command line
 
 
-def test_cli_unknown_key(synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
+def test_cli_unknown_key(
+    synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
+) -> None:
     out = tmp_path / "run"
-    code, _, err = run_pcbkit(["train", "--config", str(TINY_YAML), "--out", str(out), "model.fpn_chanels=32"])
+    code, _, err = run_pcbkit(
+        ["train", "--config", str(TINY_YAML), "--out", str(out), "model.fpn_chanels=32"]
+    )
     assert code == 2
     assert "unknown key 'model.fpn_chanels'" in err and "did you mean model.fpn_channels" in err
     assert not out.exists()
 
 
-def test_cli_class_count_disagrees(synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
+def test_cli_class_count_disagrees(
+    synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
+) -> None:
     out = tmp_path / "run"
     args = tiny_overrides(synth12, "model.num_classes=13")
     code, _, err = run_pcbkit(["train", "--config", str(TINY_YAML), "--out", str(out), *args])
@@ -362,7 +366,9 @@ def test_cli_class_count_disagrees(synth12: Path, tmp_path: Path, run_pcbkit: Ca
     assert not out.exists()
 
 
-def test_cli_missing_images(synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
+def test_cli_missing_images(
+    synth12: Path, tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
+) -> None:
     data = json.loads((synth12 / "train.json").read_text())
     data["images"][3]["file_name"] = "train/not_there.png"
     ann = tmp_path / "train.json"

@@ -1,0 +1,56 @@
+"""Graceful stop of the training loop on SIGINT / SIGTERM.
+
+`with StopRequest() as stop:` installs handlers (main thread only) for the duration of the loop:
+the first signal sets `stop.requested`, and the loop saves a checkpoint after the current
+iteration (Ctrl-C, a scheduler's pre-emption, torchrun passing on a Ctrl-C); a second signal
+restores the previous handlers and raises KeyboardInterrupt at once. Forked data-loader workers
+inherit the handler but ignore it: the main process decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from contextlib import AbstractContextManager
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class StopRequest(AbstractContextManager["StopRequest"]):
+    """SIGINT / SIGTERM handler for the loop: one signal asks it to stop, a second one aborts."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked data-loader worker: the main process decides
+            return
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning(
+            "%s: saving a checkpoint after this iteration (again to abort at once)",
+            signal.Signals(signum).name,
+        )
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
