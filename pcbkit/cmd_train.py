@@ -6,6 +6,7 @@ Multi-GPU / multi-node: launch the same command line with `torchrun --nproc_per_
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -48,8 +49,7 @@ def train_cmd(
     Writes config.yaml, last_checkpoint.pth, model_final.pth, metrics.jsonl, final_metrics.json
     and TensorBoard events to the run folder. Ctrl-C saves a checkpoint; --resume continues exactly.
     """
-    import logging
-
+    # lazy: pcb_train imports torch, which `pcbkit --help` must not pay for
     from pcb_train.config import load_config
     from pcb_train.train import train
 

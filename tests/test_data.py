@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import pytest
 import torch
 from PIL import Image
@@ -226,8 +227,6 @@ def test_collate_and_targets_to(tmp_path: Path) -> None:
 
 @pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 def test_decode_segmentation_rle_forms() -> None:
-    import pycocotools.mask as mask_utils
-
     m = np.zeros((5, 6), dtype=np.uint8)
     m[1:3, 2:5] = 1
     rle = mask_utils.encode(np.asfortranarray(m))

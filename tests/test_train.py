@@ -21,10 +21,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from pcb_analysis.errors import PcbkitError
 from pcb_train.backends import build_backend, read_checkpoint
-from pcb_train.config import TrainConfig, load_config
+from pcb_train.config import TrainConfig, load_config, to_dict
+from pcb_train.data import LVISDetectionDataset
 from pcb_train.schedule import Schedule, make_schedule
 from pcb_train.train import (
     FINAL_METRICS,
@@ -32,6 +35,7 @@ from pcb_train.train import (
     LAST_CHECKPOINT,
     METRICS_FILE,
     TrainResult,
+    build_sampler,
     resolve_amp,
     train,
 )
@@ -128,8 +132,6 @@ def test_rng_state_round_trip_weights_only(tmp_path: Path) -> None:
 def test_config_differences_ignore_mutable_keys() -> None:
     a = load_config(TINY_YAML)
     b = load_config(TINY_YAML, ["log_period=3", "data.num_workers=0", "solver.base_lr=0.01"])
-    from pcb_train.config import to_dict
-
     assert config_differences(to_dict(a), b) == ["solver.base_lr: 0.02 != 0.01"]
 
 
@@ -225,9 +227,6 @@ def reference_run(synth12: Path, tmp_path_factory: pytest.TempPathFactory) -> Tr
 def test_rfs_sampler_from_the_annotations(synth12: Path) -> None:
     # repeat factors recomputed by hand from train.json: f(c) = images with c / N,
     # r(c) = max(1, sqrt(t / f(c))) with t = 0.1, image factor = max over its classes
-    from pcb_train.data import LVISDetectionDataset
-    from pcb_train.train import build_sampler
-
     cfg = tiny_cfg(synth12, "data.sampler=rfs", "data.rfs_threshold=0.1")
     ds = LVISDetectionDataset(synth12 / "train.json", synth12 / "images", K, train=True, with_masks=False)
     sampler = build_sampler(cfg, ds)
@@ -397,8 +396,6 @@ def test_cli_resume_with_another_config(
 
 
 def _ddp_worker(rank: int, init_file: str, data: str, out: str) -> None:
-    import torch.distributed as dist
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -421,8 +418,6 @@ def _ddp_worker(rank: int, init_file: str, data: str, out: str) -> None:
 
 @pytest.mark.slow
 def test_two_process_gloo_run(synth12: Path, tmp_path: Path) -> None:
-    import torch.multiprocessing as mp
-
     if sys.platform == "win32":  # pragma: no cover
         pytest.skip("file:// rendezvous on POSIX only")
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(synth12), str(tmp_path)), nprocs=2)
