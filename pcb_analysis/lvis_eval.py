@@ -17,6 +17,7 @@ import math
 import multiprocessing as mp
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -337,15 +338,26 @@ class EvalResult:
     iou_type: str
 
 
+def _other_threads() -> bool:
+    """Python threads besides the main one are running (tqdm's idle monitor thread excepted)."""
+    return any(
+        t is not threading.main_thread() and type(t).__name__ != "TMonitor" for t in threading.enumerate()
+    )
+
+
 def default_workers() -> int:
     """Worker processes for the matching stage: the CPUs this process may use, at most 8; 1 (no
-    fork) inside a torch.distributed process group, whose communication threads may hold locks
-    that a forked child then waits on forever (seen with gloo in the 2-process training test)."""
+    fork) inside a torch.distributed process group or while other threads run (e.g. TensorBoard's
+    writer during training): a thread may hold a lock at the moment of the fork, and the forked
+    child then waits on it forever (seen with gloo in the 2-process training test, and with the
+    event writer in a training run's mid-run evaluation)."""
     torch = sys.modules.get("torch")  # never imported here: pcb_analysis runs without torch
     if torch is not None:
         dist = getattr(torch, "distributed", None)
         if dist is not None and dist.is_available() and dist.is_initialized():
             return 1
+    if _other_threads():
+        return 1
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux

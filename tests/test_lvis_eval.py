@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -291,4 +292,16 @@ def test_no_forked_workers_inside_a_process_group(tmp_path: Path) -> None:
         assert default_workers() == 1
     finally:
         dist.destroy_process_group()
+    assert default_workers() >= 1
+
+
+def test_no_forked_workers_while_other_threads_run() -> None:
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait, daemon=True)  # e.g. TensorBoard's event writer
+    worker.start()
+    try:
+        assert default_workers() == 1
+    finally:
+        release.set()
+        worker.join()
     assert default_workers() >= 1
