@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -150,5 +150,5 @@ def gather_to_main(obj: Any, ctx: DistContext) -> list[Any] | None:
 def shard_indices(num_items: int, rank: int = 0, world_size: int = 1) -> list[int]:
     """Rank r of W gets items r, r + W, r + 2W, ... (every item on exactly one rank, no padding)."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"shard_indices: bad rank={rank} / world_size={world_size}")
+        raise ApiMisuseError(f"shard_indices: bad rank={rank} / world_size={world_size}")
     return list(range(rank, num_items, world_size))

@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pcb_analysis.errors import ApiMisuseError
 from pcb_train.pcb_loss import OnlineConfusion, cross_entropy_loss, pcb_loss, step_alpha
 
 logger = logging.getLogger(__name__)
@@ -86,12 +87,12 @@ def modulation_mlp(
 def _predictor_width(predictor: nn.Module, attr: str, given: int | None, what: str) -> int:
     if given is not None:
         if given <= 0:
-            raise ValueError(f"IterativeRoIHead: {what} must be positive, got {given}")
+            raise ApiMisuseError(f"IterativeRoIHead: {what} must be positive, got {given}")
         return int(given)
     layer = getattr(predictor, attr, None)
     width = getattr(layer, "out_features", None)
     if not isinstance(width, int):
-        raise ValueError(
+        raise ApiMisuseError(
             f"IterativeRoIHead: cannot infer {what} from predictor {type(predictor).__name__} "
             f"(no `{attr}` Linear layer); pass it explicitly"
         )
@@ -136,17 +137,17 @@ class IterativeRoIHead(nn.Module):
     ) -> None:
         super().__init__()
         if modulation_init not in MODULATION_INITS:
-            raise ValueError(
+            raise ApiMisuseError(
                 f"IterativeRoIHead: modulation_init must be one of {MODULATION_INITS}, "
                 f"got {modulation_init!r}"
             )
         if n_iter < 1:
-            raise ValueError(f"IterativeRoIHead: n_iter must be >= 1, got {n_iter}")
+            raise ApiMisuseError(f"IterativeRoIHead: n_iter must be >= 1, got {n_iter}")
         weights = tuple(float(w) for w in step_weights)
         if len(weights) != n_iter:
-            raise ValueError(f"IterativeRoIHead: {len(weights)} step_weights for n_iter={n_iter}: {weights}")
+            raise ApiMisuseError(f"IterativeRoIHead: {len(weights)} step_weights for n_iter={n_iter}: {weights}")
         if feat_channels <= 0 or roi_size <= 0:
-            raise ValueError(f"IterativeRoIHead: bad feat_channels={feat_channels} / roi_size={roi_size}")
+            raise ApiMisuseError(f"IterativeRoIHead: bad feat_channels={feat_channels} / roi_size={roi_size}")
         self.box_head = box_head
         self.predictor = predictor
         self.n_iter = int(n_iter)
@@ -177,7 +178,7 @@ class IterativeRoIHead(nn.Module):
         """features [R, C, S, S] -> per-step logits and deltas (tuples of length n_iter)."""
         c, s = self.feat_channels, self.roi_size
         if features.dim() != 4 or tuple(features.shape[1:]) != (c, s, s):
-            raise ValueError(
+            raise ApiMisuseError(
                 f"IterativeRoIHead: features must be [R, {c}, {s}, {s}], got {list(features.shape)}"
             )
         step_logits: list[Tensor] = []
@@ -195,7 +196,7 @@ class IterativeRoIHead(nn.Module):
 def combine_step_losses(step_losses: Sequence[Tensor], step_weights: Sequence[float]) -> Tensor:
     """sum_r step_weights[r] * step_losses[r] (scalar tensors; lengths must agree)."""
     if len(step_losses) != len(step_weights) or not step_losses:
-        raise ValueError(f"combine_step_losses: {len(step_losses)} losses for {len(step_weights)} weights")
+        raise ApiMisuseError(f"combine_step_losses: {len(step_losses)} losses for {len(step_weights)} weights")
     total = step_losses[0] * float(step_weights[0])
     for loss, w in zip(step_losses[1:], step_weights[1:], strict=True):
         total = total + loss * float(w)
@@ -232,7 +233,7 @@ def iterative_cls_loss(
     """
     n = len(step_logits)
     if n == 0 or len(step_weights) != n:
-        raise ValueError(f"iterative_cls_loss: {n} steps for {len(step_weights)} step weights")
+        raise ApiMisuseError(f"iterative_cls_loss: {n} steps for {len(step_weights)} step weights")
     per_step: list[Tensor] = []
     alphas: list[float] = []
     for r, logits in enumerate(step_logits):

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcb_analysis.class_sums import batch_sums, ema_update_
+from pcb_analysis.errors import ApiMisuseError
 from pcb_train.distributed import all_reduce_sum_
 
 logger = logging.getLogger(__name__)
@@ -45,22 +46,22 @@ BUFFER_DTYPE = torch.float64
 def _check_logits_labels(logits: Tensor, labels: Tensor, where: str) -> int:
     """Shape/dtype/range checks shared by the losses; returns K."""
     if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"{where}: logits must be [N, K+1] with K >= 1, got {list(logits.shape)}")
+        raise ApiMisuseError(f"{where}: logits must be [N, K+1] with K >= 1, got {list(logits.shape)}")
     if not logits.is_floating_point():
-        raise TypeError(f"{where}: logits must be floating point, got {logits.dtype}")
+        raise ApiMisuseError(f"{where}: logits must be floating point, got {logits.dtype}")
     if labels.dim() != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"{where}: labels must be [N] = [{logits.shape[0]}], got {list(labels.shape)}")
+        raise ApiMisuseError(f"{where}: labels must be [N] = [{logits.shape[0]}], got {list(labels.shape)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
+        raise ApiMisuseError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
     k = logits.shape[1] - 1
     if labels.numel() and bool(((labels < -1) | (labels > k)).any()):
-        raise ValueError(f"{where}: labels must be -1 (ignore), 0..{k - 1} (positive) or {k} (background)")
+        raise ApiMisuseError(f"{where}: labels must be -1 (ignore), 0..{k - 1} (positive) or {k} (background)")
     return k
 
 
 def _check_cm(cm: Tensor, k: int, where: str) -> None:
     if cm.dim() != 2 or tuple(cm.shape) != (k, k):
-        raise ValueError(f"{where}: cm must be [K, K] = [{k}, {k}], got {list(cm.shape)}")
+        raise ApiMisuseError(f"{where}: cm must be [K, K] = [{k}, {k}], got {list(cm.shape)}")
 
 
 def _compute_dtype(logits: Tensor) -> torch.dtype:
@@ -99,12 +100,12 @@ def fightback_targets(cm: Tensor, labels: Tensor) -> Tensor:
     Computed from `cm` detached, in cm's floating dtype (at least float32).
     """
     if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
-        raise ValueError(f"fightback_targets: cm must be [K, K], got {list(cm.shape)}")
+        raise ApiMisuseError(f"fightback_targets: cm must be [K, K], got {list(cm.shape)}")
     k = cm.shape[0]
     if labels.dim() != 1:
-        raise ValueError(f"fightback_targets: labels must be [P], got {list(labels.shape)}")
+        raise ApiMisuseError(f"fightback_targets: labels must be [P], got {list(labels.shape)}")
     if labels.numel() and bool(((labels < 0) | (labels >= k)).any()):
-        raise ValueError(f"fightback_targets: labels must be positives in 0..{k - 1}")
+        raise ApiMisuseError(f"fightback_targets: labels must be positives in 0..{k - 1}")
     dtype = cm.dtype if cm.is_floating_point() and cm.dtype != torch.float16 else torch.float32
     targets, inverse = _column_targets(cm, labels.long(), dtype)
     return F.pad(targets, (0, 1)).index_select(0, inverse)  # background column K = 0
@@ -185,7 +186,7 @@ def pcb_loss(logits: Tensor, labels: Tensor, cm: Tensor, alpha_r: float) -> Tens
     k = _check_logits_labels(logits, labels, "pcb_loss")
     a = float(alpha_r)
     if not 0.0 <= a <= 1.0:
-        raise ValueError(f"pcb_loss: alpha_r must be in [0, 1], got {alpha_r}")
+        raise ApiMisuseError(f"pcb_loss: alpha_r must be in [0, 1], got {alpha_r}")
     if a == 0.0:
         return cross_entropy_loss(logits, labels)
     _check_cm(cm, k, "pcb_loss")
@@ -210,7 +211,7 @@ def step_alpha(alpha: float, r: int, n_iter: int) -> float:
     pcbkit then uses `alpha` for the single step **[choice]**, so that ablation is not a no-op.
     """
     if n_iter < 1 or not 0 <= r < n_iter:
-        raise ValueError(f"step_alpha: need 0 <= r < n_iter, got r={r}, n_iter={n_iter}")
+        raise ApiMisuseError(f"step_alpha: need 0 <= r < n_iter, got r={r}, n_iter={n_iter}")
     if n_iter == 1:
         return float(alpha)
     return float(alpha) * r / (n_iter - 1)
@@ -230,13 +231,13 @@ def pcb_started(
     per epoch, so fractions such as 2/3 of a schedule work).
     """
     if (start_epoch is None) == (start_iter is None):
-        raise ValueError("pcb_started: give exactly one of start_epoch / start_iter")
+        raise ApiMisuseError("pcb_started: give exactly one of start_epoch / start_iter")
     if start_epoch is not None:
         if epoch is None:
-            raise ValueError("pcb_started: start_epoch given without epoch")
+            raise ApiMisuseError("pcb_started: start_epoch given without epoch")
         return epoch >= start_epoch
     if iteration is None:
-        raise ValueError("pcb_started: start_iter given without iteration")
+        raise ApiMisuseError("pcb_started: start_iter given without iteration")
     assert start_iter is not None
     return iteration >= start_iter
 
@@ -287,9 +288,9 @@ class OnlineConfusion(nn.Module):
     def __init__(self, num_classes: int, momentum: float = DEFAULT_MOMENTUM, *, sync: bool = True) -> None:
         super().__init__()
         if num_classes < 1:
-            raise ValueError(f"OnlineConfusion: num_classes must be >= 1, got {num_classes}")
+            raise ApiMisuseError(f"OnlineConfusion: num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"OnlineConfusion: momentum must be in [0, 1), got {momentum}")
+            raise ApiMisuseError(f"OnlineConfusion: momentum must be in [0, 1), got {momentum}")
         k = int(num_classes)
         self.num_classes = k
         self.momentum = float(momentum)
@@ -308,9 +309,9 @@ class OnlineConfusion(nn.Module):
         """Fold one batch in: logits [N, K+1], labels [N]. Returns the (all-reduced) counts n_b [K] (float64)."""
         k = _check_logits_labels(logits, labels, "OnlineConfusion.update")
         if k != self.num_classes:
-            raise ValueError(f"OnlineConfusion.update: logits have K={k}, the matrix has K={self.num_classes}")
+            raise ApiMisuseError(f"OnlineConfusion.update: logits have K={k}, the matrix has K={self.num_classes}")
         if logits.device != self.matrix.device:
-            raise ValueError(
+            raise ApiMisuseError(
                 f"OnlineConfusion.update: logits on {logits.device}, the matrix on {self.matrix.device} (move the module)"
             )
         s_b, n_b = self._sum_s, self._sum_n

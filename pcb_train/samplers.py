@@ -37,6 +37,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch.utils.data
 
+from pcb_analysis.errors import ApiMisuseError
+
 logger = logging.getLogger(__name__)
 
 Rounding = Literal["stochastic", "ceil"]
@@ -59,10 +61,10 @@ def category_repeat_factors(
     categories included in N (the fraction is over the training set as sampled).
     """
     if threshold <= 0:
-        raise ValueError(f"category_repeat_factors: threshold must be > 0, got {threshold}")
+        raise ApiMisuseError(f"category_repeat_factors: threshold must be > 0, got {threshold}")
     n = len(image_categories)
     if n == 0:
-        raise ValueError("category_repeat_factors: no images")
+        raise ApiMisuseError("category_repeat_factors: no images")
     image_count: dict[int, int] = {}
     for cats in image_categories:
         for c in set(cats):
@@ -117,9 +119,9 @@ class RandomSampler:
 
     def __init__(self, num_items: int, seed: int = 0, flip_prob: float = 0.0) -> None:
         if num_items < 1:
-            raise ValueError(f"{type(self).__name__}: the dataset is empty")
+            raise ApiMisuseError(f"{type(self).__name__}: the dataset is empty")
         if not 0.0 <= flip_prob <= 1.0:
-            raise ValueError(f"{type(self).__name__}: flip_prob must be in [0, 1], got {flip_prob}")
+            raise ApiMisuseError(f"{type(self).__name__}: flip_prob must be in [0, 1], got {flip_prob}")
         self.num_items = int(num_items)
         self.seed = int(seed)
         self.flip_prob = float(flip_prob)
@@ -136,7 +138,7 @@ class RandomSampler:
     def plan(self, epoch: int) -> EpochPlan:
         """The plan of `epoch` (>= 0): a pure function of (seed, epoch); cached for the last two epochs."""
         if epoch < 0:
-            raise ValueError(f"plan: epoch must be >= 0, got {epoch}")
+            raise ApiMisuseError(f"plan: epoch must be >= 0, got {epoch}")
         cached = self._cache.get(epoch)
         if cached is not None:
             return cached
@@ -144,7 +146,7 @@ class RandomSampler:
         flips = _epoch_rng(self.seed, epoch, _STREAM_FLIP).random(indices.shape[0]) < self.flip_prob
         plan = EpochPlan(indices, flips)
         if len(plan) == 0:
-            raise ValueError(f"{type(self).__name__}: epoch {epoch} has no entries")
+            raise ApiMisuseError(f"{type(self).__name__}: epoch {epoch} has no entries")
         self._cache[epoch] = plan
         for old in sorted(self._cache)[:-_PLAN_CACHE]:
             del self._cache[old]
@@ -157,7 +159,7 @@ class RandomSampler:
         """The same position with `index` inside its epoch (moving past finished epochs)."""
         epoch, index = int(position.epoch), int(position.index)
         if epoch < 0 or index < 0:
-            raise ValueError(f"sampler position must be non-negative, got {tuple(position)}")
+            raise ApiMisuseError(f"sampler position must be non-negative, got {tuple(position)}")
         while index >= self.epoch_length(epoch):
             index -= self.epoch_length(epoch)
             epoch += 1
@@ -201,9 +203,9 @@ class RepeatFactorSampler(RandomSampler):
         factors = np.asarray(repeat_factors, dtype=np.float64).reshape(-1)
         super().__init__(int(factors.shape[0]), seed, flip_prob)
         if not np.all(np.isfinite(factors)) or bool((factors < 1.0).any()):
-            raise ValueError("RepeatFactorSampler: repeat factors must be finite and >= 1")
+            raise ApiMisuseError("RepeatFactorSampler: repeat factors must be finite and >= 1")
         if rounding not in ("stochastic", "ceil"):
-            raise ValueError(f"RepeatFactorSampler: unknown rounding {rounding!r}")
+            raise ApiMisuseError(f"RepeatFactorSampler: unknown rounding {rounding!r}")
         self.repeat_factors = factors
         self.rounding = rounding
         self._floor = np.floor(factors)
@@ -251,17 +253,17 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
         num_batches: int | None = None,
     ) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
+            raise ApiMisuseError(
                 f"DistributedBatchSampler: bad batch_size={batch_size} / rank={rank} / "
                 f"world_size={world_size}"
             )
         if batch_size % world_size:
-            raise ValueError(
+            raise ApiMisuseError(
                 f"DistributedBatchSampler: the global batch {batch_size} does not split over "
                 f"{world_size} ranks"
             )
         if num_batches is not None and num_batches < 0:
-            raise ValueError(f"DistributedBatchSampler: num_batches must be >= 0, got {num_batches}")
+            raise ApiMisuseError(f"DistributedBatchSampler: num_batches must be >= 0, got {num_batches}")
         self.sampler = sampler
         self.batch_size = int(batch_size)
         self.rank = int(rank)
@@ -272,7 +274,7 @@ class DistributedBatchSampler(torch.utils.data.Sampler[list[tuple[int, bool]]]):
 
     def __len__(self) -> int:
         if self.num_batches is None:
-            raise TypeError("DistributedBatchSampler without num_batches has no length")
+            raise ApiMisuseError("DistributedBatchSampler without num_batches has no length")
         return self.num_batches
 
     def __iter__(self) -> Iterator[list[tuple[int, bool]]]:

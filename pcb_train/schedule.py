@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pcb_analysis.errors import ApiMisuseError
 from pcb_train.config import ModelConfig, SolverConfig
 from pcb_train.pcb_loss import pcb_started
 
@@ -38,7 +39,7 @@ def pcb_start_iteration(
         if iters_per_epoch is None:
             return None
         return int(math.ceil(max(value - 1.0, 0.0) * iters_per_epoch - 1e-9))
-    raise ValueError(f"pcb_start_iteration: unknown unit {unit!r}; expected one of {PCB_START_UNITS}")
+    raise ApiMisuseError(f"pcb_start_iteration: unknown unit {unit!r}; expected one of {PCB_START_UNITS}")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from torch import Tensor
 from torchvision.ops import boxes as box_ops
 
 from pcb_analysis.categories import CategorySpace
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_train.backends.base import SelectedDetections
 from pcb_train.backends.mask_ops import RLE_CHUNK, encode_masks, paste_masks
 
@@ -71,7 +71,7 @@ def select_detections(
     r, k1 = q.shape
     k = k1 - 1
     if boxes.shape != (r, k, 4):
-        raise ValueError(
+        raise ApiMisuseError(
             f"select_detections: boxes must be [r, K, 4] = [{r}, {k}, 4], got {list(boxes.shape)}"
         )
     device = q.device

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pcb_analysis.categories import CategorySpace
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_train.backends.base import (
     CheckpointInfo,
     Detections,
@@ -114,14 +114,14 @@ class Detectron2Backend:
         from detectron2.structures import BitMasks, Boxes, Instances
 
         if targets is not None and len(targets) != len(images):
-            raise ValueError(f"detectron2_inputs: {len(images)} images but {len(targets)} targets")
+            raise ApiMisuseError(f"detectron2_inputs: {len(images)} images but {len(targets)} targets")
         bgr = str(self.cfg.INPUT.FORMAT).upper() == "BGR"
         train_sizes = [int(s) for s in self.cfg.INPUT.MIN_SIZE_TRAIN]
         max_train = int(self.cfg.INPUT.MAX_SIZE_TRAIN)
         out: list[dict[str, Any]] = []
         for i, im in enumerate(images):
             if im.dim() != 3 or im.shape[0] != 3:
-                raise ValueError(f"detectron2_inputs: image {i} must be [3, H, W], got {list(im.shape)}")
+                raise ApiMisuseError(f"detectron2_inputs: image {i} must be [3, H, W], got {list(im.shape)}")
             h0, w0 = int(im.shape[-2]), int(im.shape[-1])
             if train:
                 from detectron2.data.transforms import ResizeShortestEdge
@@ -174,11 +174,11 @@ class Detectron2Backend:
         from detectron2.structures import Boxes, Instances
 
         if len(targets) != len(images):
-            raise ValueError(f"proposal_records: {len(images)} images but {len(targets)} targets")
+            raise ApiMisuseError(f"proposal_records: {len(images)} images but {len(targets)} targets")
         if regressed not in ("none", "agnostic", "per_class"):
-            raise ValueError(f"proposal_records: unknown regressed kind {regressed!r}")
+            raise ApiMisuseError(f"proposal_records: unknown regressed kind {regressed!r}")
         if proposals is not None and len(proposals) != len(images):
-            raise ValueError(f"proposal_records: {len(images)} images but {len(proposals)} proposal sets")
+            raise ApiMisuseError(f"proposal_records: {len(images)} images but {len(proposals)} proposal sets")
         model = self.model
         was_training = model.training
         model.eval()
@@ -278,7 +278,7 @@ class Detectron2Backend:
         from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
         if not score_transforms:
-            raise ValueError("infer: give at least one score transform (e.g. {'none': identity})")
+            raise ApiMisuseError("infer: give at least one score transform (e.g. {'none': identity})")
         model = self.model
         heads = model.roi_heads
         predictor = heads.box_predictor
@@ -299,7 +299,7 @@ class Detectron2Backend:
             for name, fn in score_transforms.items():
                 q = fn(probs)
                 if q.shape != probs.shape:
-                    raise ValueError(
+                    raise ApiMisuseError(
                         f"score transform {name!r}: returned {tuple(q.shape)}, expected {tuple(probs.shape)}"
                     )
                 per_image = list(q.split(counts, 0))

@@ -25,6 +25,7 @@ from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import get_event_storage
 from torch import Tensor, nn
 
+from pcb_analysis.errors import ApiMisuseError
 from pcb_train.backends.base import ScoreTransform
 from pcb_train.iterative_head import (
     DEFAULT_STEP_WEIGHTS,
@@ -73,7 +74,7 @@ def resolve_start_iter(cfg: CfgNode) -> int:
         return int(pcb.START_ITER)
     frac = float(pcb.START_FRACTION)
     if not 0.0 <= frac <= 1.0:
-        raise ValueError(f"MODEL.PCB.START_FRACTION must be in [0, 1], got {frac}")
+        raise ApiMisuseError(f"MODEL.PCB.START_FRACTION must be in [0, 1], got {frac}")
     start = pcb_start_iteration("fraction", frac, max_iter=int(cfg.SOLVER.MAX_ITER))
     assert start is not None  # a fraction with max_iter given always resolves
     return start
@@ -89,7 +90,7 @@ def _roi_channels(box_head: nn.Module, roi_size: int) -> int:
             if rest == 0 and c > 0:
                 return c
             break
-    raise ValueError(
+    raise ApiMisuseError(
         f"PCBROIHeads: cannot infer the RoI feature channels from {type(box_head).__name__}; "
         "pass roi_channels"
     )
@@ -128,12 +129,12 @@ class PCBROIHeads(StandardROIHeads):
         predictor = self.box_predictor
         sigmoid = getattr(predictor, "use_sigmoid_ce", False) or getattr(predictor, "use_fed_loss", False)
         if pcb_loss and sigmoid:
-            raise ValueError(
+            raise ApiMisuseError(
                 "PCBROIHeads: the PCB loss is a softmax loss; "
                 "disable MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS"
             )
         if alpha < 0.0:
-            raise ValueError(f"PCBROIHeads: alpha must be >= 0, got {alpha}")
+            raise ApiMisuseError(f"PCBROIHeads: alpha must be >= 0, got {alpha}")
         self.pcb_loss = bool(pcb_loss)
         self.alpha = float(alpha)
         self.start_iter = int(start_iter)
@@ -267,7 +268,7 @@ class PCBROIHeads(StandardROIHeads):
         probs = torch.cat(predictor.predict_probs(predictions, proposals)) if proposals else logits
         q = self.score_transform(probs)
         if q.shape != probs.shape:
-            raise ValueError(f"score_transform returned {tuple(q.shape)}, expected {tuple(probs.shape)}")
+            raise ApiMisuseError(f"score_transform returned {tuple(q.shape)}, expected {tuple(probs.shape)}")
         instances, _ = fast_rcnn_inference(
             boxes,
             list(q.split([len(p) for p in proposals])),

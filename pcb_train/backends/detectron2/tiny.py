@@ -23,6 +23,8 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone
 from torch import Tensor, nn
 
+from pcb_analysis.errors import ApiMisuseError
+
 NAME = "build_pcbkit_tiny_fpn_backbone"
 TINY_WIDTHS = (16, 24, 48, 96, 128)  # stem, res2, res3, res4, res5
 STAGES = ("stem", "res2", "res3", "res4", "res5")
@@ -50,9 +52,9 @@ class TinyConvNet(Backbone):
         super().__init__()
         unknown = sorted(set(out_features) - set(STAGES[1:]))
         if unknown:
-            raise ValueError(f"TinyConvNet: unknown out_features {unknown}; choose from {list(STAGES[1:])}")
+            raise ApiMisuseError(f"TinyConvNet: unknown out_features {unknown}; choose from {list(STAGES[1:])}")
         if len(widths) != len(STAGES):
-            raise ValueError(f"TinyConvNet: {len(widths)} widths for {len(STAGES)} stages")
+            raise ApiMisuseError(f"TinyConvNet: {len(widths)} widths for {len(STAGES)} stages")
         self.stem = _conv(3, widths[0], 2, norm)
         self.stage_names = list(STAGES[1:])
         self._out_features = list(out_features)
@@ -81,7 +83,7 @@ class TinyConvNet(Backbone):
 def build_pcbkit_tiny_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Any:
     """detectron2 backbone builder: `TinyConvNet` + FPN (see the module docstring)."""
     if input_shape.channels != 3:
-        raise ValueError(f"{NAME}: expects 3 input channels, got {input_shape.channels}")
+        raise ApiMisuseError(f"{NAME}: expects 3 input channels, got {input_shape.channels}")
     in_features = list(cfg.MODEL.FPN.IN_FEATURES)
     bottom_up = TinyConvNet(in_features, norm=cfg.MODEL.RESNETS.NORM)
     # MODEL.BACKBONE.FREEZE_AT as for detectron2's ResNet: 1 freezes the stem, 2 also res2, ...

@@ -21,6 +21,7 @@ from torch import Tensor
 from torchvision.models.detection.transform import resize_boxes
 
 from pcb_analysis.categories import CategorySpace
+from pcb_analysis.errors import ApiMisuseError
 from pcb_train.backends.base import (
     CheckpointInfo,
     Detections,
@@ -99,9 +100,9 @@ class TorchvisionBackend:
         its test-time RPN proposals (or for the given `proposals`, xyxy original pixels), with the
         matched ground truth (see `matching.match_proposals`) and optionally the regressed boxes."""
         if len(targets) != len(images):
-            raise ValueError(f"proposal_records: {len(images)} images but {len(targets)} targets")
+            raise ApiMisuseError(f"proposal_records: {len(images)} images but {len(targets)} targets")
         if regressed not in ("none", "agnostic", "per_class"):
-            raise ValueError(f"proposal_records: unknown regressed kind {regressed!r}")
+            raise ApiMisuseError(f"proposal_records: unknown regressed kind {regressed!r}")
         model = self.model
         was_training = model.training
         model.eval()
@@ -113,7 +114,7 @@ class TorchvisionBackend:
                 boxes_orig = [resize_boxes(p, s, o) for p, s, o in zip(props, sizes, originals, strict=True)]
             else:
                 if len(proposals) != len(images):
-                    raise ValueError(
+                    raise ApiMisuseError(
                         f"proposal_records: {len(images)} images but {len(proposals)} proposal sets"
                     )
                 dtype = image_list.tensors.dtype
@@ -178,7 +179,7 @@ class TorchvisionBackend:
         gigabytes as full-image masks; `postprocess.detections_to_lvis` pastes and encodes them a chunk
         at a time."""
         if not score_transforms:
-            raise ValueError("infer: give at least one score transform (e.g. {'none': identity})")
+            raise ApiMisuseError("infer: give at least one score transform (e.g. {'none': identity})")
         model = self.model
         was_training = model.training
         model.eval()
@@ -197,7 +198,7 @@ class TorchvisionBackend:
             for name, fn in score_transforms.items():
                 q = fn(probs)
                 if q.shape != probs.shape:
-                    raise ValueError(
+                    raise ApiMisuseError(
                         f"score transform {name!r}: returned {tuple(q.shape)}, expected {tuple(probs.shape)}"
                     )
                 selected[name] = heads.select_detections(q, decoded_orig, detections_per_image)

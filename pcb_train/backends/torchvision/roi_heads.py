@@ -25,6 +25,7 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops import boxes as box_ops
 
+from pcb_analysis.errors import ApiMisuseError
 from pcb_train.backends.base import ScoreTransform, SelectedDetections
 from pcb_train.backends.postprocess import MIN_BOX_SIZE, select_detections
 from pcb_train.backends.torchvision.convention import (
@@ -160,7 +161,7 @@ class PCBRoIHeads(RoIHeads):
         self.step_weights = tuple(float(w) for w in step_weights)
         n_steps = getattr(iterative_head, "n_iter", 1) if iterative_head is not None else 1
         if len(self.step_weights) != n_steps:
-            raise ValueError(f"PCBRoIHeads: {len(self.step_weights)} step weights for {n_steps} step(s)")
+            raise ApiMisuseError(f"PCBRoIHeads: {len(self.step_weights)} step weights for {n_steps} step(s)")
         self.cls_loss_fn = cls_loss_fn
         self.last_cls_loss: Any = None  # what cls_loss_fn returned last (for logging per-step terms)
         self.score_transform: ScoreTransform | None = None
@@ -184,7 +185,7 @@ class PCBRoIHeads(RoIHeads):
         self.last_cls_loss = out
         total = getattr(out, "total", out)
         if not isinstance(total, Tensor):
-            raise TypeError(
+            raise ApiMisuseError(
                 f"cls_loss_fn returned {type(out).__name__}, expected a Tensor or an object with .total"
             )
         return total
@@ -312,17 +313,17 @@ class PCBRoIHeads(RoIHeads):
         targets: list[dict[str, Tensor]] | None,
     ) -> dict[str, Tensor]:
         if targets is None:
-            raise ValueError("PCBRoIHeads: targets are required in training mode")
+            raise ApiMisuseError("PCBRoIHeads: targets are required in training mode")
         tv_targets = []
         for t in targets:
             if not t["boxes"].is_floating_point():
-                raise TypeError(f"target boxes must be floating point, got {t['boxes'].dtype}")
+                raise ApiMisuseError(f"target boxes must be floating point, got {t['boxes'].dtype}")
             if t["labels"].dtype != torch.int64:
-                raise TypeError(f"target labels must be int64, got {t['labels'].dtype}")
+                raise ApiMisuseError(f"target labels must be int64, got {t['labels'].dtype}")
             if t["labels"].numel() and (
                 int(t["labels"].min()) < 0 or int(t["labels"].max()) >= self.num_classes
             ):
-                raise ValueError(f"target labels must be in 0..{self.num_classes - 1}")
+                raise ApiMisuseError(f"target labels must be in 0..{self.num_classes - 1}")
             tv_targets.append({**t, "labels": labels_to_tv(t["labels"])})
         proposals, matched_idxs, labels_tv, regression_targets = self.select_training_samples(
             proposals, tv_targets
