@@ -1,40 +1,30 @@
-"""Post-hoc calibration of detector scores (docs/method.md §3).
+"""Post-hoc calibration of detector scores (docs/method.md §3, docs/calibration.md §1).
 
 R proposals, K foreground classes. `q` [R, K+1] are probabilities (softmax over all K+1 logits,
-background = column K). Calibration acts on the foreground distribution and keeps the background
-probability ("objectness"):
+background = column K). Calibration maps the foreground distribution p = q[:K] / sum(q[:K]) to
+p~ = f(p) and keeps the background ("objectness"): q~[:K] = (1 - q[K]) p~, q~[K] = q[K].
 
-    p  = q[:K] / sum(q[:K])             (= q[:K] / (1 - q[K]) for a normalised q)
-    p~ = f(p)
-    q~[:K] = (1 - q[K]) * p~,   q~[K] = q[K]        (rows of q~ sum to 1)
-
-with f from the literal table `CALIBRATORS`, each a plain function `f(p, operand) -> p~` on float64
-[R, K] rows, whose operand is prepared ONCE per statistic by the matching entry of `OPERANDS`:
-
-    none      p~ = p                                                 operand: none
-    ms        p~[j] ∝ p[j] / s[j],   s = diag(M)                     operand: 1 / s     [K]
-    cm        p~ = clip(p M^-1, 0), renormalised (p if all clip)     operand: M^-1      [K, K]
-    cm-bayes  p~[i] = sum_j p[j] M[i, j] / sum_k M[k, j]             operand: D[j, i] = M[i, j] / sum_k M[k, j]
-    norcal    p~[j] ∝ p[j] / freq[j]^gamma  (NorCal; equals logit adjustment on the foreground logits)
-
-`ridge` l shrinks the matrix toward the identity, M_l = (1 - l) M + l I, for every matrix statistic
-(ms, cm, cm-bayes), so "cm with a diagonal M equals ms" also holds with a ridge. A new statistic is
-one function in `CALIBRATORS` plus its operand builder in `OPERANDS`.
-
-`Calibrator.build(...)` prepares the operand once (the inverse of M is computed once, in float64,
-not per row or per image) and is then applied to any number of `q` (or logits) in row chunks.
+Every statistic is ONE entry of the literal table `STATISTICS` (a `Statistic`: the map f on
+float64 [R, K] rows, the builder of its operand, computed once per statistic, whether it reads the
+confusion statistics, a one-line description, and how the tools offer it). Every other list of
+statistic names (CLI choices, calibration rows, report order, study) is derived from the table;
+a new estimator is one function, one operand builder and one table entry. `ridge` l shrinks the
+matrix toward I, M_l = (1 - l) M + l I, for every matrix statistic.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from pcb_analysis.calibration_inputs import StatInputs, positive_floor, stat_inputs
+from pcb_analysis.calibration_inputs import ridge_matrix as ridge_matrix  # public here since before the split
 from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.stats import ClassStats
@@ -55,8 +45,8 @@ def _renormalise(w: Tensor, fallback: Tensor) -> Tensor:
     return torch.where(ok, w / torch.where(ok, total, torch.ones_like(total)), fallback)
 
 
-def identity(p: Tensor, operand: Tensor | None = None) -> Tensor:
-    """`none`: p~ = p."""
+def unchanged(p: Tensor, operand: Tensor | None = None) -> Tensor:
+    """`none`: p~ = p (the model's own distribution)."""
     return p
 
 
@@ -66,7 +56,9 @@ def mean_score_correction(p: Tensor, inv_score: Tensor) -> Tensor:
 
 
 def confusion_inverse(p: Tensor, m_inv: Tensor) -> Tensor:
-    """`cm`: p~ = clip(p M^-1, 0) renormalised; rows where everything clips to 0 keep p. Operand M^-1 [K, K]."""
+    """`cm`: p~ = clip(p M^-1, 0) renormalised; rows where everything clips to 0 keep p.
+
+    Operand M^-1 [K, K]."""
     return _renormalise((p @ m_inv).clamp_(min=0.0), p)
 
 
@@ -81,7 +73,8 @@ def frequency_correction(p: Tensor, weight: Tensor) -> Tensor:
 
 
 def norcal(p: Tensor, freq: Tensor, gamma: float = 1.0) -> Tensor:
-    """NorCal (Pan et al., NeurIPS 2021) on foreground probabilities p [R, K]: p~[j] ∝ p[j] / freq[j]^gamma."""
+    """NorCal (Pan et al., NeurIPS 2021) on foreground probabilities p [R, K]:
+    p~[j] ∝ p[j] / freq[j]^gamma."""
     return frequency_correction(p.to(torch.float64), _frequency_weight(freq, gamma).to(p.device))
 
 
@@ -95,40 +88,20 @@ def logit_adjust(logits: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:
     k = logits.shape[1] - 1
     if prior.shape != (k,):
         raise PcbkitError(f"logit_adjust: prior must be [K] = [{k}], got {list(prior.shape)}")
-    log_prior = torch.log(_positive_floor(prior.to(torch.float64))).to(logits.device)
+    log_prior = torch.log(positive_floor(prior.to(torch.float64))).to(logits.device)
     out = logits.to(torch.promote_types(logits.dtype, torch.float32)).clone()
     out[:, :k] -= float(tau) * log_prior.to(out.dtype)
     return out
 
 
-CALIBRATORS: dict[str, Callable[[Tensor, Any], Tensor]] = {
-    "none": identity,
-    "ms": mean_score_correction,
-    "cm": confusion_inverse,
-    "cm-bayes": confusion_bayes,
-    "norcal": frequency_correction,
-}
-"""stat name -> f(p [R, K] float64, operand) -> p~ [R, K]."""
-
-
 # ------------------------------------------------------------------------------ operands
-
-
-@dataclass(frozen=True)
-class StatInputs:
-    """What the operand builders may use: the matrix M [K, K] float64 (ridge applied), the mean
-    score s [K] when only that was given, class frequencies [K] and gamma (NorCal)."""
-
-    num_classes: int
-    matrix: Tensor | None = None
-    score: Tensor | None = None
-    freq: Tensor | None = None
-    gamma: float = 1.0
 
 
 def _need_matrix(inp: StatInputs, stat: str) -> Tensor:
     if inp.matrix is None:
-        raise PcbkitError(f"calibration {stat!r} needs a confusion matrix: pass a ClassStats or a [K, K] matrix")
+        raise PcbkitError(
+            f"calibration {stat!r} needs a confusion matrix: pass a ClassStats or a [K, K] matrix"
+        )
     return inp.matrix
 
 
@@ -149,9 +122,13 @@ def _inverse_operand(inp: StatInputs) -> Tensor:
     try:
         inv = torch.linalg.inv(m)
     except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
-        raise PcbkitError(f"cm: the confusion matrix is singular ({err}); use a ridge > 0 (e.g. 0.01)") from err
+        raise PcbkitError(
+            f"cm: the confusion matrix is singular ({err}); use a ridge > 0 (e.g. 0.01)"
+        ) from err
     if not bool(torch.isfinite(inv).all()):
-        raise PcbkitError("cm: the inverse of the confusion matrix is not finite; use a ridge > 0 (e.g. 0.01)")
+        raise PcbkitError(
+            "cm: the inverse of the confusion matrix is not finite; use a ridge > 0 (e.g. 0.01)"
+        )
     return inv
 
 
@@ -167,17 +144,7 @@ def _bayes_operand(inp: StatInputs) -> Tensor:
 
 
 def _frequency_weight(freq: Tensor, gamma: float) -> Tensor:
-    return _positive_floor(freq.to(torch.float64)).pow(-float(gamma))
-
-
-def _positive_floor(x: Tensor) -> Tensor:
-    """Zero (or negative) entries raised to the smallest positive entry (a class never seen in training)."""
-    if bool((x < 0).any()) or not bool(torch.isfinite(x).all()):
-        raise PcbkitError("class frequencies / priors must be finite and non-negative")
-    pos = x[x > 0]
-    if pos.numel() == 0:
-        raise PcbkitError("class frequencies / priors are all zero")
-    return x.clamp(min=float(pos.min()))
+    return positive_floor(freq.to(torch.float64)).pow(-float(gamma))
 
 
 def _norcal_operand(inp: StatInputs) -> Tensor:
@@ -187,82 +154,55 @@ def _norcal_operand(inp: StatInputs) -> Tensor:
     return _frequency_weight(inp.freq, inp.gamma)
 
 
-OPERANDS: dict[str, Callable[[StatInputs], Tensor | None]] = {
-    "none": _no_operand,
-    "ms": _mean_score_operand,
-    "cm": _inverse_operand,
-    "cm-bayes": _bayes_operand,
-    "norcal": _norcal_operand,
+# ------------------------------------------------------------------------------ the table
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One calibration statistic (docs/calibration.md §1).
+
+    transform: f(p [R, K] float64, operand) -> p~ [R, K]; operand: builds f's operand once from
+    `StatInputs`; needs_matrix: reads the confusion statistics (M, or its diagonal s; the ridge
+    applies); row: a parameter-free row of the calibration table (`pcbkit calibrate --stat`, the
+    study, the report's order); default: evaluated when `pcbkit calibrate` is given no statistic;
+    label: its name in the study's tables (the paper's spelling)."""
+
+    transform: Callable[[Tensor, Any], Tensor]
+    operand: Callable[[StatInputs], Tensor | None]
+    needs_matrix: bool
+    description: str
+    row: bool = True
+    default: bool = False
+    label: str = ""
+
+
+STATISTICS: dict[str, Statistic] = {
+    "none": Statistic(unchanged, _no_operand, False, "the model's own scores", default=True),
+    "ms": Statistic(mean_score_correction, _mean_score_operand, True,
+                    "divide by the class's mean score s = diag(M)", default=True, label="MS"),
+    "cm": Statistic(confusion_inverse, _inverse_operand, True,
+                    "undo the confusion channel: clip(p M^-1, 0), renormalised", default=True, label="CM"),
+    "cm-bayes": Statistic(confusion_bayes, _bayes_operand, True,
+                          "hand each predicted class's mass back by P(true | predicted)"),
+    "norcal": Statistic(frequency_correction, _norcal_operand, False,
+                        "divide by the training frequency^gamma (NorCal; --gamma, --tau)", row=False),
 }
+"""Statistic name -> `Statistic`, in the report's order. The one list of calibration statistics."""
+
+CALIBRATORS: dict[str, Callable[[Tensor, Any], Tensor]] = {n: s.transform for n, s in STATISTICS.items()}
+"""stat name -> f(p [R, K] float64, operand) -> p~ [R, K]."""
+OPERANDS: dict[str, Callable[[StatInputs], Tensor | None]] = {n: s.operand for n, s in STATISTICS.items()}
 """stat name -> builder of the operand its `CALIBRATORS` function takes (computed once)."""
-
-STATISTICS: tuple[str, ...] = tuple(CALIBRATORS)
-
-
-# ------------------------------------------------------------------------------ inputs
-
-
-def _check_matrix(m: Tensor, k: int | None) -> Tensor:
-    if m.dim() != 2 or m.shape[0] != m.shape[1]:
-        raise PcbkitError(f"confusion matrix must be [K, K], got {list(m.shape)}")
-    if k is not None and m.shape[0] != k:
-        raise PcbkitError(f"confusion matrix has K={m.shape[0]}, the scores have K={k}")
-    m = m.detach().to(torch.float64)
-    if not bool(torch.isfinite(m).all()) or bool((m < 0).any()):
-        raise PcbkitError("confusion matrix must be finite and non-negative")
-    worst = float((m.sum(dim=1) - 1).abs().max())
-    if worst > 1e-6:  # e.g. diag(s), the mean-score approximation of M: allowed, but say so
-        logger.warning("confusion matrix rows do not sum to 1 (worst off by %.3g); used as given", worst)
-    return m
+ROW_STATISTICS: tuple[str, ...] = tuple(n for n, s in STATISTICS.items() if s.row)
+"""Parameter-free rows, in report order: `--stat` choices, the study's statistics."""
+DEFAULT_STATISTICS: tuple[str, ...] = tuple(n for n, s in STATISTICS.items() if s.default)
+MATRIX_STATISTICS: tuple[str, ...] = tuple(n for n, s in STATISTICS.items() if s.needs_matrix)
 
 
-def _check_ridge(ridge: float) -> float:
-    lam = float(ridge)
-    if not 0.0 <= lam <= 1.0:  # also rejects NaN
-        raise PcbkitError(f"ridge must be in [0, 1], got {ridge}")
-    return lam
-
-
-def ridge_matrix(m: Tensor, ridge: float) -> Tensor:
-    """M_l = (1 - l) M + l I (l in [0, 1])."""
-    lam = _check_ridge(ridge)
-    if lam == 0.0:
-        return m
-    return (1.0 - lam) * m + lam * torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
-
-
-def _stat_inputs(
-    stats: ClassStats | Tensor | None,
-    k: int | None,
-    ridge: float,
-    freq: Tensor | None,
-    gamma: float,
-) -> StatInputs:
-    """Validate `stats` against K and turn it into operand-builder inputs (ridge applied)."""
-    lam = _check_ridge(ridge)
-    matrix = score = None
-    if isinstance(stats, ClassStats):
-        matrix = ridge_matrix(_check_matrix(stats.confusion(), k), lam)
-        if freq is None and stats.categories is not None and any(stats.categories.image_count):
-            freq = torch.tensor(stats.categories.image_count, dtype=torch.float64)
-    elif isinstance(stats, Tensor) and stats.dim() == 1:  # a mean-score vector s [K]
-        if k is not None and stats.shape[0] != k:
-            raise PcbkitError(f"mean score has K={stats.shape[0]}, the scores have K={k}")
-        score = stats.detach().to(torch.float64)
-        if not bool(torch.isfinite(score).all()) or bool((score < 0).any()) or bool((score > 1 + 1e-6).any()):
-            raise PcbkitError("mean score must be finite and in [0, 1]")
-        score = (1.0 - lam) * score + lam  # the diagonal of M_l
-    elif isinstance(stats, Tensor):
-        matrix = ridge_matrix(_check_matrix(stats, k), lam)
-    elif stats is not None:
-        raise PcbkitError(f"stats must be a ClassStats, a [K, K] matrix or a [K] mean score, got {type(stats).__name__}")
-    if k is None:
-        k = matrix.shape[0] if matrix is not None else score.shape[0] if score is not None else 0
-    if freq is not None:
-        freq = torch.as_tensor(freq).detach().to(torch.float64).flatten()
-        if k and freq.shape[0] != k:
-            raise PcbkitError(f"freq has {freq.shape[0]} entries, K={k}")
-    return StatInputs(num_classes=k, matrix=matrix, score=score, freq=freq, gamma=float(gamma))
+def table_label(stat: str) -> str:
+    """A statistic's name in the study's tables ("CM", "MS", ...); unknown names as they are."""
+    entry = STATISTICS.get(stat)
+    return entry.label or stat if entry is not None else stat
 
 
 # ------------------------------------------------------------------------------ application
@@ -291,13 +231,15 @@ class Calibrator:
 
         `freq` (NorCal) defaults to the training image counts of `stats.categories`.
         """
-        if stat not in CALIBRATORS:
-            raise PcbkitError(f"unknown calibration statistic {stat!r}; choose one of {', '.join(CALIBRATORS)}")
-        inp = _stat_inputs(stats, num_classes, ridge, freq, gamma)
+        if stat not in STATISTICS:
+            raise PcbkitError(
+                f"unknown calibration statistic {stat!r}; choose one of {', '.join(STATISTICS)}"
+            )
+        inp = stat_inputs(stats, num_classes, ridge, freq, gamma)
         k = num_classes if num_classes is not None else inp.num_classes
         if stat != "none" and not k:
             raise PcbkitError(f"calibration {stat!r} needs statistics (stats=...)")
-        return cls(stat=stat, num_classes=int(k), operand=OPERANDS[stat](inp))
+        return cls(stat=stat, num_classes=int(k), operand=STATISTICS[stat].operand(inp))
 
     def to(self, device: torch.device | str) -> Calibrator:
         """A copy whose operand lives on `device` (move once, then calibrate many batches there)."""
@@ -307,7 +249,7 @@ class Calibrator:
     def foreground(self, p: Tensor) -> Tensor:
         """f(p): p [R, K] foreground distributions -> p~ [R, K] float64 (no chunking)."""
         op = self.operand.to(p.device) if self.operand is not None else None
-        return CALIBRATORS[self.stat](p.to(torch.float64), op)
+        return STATISTICS[self.stat].transform(p.to(torch.float64), op)
 
     def _apply(self, q: Tensor) -> Tensor:
         """One chunk: q [r, K+1] (any float dtype) -> q~ [r, K+1] float64."""
@@ -318,7 +260,8 @@ class Calibrator:
         mass = fg.sum(dim=1, keepdim=True)
         has = mass > 0
         uniform = torch.full_like(fg, 1.0 / k)
-        p = torch.where(has, fg / torch.where(has, mass, torch.ones_like(mass)), uniform)  # q[K] = 1: no foreground
+        # q[K] = 1 (no foreground mass): uniform p
+        p = torch.where(has, fg / torch.where(has, mass, torch.ones_like(mass)), uniform)
         pt = self.foreground(p)
         return torch.cat([(1.0 - bg).clamp(min=0.0) * pt, bg], dim=1)
 
@@ -329,15 +272,18 @@ class Calibrator:
         if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
             raise PcbkitError("calibrate: q contains NaN/inf")
         if float(lo) < -1e-6 or float(hi) > 1 + 1e-6:
-            raise PcbkitError(f"calibrate: q must be probabilities in [0, 1] (softmax over K+1={k + 1}); "
-                              f"got values in [{float(lo):.3g}, {float(hi):.3g}] (pass logits to from_logits)")
+            raise PcbkitError(
+                f"calibrate: q must be probabilities in [0, 1] (softmax over K+1={k + 1}); "
+                f"got values in [{float(lo):.3g}, {float(hi):.3g}] (pass logits to from_logits)"
+            )
         out = torch.empty(q.shape, dtype=_out_dtype(q), device=q.device)
         for start in range(0, q.shape[0], max(1, int(chunk_rows))):
             out[start : start + chunk_rows] = self._apply(q[start : start + chunk_rows])
         return out
 
     def from_logits(self, logits: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
-        """logits [R, K+1] (background last) -> q~ [R, K+1]: softmax over K+1 then calibration, in chunks."""
+        """logits [R, K+1] (background last) -> q~ [R, K+1]: softmax over K+1, then calibration,
+        in chunks."""
         _check_scores(logits, self.num_classes, "logits")
         out = torch.empty(logits.shape, dtype=_out_dtype(logits), device=logits.device)
         for start in range(0, logits.shape[0], max(1, int(chunk_rows))):
@@ -358,7 +304,9 @@ def _check_scores(t: Tensor, k: int, what: str) -> int:
         shape = list(t.shape) if isinstance(t, Tensor) else type(t).__name__
         raise PcbkitError(f"calibrate: {what} must be a float tensor [R, K+1] with K >= 1, got {shape}")
     if k and t.shape[1] != k + 1:
-        raise PcbkitError(f"calibrate: {what} have K={t.shape[1] - 1} foreground classes, the statistics K={k}")
+        raise PcbkitError(
+            f"calibrate: {what} have K={t.shape[1] - 1} foreground classes, the statistics K={k}"
+        )
     return t.shape[1] - 1
 
 
@@ -374,7 +322,7 @@ def calibrate(
 ) -> Tensor:
     """Calibrate probabilities q [R, K+1] (softmax over K+1, background last) -> q~ [R, K+1].
 
-    stat in `CALIBRATORS` ("none", "ms", "cm", "cm-bayes", "norcal"); `stats` a ClassStats, a
+    stat a key of `STATISTICS` ("none", "ms", "cm", "cm-bayes", "norcal"); `stats` a ClassStats, a
     row-normalised confusion matrix [K, K] or (for "ms") a mean score [K]; `ridge` shrinks the
     matrix toward I. The background column is returned unchanged and rows sum to 1. For many
     batches with the same statistic build a `Calibrator` once instead (one matrix inverse).
@@ -404,12 +352,12 @@ def calibrate_logits(
 
 
 def calibrate_dump(
-    dump: str | Any,
+    dump: str | Path | DumpReader,
     calibrators: dict[str, Calibrator],
     *,
     columns: tuple[str, ...] = ("image_ids", "labels"),
     chunk_rows: int = 8192,
-) -> Any:
+) -> Iterator[tuple[dict[str, Tensor], dict[str, Tensor]]]:
     """Stream a logit dump and calibrate every chunk with each calibrator (no model needed).
 
     Yields `(chunk, {name: q~ [r, K+1] float32})` per chunk of the dump; `chunk` holds `columns`
@@ -429,7 +377,9 @@ def calibrate_dump(
 
 
 def positive_accuracy(
-    dump: str | Any, calibrators: dict[str, Calibrator], frequency: tuple[str, ...] | None = None
+    dump: str | Path | DumpReader,
+    calibrators: dict[str, Calibrator],
+    frequency: tuple[str, ...] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Top-1 accuracy of the foreground arg-max on a dump's positive proposals, per calibrator.
 
