@@ -1,24 +1,41 @@
-"""Detections of an LVIS results list, validated against the ground truth (docs/evaluation.md §3).
+"""LVIS results lists: read and validated against the ground truth, or written as a stream.
 
-D detections as arrays in file order: image index into `GroundTruth.img_ids`, category index,
-score, box xywh (NaN when absent), segmentation per original result, and `order` (position in
-the file, the tie-breaker lvis-api uses). A results list is a JSON list of objects with
-`image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] and/or `segmentation` (RLE).
-`cap_per_image` (lvis-api's 300 per image) and `cap_per_category` (fixed AP's 10,000 per class)
-return the indices they keep; `select` takes a subset.
+Reading (docs/evaluation.md §3): D detections as arrays in file order: image index into
+`GroundTruth.img_ids`, category index, score, box xywh (NaN when absent), segmentation per original
+result, and `order` (position in the file, the tie-breaker lvis-api uses). A results list is a JSON
+list of objects with `image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] and/or
+`segmentation` (RLE). `cap_per_image` (lvis-api's 300 per image) and `cap_per_category` (fixed AP's
+10,000 per class) return the indices they keep; `select` takes a subset.
+
+Writing (docs/calibration.md §3): `write_results(target)` yields a `ResultsFile` streaming entries
+to a hidden temporary beside `target` (`pcb_analysis.atomic.atomic_path`); `finish()` closes and
+syncs it (`.tmp` is then a complete file that can be evaluated); it replaces `target` only when
+the block ends without error, else it is removed: nothing half-written under the final name, an
+earlier good file never clobbered. `PerClassTop` keeps the best `per_class` entries of every
+category over a split, streamed (the input of fixed AP).
 """
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
+from pcb_analysis.atomic import atomic_path
 from pcb_analysis.errors import input_error
 from pcb_analysis.lvis_gt import GroundTruth
 from pcb_analysis.lvis_json import read_json
+
+try:  # optional: serialises entries several times faster than the json module
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    orjson = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -143,3 +160,86 @@ def cap_per_category(d: Detections, per_class: int) -> np.ndarray:
     start = np.searchsorted(cat_sorted, cat_sorted, side="left")
     rank = np.arange(o.shape[0]) - start
     return np.sort(o[rank < per_class])
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _dumps_entry() -> Callable[[Any], str]:
+    if orjson is not None:
+        return lambda e: orjson.dumps(e).decode("utf-8")
+    return lambda e: json.dumps(e, separators=(",", ":"))  # pragma: no cover
+
+
+class ResultsFile:
+    """An LVIS results list being streamed to `tmp`, which becomes `target` (see `write_results`)."""
+
+    def __init__(self, target: Path, tmp: Path, stream: IO[str]) -> None:
+        self.target = target
+        self.tmp = tmp
+        self.count = 0
+        self._f: IO[str] | None = stream
+        self._dumps = _dumps_entry()
+        stream.write("[")
+
+    def add(self, entries: Sequence[dict[str, Any]]) -> None:
+        assert self._f is not None, "ResultsFile: add() after finish()"
+        for e in entries:
+            self._f.write(("," if self.count else "") + self._dumps(e))
+            self.count += 1
+
+    def finish(self) -> None:
+        """Close the list and sync the file: `tmp` is then a complete results file."""
+        if self._f is None:
+            return
+        self._f.write("]\n")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        self._f = None
+
+
+@contextmanager
+def write_results(target: str | Path) -> Iterator[ResultsFile]:
+    """A `ResultsFile` for `target`: committed (renamed onto `target`) when the block succeeds."""
+    target = Path(target)
+    with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as stream:
+        results = ResultsFile(target, tmp, stream)
+        yield results
+        results.finish()
+
+
+class PerClassTop:
+    """The `per_class` highest-scoring entries of every category over a whole split (fixed AP:
+    no per-image cap, 10,000 detections per category; Dave et al. 2021).
+
+    Entries arrive image by image, uncapped; a category's list is pruned to its top `per_class`
+    whenever it reaches twice that, so memory stays <= 2 x per_class entries per category. Ties in
+    score keep the earlier entry (arrival order), so the result is deterministic."""
+
+    def __init__(self, per_class: int) -> None:
+        if per_class < 1:
+            raise ValueError(f"PerClassTop: per_class must be >= 1, got {per_class}")
+        self.per_class = int(per_class)
+        self._by_class: dict[int, list[tuple[float, int, dict[str, Any]]]] = {}
+        self._seq = 0
+
+    def add(self, entries: Sequence[dict[str, Any]]) -> None:
+        for e in entries:
+            bucket = self._by_class.setdefault(int(e["category_id"]), [])
+            bucket.append((-float(e["score"]), self._seq, e))
+            self._seq += 1
+            if len(bucket) >= 2 * self.per_class:
+                self._prune(bucket)
+
+    def _prune(self, bucket: list[tuple[float, int, dict[str, Any]]]) -> None:
+        bucket.sort(key=lambda x: (x[0], x[1]))
+        del bucket[self.per_class :]
+
+    def drain_into(self, results: ResultsFile) -> None:
+        """Write every category's top entries (categories by id, each by decreasing score), then forget them."""
+        for cat in sorted(self._by_class):
+            bucket = self._by_class[cat]
+            self._prune(bucket)
+            results.add([e for _, _, e in bucket])
+        self._by_class.clear()

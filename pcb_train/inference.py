@@ -1,12 +1,13 @@
 """Run a model over a split: open it, load the detector, iterate sharded batches with progress.
 
 One path for every command that runs a trained detector over images: `dump-logits`, `calibrate`,
-the trainer's evaluation and the study. A split is an LVIS annotation file plus an image folder,
-id-sorted (`LVISDetectionDataset(train=False)`); each rank takes its strided share of positions
-(`pcb_train.distributed.shard_indices`). Batches are (images [3, H, W] float in [0, 1] on the
-model's device, targets on the CPU); image decoding runs ahead in `num_workers` loader workers.
-The loader draws its seed from a private generator, so running inference (also in the middle of
-training) never moves the caller's global RNG.
+the trainer's evaluation and the study; `ground_truth_for_images` is what they are scored against
+(the file restricted to the images actually run). A split is an LVIS annotation file plus an
+image folder, id-sorted (`LVISDetectionDataset(train=False)`); each rank takes its strided share
+of positions (`pcb_train.distributed.shard_indices`). Batches are (images [3, H, W] float in
+[0, 1] on the model's device, targets on the CPU); image decoding runs ahead in `num_workers`
+loader workers. The loader draws its seed from a private generator, so running inference (also
+in the middle of training) never moves the caller's global RNG.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from tqdm import tqdm
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.lvis_eval import GroundTruth, load_ground_truth
 from pcb_train.backends import build_backend
 from pcb_train.backends.base import CheckpointInfo, DetectorBackend
 from pcb_train.config import TrainConfig, load_config
-from pcb_train.data import LVISDetectionDataset, Target, collate
+from pcb_train.data import LVISDetectionDataset, Target, collate, load_lvis_json
 
 Batch = tuple[list[Tensor], list[Target]]
 
@@ -35,7 +37,9 @@ def open_split(
     """The evaluation split (id-sorted), checking that it has images and that their files exist."""
     if max_images is not None and max_images < 1:
         raise PcbkitError(f"--max-images must be >= 1 (got {max_images})")
-    dataset = LVISDetectionDataset(gt, images, None, train=False, with_masks=with_masks, max_images=max_images)
+    dataset = LVISDetectionDataset(
+        gt, images, None, train=False, with_masks=with_masks, max_images=max_images
+    )
     if len(dataset) == 0:
         raise input_error(gt, "empty split: field 'images' lists no image")
     return dataset
@@ -59,15 +63,16 @@ def load_detector(
     if cfg.model.num_classes != categories.num_classes:
         raise input_error(
             config_path,
-            f"model.num_classes is {cfg.model.num_classes}, the ground truth {gt} has K={categories.num_classes} categories",
+            f"model.num_classes is {cfg.model.num_classes}, the ground truth {gt} has "
+            f"K={categories.num_classes} categories",
         )
     backend = build_backend(cfg.model)
     info = backend.load_checkpoint(ckpt)
     if info.categories is not None and info.categories.hash != categories.hash:
         raise input_error(
             ckpt,
-            f"the checkpoint's categories (hash {info.categories.hash}, K={info.categories.num_classes}) differ from "
-            f"the ground truth {gt} (hash {categories.hash}, K={categories.num_classes})",
+            f"the checkpoint's categories (hash {info.categories.hash}, K={info.categories.num_classes}) "
+            f"differ from the ground truth {gt} (hash {categories.hash}, K={categories.num_classes})",
         )
     backend.to(device)
     backend.model.eval()
@@ -107,3 +112,22 @@ def iter_batches(
                 images = [im.to(device, non_blocking=True) for im in images]
             yield images, targets
             bar.update(len(images))
+
+
+def ground_truth_for_images(gt: str | Path, image_ids: Sequence[int] | None = None) -> GroundTruth:
+    """The ground-truth index of `gt`, restricted to `image_ids` when they are a strict subset of
+    the file's images (e.g. --max-images): images never run must not count as misses.
+
+    None: every image of the file (the file is not read a second time to check)."""
+    if image_ids is None:
+        return load_ground_truth(gt)
+    data = load_lvis_json(gt)
+    wanted = {int(i) for i in image_ids}
+    if wanted == {int(im["id"]) for im in data["images"]}:
+        return load_ground_truth(gt)
+    sub = dict(data)
+    sub["images"] = [im for im in data["images"] if int(im["id"]) in wanted]
+    sub["annotations"] = [a for a in data["annotations"] if int(a["image_id"]) in wanted]
+    index = load_ground_truth(sub)
+    index.source = f"{gt} ({len(sub['images'])} of {len(data['images'])} images)"
+    return index
