@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from pcb_analysis.atomic import write_text_atomic
+from pcb_analysis.calibration import ROW_STATISTICS, table_label
 
 METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_fixed")
-STAT_ORDER = ("none", "ms", "cm", "cm-bayes")
+STAT_ORDER = ROW_STATISTICS  # the statistics table's order; other statistics after them, by name
 
 # docs/method.md §3, Table 1 of the paper (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics).
 PAPER_TABLE1: tuple[dict[str, Any], ...] = (
@@ -56,8 +57,7 @@ def study_table(rows: Sequence[Mapping[str, Any]], source: str, models: Sequence
     for model in models:
         mine = [r for r in rows if r["model"] == model and (r["stat"] == "none" or r["source"] == source)]
         for r in sorted(mine, key=lambda r: _stat_key(r["stat"])):
-            body.append([model, r["stat"].upper() if r["stat"] in ("ms", "cm") else r["stat"]]
-                        + [pct(r.get(m)) for m in METRICS])
+            body.append([model, table_label(r["stat"])] + [pct(r.get(m)) for m in METRICS])
     return markdown_table(["model", "statistic", *METRICS], body)
 
 
@@ -66,7 +66,8 @@ def train_vs_val_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str])
     body = []
     for model in models:
         none = next((r for r in rows if r["model"] == model and r["stat"] == "none"), None)
-        stats = sorted({r["stat"] for r in rows if r["model"] == model and r["stat"] != "none"}, key=_stat_key)
+        stats = sorted({r["stat"] for r in rows if r["model"] == model and r["stat"] != "none"},
+                       key=_stat_key)
         for stat in stats:
             by = {r["source"]: r for r in rows if r["model"] == model and r["stat"] == stat}
             val, train = by.get("val", {}), by.get("train", {})
@@ -76,13 +77,14 @@ def train_vs_val_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str])
                 pct(none.get("APr") if none else None), pct(val.get("APr")), pct(train.get("APr")),
             ])
     return markdown_table(
-        ["model", "statistic", "AP none", "AP val-stat", "AP train-stat", "APr none", "APr val-stat", "APr train-stat"],
+        ["model", "statistic", "AP none", "AP val-stat", "AP train-stat",
+         "APr none", "APr val-stat", "APr train-stat"],
         body,
     )
 
 
 def paper_table() -> str:
-    body = [[r["sampler"], r["stat"].upper() if r["stat"] != "none" else "none"]
+    body = [[r["sampler"], table_label(r["stat"])]
             + [f"{r[m]:.1f}" for m in ("AP", "APr", "APc", "APf", "APb")] for r in PAPER_TABLE1]
     return markdown_table(["sampler", "statistic", "AP", "APr", "APc", "APf", "APb"], body)
 
@@ -162,30 +164,33 @@ def reading(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[st
             out.append(
                 f"With the val-set matrix (upper bound) CM changes APr by {fmt(d_apr)}, APf by "
                 f"{fmt(_delta(cm_val, none, 'APf'))} and AP by {fmt(d_ap)} points "
-                f"(paper, random sampler: {paper_cm['APr']:+.1f}, {paper_cm['APf']:+.1f}, {paper_cm['AP']:+.1f}); "
-                f"on APr: {verdict(d_apr, paper_cm['APr'])}, on AP: {verdict(d_ap, paper_cm['AP'])}."
+                f"(paper, random sampler: {paper_cm['APr']:+.1f}, {paper_cm['APf']:+.1f}, "
+                f"{paper_cm['AP']:+.1f}); on APr: {verdict(d_apr, paper_cm['APr'])}, "
+                f"on AP: {verdict(d_ap, paper_cm['AP'])}."
             )
             if ms_val is not None:
                 d_cm_ms = _delta(cm_val, ms_val, "APr")
                 out.append(
-                    f"CM against MS on APr: {fmt(d_cm_ms)} points (paper: {paper_cm_ms['random']:+.1f} random sampler, "
-                    f"{paper_cm_ms['RFS']:+.1f} RFS): {verdict(d_cm_ms, paper_cm_ms['random'])}."
+                    f"CM against MS on APr: {fmt(d_cm_ms)} points (paper: {paper_cm_ms['random']:+.1f} "
+                    f"random sampler, {paper_cm_ms['RFS']:+.1f} RFS): "
+                    f"{verdict(d_cm_ms, paper_cm_ms['random'])}."
                 )
             s0, s1 = _spread(none), _spread(cm_val)
             if s0 is not None and s1 is not None:
                 out.append(
-                    f"Spread of APr / APc / APf: {s0:.1f} points without calibration, {s1:.1f} with CM (paper: "
-                    f"{_spread(_scaled(p_none)):.1f} -> {_spread(_scaled(p_cm)):.1f} random sampler, "
+                    f"Spread of APr / APc / APf: {s0:.1f} points without calibration, {s1:.1f} with CM "
+                    f"(paper: {_spread(_scaled(p_none)):.1f} -> {_spread(_scaled(p_cm)):.1f} random sampler, "
                     f"{_spread(_scaled(_paper('RFS', 'cm'))):.1f} for RFS + CM, 'almost fully unbiased')."
                 )
         if cm_tr is not None:
             d_tr, d_val = _delta(cm_tr, none, "APr"), _delta(cm_val, none, "APr") if cm_val else None
             agrees = d_tr is not None and d_val is not None and d_tr < d_val
             out.append(
-                f"With the train-set matrix CM changes APr by {fmt(d_tr)} and AP by {fmt(_delta(cm_tr, none, 'AP'))} "
-                f"points, against {fmt(d_val)} APr with the val-set matrix (the paper's Table 4: the train matrix "
-                f"helps much less, because the model fits its training set and that matrix is close to the "
-                f"identity): {'as in the paper' if agrees else 'not as in the paper'}."
+                f"With the train-set matrix CM changes APr by {fmt(d_tr)} and AP by "
+                f"{fmt(_delta(cm_tr, none, 'AP'))} points, against {fmt(d_val)} APr with the val-set matrix "
+                "(the paper's Table 4: the train matrix helps much less, because the model fits its training "
+                "set and that matrix is close to the identity): "
+                f"{'as in the paper' if agrees else 'not as in the paper'}."
             )
     base = _get(rows, models[0], "none", "-") if models else None
     paper_pcb = {m: PAPER_PCB_V05[m] - p_none[m] for m in ("AP", "APr", "APc", "APf")}
@@ -195,9 +200,10 @@ def reading(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> list[st
             d = {m: _delta(other, base, m) for m in ("AP", "APr", "APc", "APf")}
             out.append(
                 f"**{model}** vs **{models[0]}** (no calibration): AP {fmt(d['AP'])}, APr {fmt(d['APr'])}, "
-                f"APc {fmt(d['APc'])}, APf {fmt(d['APf'])} points (paper, Softmax + PCB vs Softmax on LVIS v0.5: "
-                f"{paper_pcb['AP']:+.1f}, {paper_pcb['APr']:+.1f}, {paper_pcb['APc']:+.1f}, {paper_pcb['APf']:+.1f}); "
-                f"on AP: {verdict(d['AP'], paper_pcb['AP'])}, on APr: {verdict(d['APr'], paper_pcb['APr'])}."
+                f"APc {fmt(d['APc'])}, APf {fmt(d['APf'])} points (paper, Softmax + PCB vs Softmax on "
+                f"LVIS v0.5: {paper_pcb['AP']:+.1f}, {paper_pcb['APr']:+.1f}, {paper_pcb['APc']:+.1f}, "
+                f"{paper_pcb['APf']:+.1f}); on AP: {verdict(d['AP'], paper_pcb['AP'])}, "
+                f"on APr: {verdict(d['APr'], paper_pcb['APr'])}."
             )
     return out
 
@@ -228,7 +234,8 @@ def write_study_report(
     parts += ["Metrics in %: AP, APr, APc, APf are mask AP; APb is box AP; AP_fixed is mask AP under the "
               "fixed-AP protocol (10,000 detections per class, no per-image cap), which is fairer to "
               "calibration because calibration moves scores across classes.", ""]
-    parts += ["## The paper's Table 1 (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics)", "", paper_table(), ""]
+    parts += ["## The paper's Table 1 (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics)", "",
+              paper_table(), ""]
     for name, rel in (figures or {}).items():
         parts += [f"## {name}", "", f"![{name}]({rel})", ""]
     if pairs_markdown:

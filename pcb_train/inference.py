@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError, input_error
-from pcb_analysis.lvis_eval import GroundTruth, load_ground_truth
+from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
 from pcb_train.backends import build_backend
 from pcb_train.backends.base import CheckpointInfo, DetectorBackend
 from pcb_train.config import TrainConfig, load_config

@@ -368,19 +368,26 @@ def run_demo(cfg: DemoConfig) -> Path:
     rows = [row for m in models for row in calibrate_all(m, stats[m.name], inp, log)]
     elapsed = time.perf_counter() - t0
     preamble = (
-        f"Produced by `pcbkit demo{' --quick' if cfg.quick else ''}` on the embedded **synthetic** long-tailed "
+        f"Produced by `pcbkit demo{' --quick' if cfg.quick else ''}` on the embedded **synthetic** "
+        "long-tailed "
         f"dataset (`pcbkit synth`, seed {cfg.seed}: {scfg.num_classes} classes, {scfg.train_images} train / "
-        f"{scfg.val_images} val images of {scfg.size} px), with two tiny Mask R-CNNs trained on a **2-core CPU**: "
-        "`softmax` (cross-entropy, random sampler) and `pcb` (online confusion matrix, fightback loss, 3-step "
+        f"{scfg.val_images} val images of {scfg.size} px), with two tiny Mask R-CNNs trained on a **2-core "
+        "CPU**: "
+        "`softmax` (cross-entropy, random sampler) and `pcb` (online confusion matrix, fightback loss, "
+        "3-step "
         "iterative RoI head). The statistics come from positive proposals (IoU >= 0.5) dumped on train "
-        f"({'all' if inp.train_dump_images is None else inp.train_dump_images} images) and val. The numbers are "
+        f"({'all' if inp.train_dump_images is None else inp.train_dump_images} images) and val. The numbers "
+        "are "
         "not comparable with the paper's LVIS numbers; they show the method's mechanics end to end. "
-        f"The whole pipeline takes {log.total / 60:.1f} min of wall time on this machine (the steps' times below, "
+        f"The whole pipeline takes {log.total / 60:.1f} min of wall time on this machine (the steps' times "
+        "below, "
         f"each from the run that produced its outputs; this invocation: {elapsed / 60:.1f} min)."
     )
     notes = [
-        "The pcb model's iterative head starts with g = 1, c = 0 (`model.modulation_init: identity`, a pcbkit "
-        "option; the official code's default initialisation scales the RoI features down at the start, which a "
+        "The pcb model's iterative head starts with g = 1, c = 0 (`model.modulation_init: identity`, a "
+        "pcbkit "
+        "option; the official code's default initialisation scales the RoI features down at the start, "
+        "which a "
         "tiny detector trained from scratch for a few hundred iterations does not recover from). See "
         "`configs/synth_tiny_pcb.yaml`.",
         "Synthetic data, tiny models and a few minutes of CPU training: absolute APs are far from LVIS "
@@ -406,9 +413,11 @@ def run_study(
     stats = {name: dump_and_stats(model, inp, log)}
     rows = calibrate_all(model, stats[name], inp, log)
     preamble = (
-        f"Produced by `pcbkit study` for checkpoint `{checkpoint}` (config `{config}`) on `{inp.val_gt}`, with "
+        f"Produced by `pcbkit study` for checkpoint `{checkpoint}` (config `{config}`) on `{inp.val_gt}`, "
+        "with "
         f"statistics from positive proposals of `{inp.train_gt}` and of the val split. "
-        f"Wall time of the whole study: {log.total / 60:.1f} min (the steps' times below, each from the run that "
+        f"Wall time of the whole study: {log.total / 60:.1f} min (the steps' times below, each from the run "
+        "that "
         f"produced its outputs; this invocation: {(time.perf_counter() - t0) / 60:.1f} min)."
     )
     return write_report([model], stats, rows, inp, log, title=f"pcbkit study: {name}", preamble=preamble)

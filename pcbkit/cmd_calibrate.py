@@ -1,30 +1,85 @@
-"""`pcbkit calibrate`: calibrated inference (or an offline replay of a dump), evaluated, one row per statistic."""
+"""`pcbkit calibrate`: parse the options, run `pcb_train.calibrate.run_calibration`, print the table."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import click
 
 
+def _statistics_table() -> Any:
+    # lazy: pcb_analysis.calibration imports torch, which `pcbkit --help` must not pay for
+    from pcb_analysis import calibration
+
+    return calibration
+
+
+class _StatisticChoice(click.Choice):
+    """`--stat`'s choices: the parameter-free rows of the statistics table, read when first needed."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        return tuple(_statistics_table().ROW_STATISTICS)
+
+    @choices.setter
+    def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns it; the table decides
+        pass
+
+
+class _TableHelpOption(click.Option):
+    """An option whose help names statistics of the table: {defaults} and {matrix}, filled when shown."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        table = _statistics_table()
+        spec, text = record
+        return spec, text.format(defaults=", ".join(table.DEFAULT_STATISTICS),
+                                 matrix=", ".join(table.MATRIX_STATISTICS))
+
+
+FILE = click.Path(dir_okay=False, path_type=Path)
+FOLDER = click.Path(file_okay=False, path_type=Path)
+
+
 @click.command("calibrate")
-@click.option("--stat", "stat_names", multiple=True, type=click.Choice(["none", "ms", "cm", "cm-bayes"]), help="Statistic to evaluate (repeatable). Default: none, ms, cm (without --gamma/--tau).")
-@click.option("--stats", "stats_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Statistics file from `pcbkit stats` (.npz).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False, path_type=Path), default=None, help="pcbkit checkpoint (in-model mode).")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Config YAML of the checkpoint's model (in-model mode).")
-@click.option("--gt", required=True, type=click.Path(dir_okay=False, path_type=Path), help="LVIS annotation file of the evaluated split.")
-@click.option("--images", type=click.Path(file_okay=False, path_type=Path), default=None, help="Image folder (in-model mode).")
-@click.option("--dump", "dump_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Offline mode: a full dump with per-class boxes (`dump-logits --boxes per-class`); box AP without the model.")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder: <split>-<stat>.json results, metrics.json, metrics.csv.")
-@click.option("--split", default=None, help="Name of the evaluated split (default: the dump's split, else the --gt file's stem).")
-@click.option("--ridge", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True, help="M <- (1-L) M + L I for ms, cm, cm-bayes.")
-@click.option("--gamma", "gamma_text", default=None, help="NorCal rows p/n_img^gamma, a comma list (e.g. 0,0.5,1).")
-@click.option("--tau", "tau_text", default=None, help="Logit-adjustment rows z - tau*log(instance prior), a comma list (e.g. 0.5,1).")
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Evaluate the first N images (by id) only.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Images per forward pass.")
+@click.option("--stat", "stat_names", multiple=True, type=_StatisticChoice(), cls=_TableHelpOption,
+              help="Statistic to evaluate (repeatable). Default: {defaults} (without --gamma/--tau).")
+@click.option("--stats", "stats_path", required=True, type=FILE,
+              help="Statistics file from `pcbkit stats` (.npz).")
+@click.option("--checkpoint", type=FILE, default=None, help="pcbkit checkpoint (in-model mode).")
+@click.option("--config", "config_path", type=FILE, default=None,
+              help="Config YAML of the checkpoint's model (in-model mode).")
+@click.option("--gt", required=True, type=FILE, help="LVIS annotation file of the evaluated split.")
+@click.option("--images", type=FOLDER, default=None, help="Image folder (in-model mode).")
+@click.option("--dump", "dump_dir", type=FOLDER, default=None,
+              help="Offline mode: a full dump with per-class boxes (`dump-logits --boxes per-class`); "
+                   "box AP without the model.")
+@click.option("--out", required=True, type=FOLDER,
+              help="Output folder: <split>-<stat>.json results, metrics.json, metrics.csv.")
+@click.option("--split", default=None,
+              help="Name of the evaluated split (default: the dump's split, else the --gt file's stem).")
+@click.option("--ridge", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True,
+              cls=_TableHelpOption, help="M <- (1-L) M + L I for {matrix}.")
+@click.option("--gamma", "gamma_text", default=None,
+              help="NorCal rows p/n_img^gamma, a comma list (e.g. 0,0.5,1).")
+@click.option("--tau", "tau_text", default=None,
+              help="Logit-adjustment rows z - tau*log(instance prior), a comma list (e.g. 0.5,1).")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Evaluate the first N images (by id) only.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Images per forward pass.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--no-fixed-ap", is_flag=True, help="Skip fixed AP (uncapped detections, 10,000 per class: <split>-<stat>-fixed.json).")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding worker processes.")
+@click.option("--no-fixed-ap", is_flag=True,
+              help="Skip fixed AP (uncapped detections, 10,000 per class: <split>-<stat>-fixed.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of the table.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def calibrate_cmd(
@@ -57,18 +112,22 @@ def calibrate_cmd(
     training split the train-set matrix (Table 4); the output records which. With --dump no model
     is run: box AP from a dump, the same post-processing.
     """
-    import json
-
-    from pcb_train.calibrate import DEFAULT_STATS, CalibrateConfig, format_table, parse_grid, run_calibration
+    # lazy: the library imports torch, which `pcbkit --help` must not pay for
+    from pcb_train.calibrate import (
+        CalibrateConfig,
+        format_report_table,
+        parse_grid,
+        run_calibration,
+        select_stats,
+    )
 
     gammas = parse_grid(gamma_text, "--gamma")
     taus = parse_grid(tau_text, "--tau")
-    names = stat_names if stat_names else (() if (gammas or taus) else DEFAULT_STATS)
     cfg = CalibrateConfig(
         stats=stats_path,
         gt=gt,
         out=out,
-        stat=tuple(names),
+        stat=select_stats(stat_names, gammas, taus),
         checkpoint=checkpoint,
         config=config_path,
         images=images,
@@ -88,5 +147,5 @@ def calibrate_cmd(
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
-    click.echo(format_table(report))
+    click.echo(format_report_table(report))
     click.echo(f"wrote {len(report.rows)} results file(s) and metrics to {out} ({report.seconds:.1f} s)")

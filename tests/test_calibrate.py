@@ -26,7 +26,7 @@ from pcb_train.calibrate import (
     UPPER_BOUND,
     CalibrateConfig,
     build_rows,
-    calibrate_dump,
+    calibrate_from_dump,
     calibrate_model,
     parse_grid,
     statistics_relation,
@@ -221,7 +221,7 @@ def test_offline_box_ap_equals_in_model(world: dict[str, Path], tmp_path: Path, 
     out = tmp_path / "res"
     stat = ("none", "ms", "cm", "cm-bayes")
     in_model = calibrate_model(model_cfg(world, out, stats=stats, stat=stat, gammas=(1.0,)))
-    offline = calibrate_dump(
+    offline = calibrate_from_dump(
         CalibrateConfig(stats=stats, gt=world["gt"], out=out, dump=d, stat=stat, gammas=(1.0,), progress=False)
     )
     assert [r["stat"] for r in in_model.rows] == [r["stat"] for r in offline.rows]
@@ -240,9 +240,9 @@ def test_offline_mode_refuses_unusable_dumps(world: dict[str, Path], tmp_path: P
     nobox = dump(world, tmp_path / "nobox", boxes="none", max_images=1)
     base = {"stats": world["stats"], "gt": world["gt"], "out": tmp_path / "out", "progress": False}
     with pytest.raises(PcbkitError, match="positives-only"):
-        calibrate_dump(CalibrateConfig(dump=pos, **base))
+        calibrate_from_dump(CalibrateConfig(dump=pos, **base))
     with pytest.raises(PcbkitError, match="per-class boxes"):
-        calibrate_dump(CalibrateConfig(dump=nobox, **base))
+        calibrate_from_dump(CalibrateConfig(dump=nobox, **base))
     with pytest.raises(PcbkitError, match="takes no --checkpoint"):
         CalibrateConfig(dump=pos, checkpoint=world["checkpoint"], **base)
     with pytest.raises(PcbkitError, match="needs --checkpoint, --config, --images"):
@@ -382,7 +382,7 @@ def test_tau_needs_instance_counts(world: dict[str, Path], tmp_path: Path) -> No
 
     gt = _gt_copy(world, tmp_path / "gt.json", drop_counts)
     with pytest.raises(PcbkitError, match="instance_count"):
-        calibrate_dump(
+        calibrate_from_dump(
             CalibrateConfig(stats=world["stats"], gt=gt, out=tmp_path / "o", dump=world["dump"], taus=(1.0,), progress=False)
         )
     assert not (tmp_path / "o").exists()
@@ -430,7 +430,7 @@ def test_select_detections_hand_case() -> None:
 
 
 def test_per_class_top_keeps_the_best_per_class_in_arrival_order_on_ties() -> None:
-    from pcb_train.calibrate import PerClassTop, ResultsFile
+    from pcb_analysis.lvis_results import PerClassTop, ResultsFile
 
     top = PerClassTop(2)
     entries = [{"category_id": c, "score": s, "n": i}
@@ -551,7 +551,7 @@ def test_rle_cache_encodes_each_pair_once_and_changes_nothing(monkeypatch: pytes
 
 def test_metrics_equal_separate_evaluations_of_the_written_files(world: dict[str, Path], tmp_path: Path) -> None:
     from pcb_analysis.lvis_eval import evaluate
-    from pcb_train.calibrate import ground_truth_for
+    from pcb_train.inference import ground_truth_for_images
 
     out = tmp_path / "res"
     report = calibrate_model(model_cfg(world, out, stat=("none", "cm")))
@@ -559,7 +559,7 @@ def test_metrics_equal_separate_evaluations_of_the_written_files(world: dict[str
 
     ids = sorted({e["image_id"] for e in _json.loads((out / "val-none-fixed.json").read_text())})
     all_ids = [im["id"] for im in _json.loads(world["gt"].read_text())["images"]]
-    gt = ground_truth_for(world["gt"], sorted(all_ids)[:N_IMAGES], all_ids)
+    gt = ground_truth_for_images(world["gt"], sorted(all_ids)[:N_IMAGES])
     assert set(ids) <= set(sorted(all_ids)[:N_IMAGES])
     for row in report.rows:
         for t in ("segm", "bbox"):

@@ -1,0 +1,120 @@
+"""In-model calibration: run the detector once, post-process its scores under every statistic.
+
+Per batch ONE backbone + RPN + box-head pass serves every row of every calibration sharing the
+pass (`backend.infer(images, {name: transform})`): each transform maps q [R, K+1] to q~ (background
+kept), then the standard post-processing runs (score > 1e-4, class-wise NMS 0.5, top 300 per image)
+and masks are predicted for the calibrated detections. With fixed AP the post-processing is
+uncapped and sorted by score, so the standard results are each image's first 300 and all of them
+feed the per-class top-10,000 (docs/calibration.md §3). LVIS results per row, mask and box AP.
+Inputs are all checked (statistics, split, config, checkpoint) before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pcb_analysis.errors import PcbkitError, input_error
+from pcb_train.backends import detections_to_lvis
+from pcb_train.calibrate.options import SHARED_PASS_FIELDS, CalibrateConfig
+from pcb_train.calibrate.report import CalibrationReport
+from pcb_train.calibrate.results import RowResults, open_row_results
+from pcb_train.calibrate.rows import StatRow, build_rows, load_statistics, statistics_relation, tau_prior
+from pcb_train.distributed import resolve_device
+from pcb_train.inference import ground_truth_for_images, iter_batches, load_detector, open_split
+from pcb_train.provenance import provenance
+
+MASK_THRESHOLD = 0.5
+
+
+@dataclass
+class _Job:
+    """One calibration (one statistics file, one output folder) inside a shared pass."""
+
+    cfg: CalibrateConfig
+    rows: list[StatRow]
+    report: CalibrationReport
+
+
+def calibrate_model(cfg: CalibrateConfig) -> CalibrationReport:
+    """In-model mode: one inference pass for every row, LVIS results per row, mask + box AP.
+
+    Every input is validated before anything is written under `cfg.out`: statistics (present,
+    category space = ground truth's), split (non-empty, image files present), config and
+    checkpoint (class count, structure, categories)."""
+    return calibrate_models([cfg])[0]
+
+
+def _check_shared(cfgs: Sequence[CalibrateConfig]) -> None:
+    if not cfgs:
+        raise ValueError("calibrate_models: no configuration given")
+    first = cfgs[0]
+    for c in cfgs[1:]:
+        diff = [f for f in SHARED_PASS_FIELDS if getattr(c, f) != getattr(first, f)]
+        if diff:
+            raise PcbkitError(f"calibrations sharing one pass must agree on {', '.join(diff)}")
+    outs = [Path(c.out).resolve() for c in cfgs]
+    if len(set(outs)) != len(outs):
+        raise PcbkitError("calibrations sharing one pass need distinct output folders")
+    for c in cfgs:
+        if not Path(c.stats).is_file():
+            raise input_error(c.stats, "statistics file not found")
+
+
+def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]:
+    """Several in-model calibrations of the same model and split (e.g. val-set and train-set
+    statistics, Table 1 and Table 4) from ONE inference pass; each writes its own `cfg.out`
+    exactly as `calibrate_model` would. The configs must agree on everything but the statistics
+    and the output (`SHARED_PASS_FIELDS`)."""
+    t0 = time.perf_counter()
+    _check_shared(cfgs)
+    first = cfgs[0]
+    assert first.checkpoint is not None and first.config is not None and first.images is not None
+    dataset = open_split(first.gt, first.images, max_images=first.max_images)
+    categories = dataset.categories
+    loaded = [load_statistics(c.stats, categories, c.gt) for c in cfgs]  # checked before the model
+    device = resolve_device(first.device)
+    backend, info, _ = load_detector(first.checkpoint, first.config, categories, first.gt, device)
+    split = first.split or Path(first.gt).stem
+    prov = provenance(info, backend.config, first.config)
+    jobs: list[_Job] = []
+    for c, stats in zip(cfgs, loaded, strict=True):
+        rows = build_rows(stats, c.stat, ridge=c.ridge, gammas=c.gammas, taus=c.taus,
+                          prior=tau_prior(c.gt, c.taus, categories), device=device)
+        relation = {"file": str(c.stats), "ridge": c.ridge, **statistics_relation(stats, split, c.gt)}
+        report = CalibrationReport(mode="model", split=split, gt=str(c.gt), statistics=relation,
+                                   images=len(dataset), provenance=prov)
+        jobs.append(_Job(c, rows, report))
+    ran = dataset.image_ids if first.max_images is not None else None  # None: the whole file
+    gt_index = ground_truth_for_images(first.gt, ran)
+    transforms = {(j, row.slug): row.transform for j, job in enumerate(jobs) for row in job.rows}
+    names = {key: f"{key[0]}:{key[1]}" for key in transforms}
+    cap = int(backend.config.detections_per_image)
+    uncapped = first.fixed_ap
+    with ExitStack() as stack:
+        outputs: list[RowResults] = [
+            stack.enter_context(open_row_results(job.cfg.out, split, job.rows, fixed_ap=job.cfg.fixed_ap))
+            for job in jobs
+        ]
+        batches = iter_batches(dataset, range(len(dataset)), first.batch_size, first.num_workers,
+                               device=device, progress=first.progress, desc=f"calibrate {split}")
+        for images, targets in batches:
+            # with fixed AP: uncapped detections (sorted by score), the capped ones are their prefix
+            dets = backend.infer(
+                images, {names[k]: fn for k, fn in transforms.items()}, mask_threshold=MASK_THRESHOLD,
+                detections_per_image=-1 if uncapped else None, compact_masks=True,
+            )
+            caches: list[dict[int, dict[str, Any]]] = [{} for _ in images]  # one RLE per mask, per image
+            for (j, slug), name in names.items():
+                for d, t, cache in zip(dets[name], targets, caches, strict=True):
+                    entries = detections_to_lvis(d, int(t["image_id"]), categories, cache, MASK_THRESHOLD)
+                    outputs[j].add_image(slug, entries, cap)
+        seconds = time.perf_counter() - t0
+        for job, results in zip(jobs, outputs, strict=True):
+            job.report.seconds = seconds
+            results.finish(job.report, gt_index, ("segm", "bbox"), job.cfg.out, "metrics")
+    return [job.report for job in jobs]

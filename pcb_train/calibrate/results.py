@@ -1,0 +1,141 @@
+"""The results files of one calibration's rows: streamed, evaluated, committed together.
+
+Per row `<split>-<slug><suffix>.json`: the standard LVIS results, at most `cap` detections per
+image (the detector's own cap; the entries of an image arrive sorted by score). With fixed AP,
+every (uncapped) entry also goes to a per-class top-10,000 (`PerClassTop`), written at the end as
+`<split>-<slug><suffix>-fixed.json` and evaluated with the fixed-AP protocol (docs/method.md §6;
+docs/calibration.md §3). Nothing is renamed under its final name before every row is evaluated
+and `<metrics_name>.json` / `.csv` are written; an error removes every temporary and leaves earlier
+outputs as they were (`pcb_analysis.lvis_results.write_results`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from pcb_analysis.atomic import write_json_atomic, write_text_atomic
+from pcb_analysis.errors import input_error
+from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS, evaluate_full
+from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
+from pcb_analysis.lvis_json import gc_paused
+from pcb_analysis.lvis_results import PerClassTop, ResultsFile, load_results, write_results
+from pcb_train.calibrate.report import CalibrationReport, table_csv
+from pcb_train.calibrate.rows import StatRow
+
+logger = logging.getLogger(__name__)
+
+# Bumped whenever the results or metrics a calibration writes change meaning (cached study steps rerun).
+RESULTS_PROTOCOL = "2: fixed AP on uncapped per-class top-10,000 results"
+
+
+def evaluate_results(
+    gt_index: GroundTruth | str | Path,
+    path: Path,
+    iou_types: Sequence[str],
+    count: int,
+    fixed: tuple[Path, int] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Standard and fixed AP per IoU type ({"segm": ..., "segm_fixed": ..., "bbox": ..., ...}).
+
+    Standard AP on `path` (<= 300 detections per image); fixed AP on `fixed` = (path, count), the
+    uncapped per-class top-10,000 results, when given (else no `_fixed` entries). NaN everywhere
+    when there are no detections (lvis-api cannot evaluate an empty list)."""
+    index = load_ground_truth(gt_index)
+
+    def parsed(p: Path) -> dict[str, Any]:
+        """The results file parsed once for every IoU type (a segm parse keeps the boxes too)."""
+        with gc_paused():
+            first = load_results(p, index, iou_types[0])
+        if bool(first.has_bbox.all()):
+            return dict.fromkeys(iou_types, first)
+        return {t: first if t == iou_types[0] else load_results(p, index, t) for t in iou_types}
+
+    std = parsed(path) if count else {}
+    fix = parsed(fixed[0]) if fixed is not None and fixed[1] else {}
+    if count == 0:
+        logger.warning("%s: no detections; its metrics are undefined", path)
+    out: dict[str, dict[str, float]] = {}
+    for t in iou_types:
+        out[t] = evaluate_full(index, std[t], t).metrics if count else {"AP": float("nan")}
+        if fixed is not None:
+            fixed_metrics = evaluate_full(index, fix[t], t, fixed=True).metrics if fix else {"AP": float("nan")}
+            out[f"{t}_fixed"] = fixed_metrics
+    return out
+
+
+class RowResults:
+    """The open results files of one calibration (one per row, and per-class tops for fixed AP)."""
+
+    def __init__(
+        self, stack: ExitStack, rows: Sequence[StatRow], files: dict[str, ResultsFile], fixed_ap: bool
+    ) -> None:
+        self._stack = stack
+        self.rows = list(rows)
+        self.files = files
+        self.tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if fixed_ap else None
+        self.finished = False
+
+    def add_image(self, slug: str, entries: list[dict[str, Any]], cap: int) -> None:
+        """One image's LVIS entries of one row, sorted by score (uncapped with fixed AP): the first
+        `cap` (all when negative) to the standard results, every one to the fixed-AP top."""
+        self.files[slug].add(entries[:cap] if cap >= 0 else entries)
+        if self.tops is not None:
+            self.tops[slug].add(entries)
+
+    def finish(
+        self,
+        report: CalibrationReport,
+        gt_index: GroundTruth | str | Path,
+        iou_types: Sequence[str],
+        out: Path,
+        metrics_name: str,
+    ) -> None:
+        """Evaluate every row into `report.rows`, write the metrics (JSON + CSV), commit the results."""
+        for row in self.rows:
+            f = self.files[row.slug]
+            f.finish()
+            fixed_file = None
+            if self.tops is not None:
+                target = f.target.with_name(f.target.stem + "-fixed.json")
+                fixed_file = self._stack.enter_context(write_results(target))
+                self.tops[row.slug].drain_into(fixed_file)
+                fixed_file.finish()
+            fixed = (fixed_file.tmp, fixed_file.count) if fixed_file is not None else None
+            report.rows.append(
+                {
+                    "stat": row.name,
+                    "family": row.family,
+                    "param": row.param,
+                    "results": f.target.name,
+                    "detections": f.count,
+                    "fixed_results": fixed_file.target.name if fixed_file is not None else None,
+                    "fixed_detections": fixed_file.count if fixed_file is not None else None,
+                    "metrics": evaluate_results(gt_index, f.tmp, iou_types, f.count, fixed),
+                }
+            )
+        write_json_atomic(out / f"{metrics_name}.json", report.to_dict(), indent=2)
+        write_text_atomic(out / f"{metrics_name}.csv", table_csv(report))
+        self._stack.close()  # every results file renamed under its final name
+        self.finished = True
+
+
+@contextmanager
+def open_row_results(
+    out: Path, split: str, rows: Sequence[StatRow], *, fixed_ap: bool, suffix: str = ""
+) -> Iterator[RowResults]:
+    """`RowResults` for `rows` under `out`; leaving the block without `finish()` keeps nothing."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise input_error(out, f"cannot create the output folder ({err.strerror})") from err
+    with ExitStack() as stack:
+        files = {row.slug: stack.enter_context(write_results(out / f"{split}-{row.slug}{suffix}.json"))
+                 for row in rows}
+        results = RowResults(stack, rows, files, fixed_ap)
+        yield results
+        if not results.finished:  # a caller bug: unevaluated results must not be committed
+            raise RuntimeError("open_row_results: the block ended without finish()")
