@@ -15,18 +15,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from pcb_analysis import plots
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
+from pcb_analysis.calibration import ROW_STATISTICS, STATISTICS
 from pcb_analysis.errors import PcbkitError
+from pcb_analysis.report import markdown_table, rows_to_csv, write_study_report
+from pcb_analysis.stats import ClassStats
+from pcb_analysis.synth import SynthConfig, generate
+from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models
+from pcb_train.config import load_config, to_dict
+from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
+from pcb_train.train import train
 
 logger = logging.getLogger(__name__)
 
-STATS = ("none", "ms", "cm", "cm-bayes")
+STATS = ROW_STATISTICS  # every parameter-free statistic of the table, with val-set statistics
+TRAIN_STATS = tuple(s for s in STATS if STATISTICS[s].needs_matrix)  # with train-set statistics too
 REPORT_DPI = 120  # committed report figures: readable and small
 SOURCES = ("val", "train")
 
@@ -79,8 +92,6 @@ class StepLog:
         return sum(sec for _, sec, cached in self.times if not cached)
 
     def markdown(self) -> str:
-        from pcb_analysis.report import markdown_table
-
         rows = [[name, f"{sec:.0f}", "cached (time of the run that made it)" if cached else "ran"]
                 for name, sec, cached in self.times]
         rows.append(["**total**", f"**{self.total:.0f}**", ""])
@@ -91,8 +102,8 @@ def file_fingerprint(path: Path) -> str:
     """Size and mtime (fast) of a file, or of every file under a directory."""
     path = Path(path)
     if path.is_dir():
-        parts = sorted(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in path.rglob("*")
-                       if p.is_file() and not p.name.startswith(".step-"))
+        parts = sorted(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                       for p in path.rglob("*") if p.is_file() and not p.name.startswith(".step-"))
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
     if not path.exists():
         return "missing"
@@ -134,9 +145,6 @@ def run_step(
 
 def dump_and_stats(model: StudyModel, inp: StudyInputs, log: StepLog) -> dict[str, Path]:
     """Positive-only dumps of train and val and their statistics; returns {split: stats.npz}."""
-    from pcb_analysis.stats import ClassStats
-    from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
-
     out: dict[str, Path] = {}
     for split in ("train", "val"):
         gt = inp.train_gt if split == "train" else inp.val_gt
@@ -157,39 +165,40 @@ def dump_and_stats(model: StudyModel, inp: StudyInputs, log: StepLog) -> dict[st
             st.save(stats_path)
 
         run_step(log, f"{model.name}/stats-{split}", stats_path.parent,
-                 {**ins, "dump": file_fingerprint(dump_dir / "manifest.json")}, [stats_path], make_stats, inp.force)
+                 {**ins, "dump": file_fingerprint(dump_dir / "manifest.json")}, [stats_path], make_stats,
+                 inp.force)
         out[split] = stats_path
     return out
 
 
-def _fresh_dump(cfg: Any, dump_fn: Callable[[Any], Any], force: bool) -> None:
+def _fresh_dump(cfg: DumpLogitsConfig, dump_fn: Callable[[DumpLogitsConfig], Any], force: bool) -> None:
     """A dump of a changed checkpoint starts over; an interrupted one of the same checkpoint resumes."""
-    import shutil
-
     if cfg.out.exists() and (force or (cfg.out / "manifest.json").exists()):
         shutil.rmtree(cfg.out)
     dump_fn(cfg)
 
 
-def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs, log: StepLog) -> list[dict[str, Any]]:
+def calibrate_all(
+    model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs, log: StepLog
+) -> list[dict[str, Any]]:
     """The calibration table rows of one model: none + ms/cm/cm-bayes with val and train statistics,
     all from ONE inference pass over val (`calibrate_models`), one results folder per source."""
-    from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models
-
     cfgs = {
         source: CalibrateConfig(
             stats=stats[source], gt=inp.val_gt, out=inp.work / "results" / model.name / f"{source}-stats",
-            stat=STATS if source == "val" else STATS[1:], checkpoint=model.checkpoint, config=model.config,
+            stat=STATS if source == "val" else TRAIN_STATS, checkpoint=model.checkpoint, config=model.config,
             images=inp.images, split="val", max_images=inp.val_images, batch_size=inp.batch_size,
             device=inp.device, progress=inp.progress, fixed_ap=inp.fixed_ap,
         )
         for source in SOURCES
     }
     ins = {"checkpoint": file_fingerprint(model.checkpoint), "gt": file_fingerprint(inp.val_gt),
-           "stats": {s: file_fingerprint(stats[s]) for s in SOURCES}, "stat": {s: list(c.stat) for s, c in cfgs.items()},
+           "stats": {s: file_fingerprint(stats[s]) for s in SOURCES},
+           "stat": {s: list(c.stat) for s, c in cfgs.items()},
            "cap": inp.val_images, "protocol": RESULTS_PROTOCOL, "fixed_ap": inp.fixed_ap}
     run_step(log, f"{model.name}/calibrate", inp.work / "results" / model.name, ins,
-             [c.out / "metrics.json" for c in cfgs.values()], lambda: calibrate_models(list(cfgs.values())), inp.force)
+             [c.out / "metrics.json" for c in cfgs.values()], lambda: calibrate_models(list(cfgs.values())),
+             inp.force)
     rows: list[dict[str, Any]] = []
     for source, c in cfgs.items():
         report = json.loads((c.out / "metrics.json").read_text())
@@ -199,7 +208,8 @@ def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs
                 "model": model.name,
                 "source": "-" if r["family"] == "none" else source,
                 "stat": r["family"],
-                "AP": m["segm"]["AP"], "APr": m["segm"]["APr"], "APc": m["segm"]["APc"], "APf": m["segm"]["APf"],
+                "AP": m["segm"]["AP"], "APr": m["segm"]["APr"], "APc": m["segm"]["APc"],
+                "APf": m["segm"]["APf"],
                 "APb": m["bbox"]["AP"], "AP_fixed": m.get("segm_fixed", {}).get("AP"),
             })
     return rows
@@ -208,10 +218,6 @@ def calibrate_all(model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs
 def matrix_notes(models: Sequence[StudyModel], stats: Mapping[str, Mapping[str, Path]]) -> list[str]:
     """What the val-set matrices look like to an inversion: mean diagonal per r/c/f, the smallest
     diagonal entry and the condition number (CM applies M^-1, so a large one amplifies noise)."""
-    import numpy as np
-
-    from pcb_analysis.stats import ClassStats
-
     out = []
     for m in models:
         st = ClassStats.load(stats[m.name]["val"])
@@ -243,10 +249,6 @@ def write_report(
     notes: Sequence[str] = (),
 ) -> Path:
     """Figures (Figure 1 block, overview, diagonal, train-vs-val difference), pairs CSV, tables, README."""
-    from pcb_analysis import plots
-    from pcb_analysis.report import rows_to_csv, write_study_report
-    from pcb_analysis.stats import ClassStats
-
     rep = inp.report
     rep.mkdir(parents=True, exist_ok=True)
     first = models[0].name
@@ -313,8 +315,6 @@ class DemoConfig:
 
 
 def _synth_config(cfg: DemoConfig) -> Any:
-    from pcb_analysis.synth import SynthConfig
-
     if cfg.quick:
         return SynthConfig(seed=cfg.seed, num_classes=12, train_images=240, val_images=60, size=64)
     return SynthConfig(seed=cfg.seed)
@@ -328,16 +328,13 @@ def _train_overrides(cfg: DemoConfig, num_classes: int) -> list[str]:
         f"model.num_classes={num_classes}", f"seed={cfg.seed}",
     ]
     if cfg.quick:  # a few iterations: exercises every step, learns little
-        ov += ["solver.max_iter=24", "solver.lr_steps=[17,22]", "solver.warmup_iters=4", "solver.ims_per_batch=4"]
+        ov += ["solver.max_iter=24", "solver.lr_steps=[17,22]", "solver.warmup_iters=4",
+               "solver.ims_per_batch=4"]
     return ov
 
 
 def run_demo(cfg: DemoConfig) -> Path:
     """The main job: every step of the study on the synthetic dataset; returns the report path."""
-    from pcb_analysis.synth import generate
-    from pcb_train.config import load_config, to_dict
-    from pcb_train.train import train
-
     log = StepLog()
     t0 = time.perf_counter()
     scfg = _synth_config(cfg)
@@ -345,7 +342,8 @@ def run_demo(cfg: DemoConfig) -> Path:
              lambda: generate(cfg.data, scfg, progress=cfg.progress), cfg.force)
     models: list[StudyModel] = []
     for name, config_path in DEMO_MODELS:
-        tcfg = load_config(cfg.configs / Path(config_path).name, overrides=_train_overrides(cfg, scfg.num_classes))
+        tcfg = load_config(cfg.configs / Path(config_path).name,
+                           overrides=_train_overrides(cfg, scfg.num_classes))
         run_dir = cfg.work / "runs" / name
         ins = {"config": to_dict(tcfg), "data": file_fingerprint(cfg.data / "train.json")}
         marker = run_dir / f".step-train-{name}.json"
@@ -358,7 +356,8 @@ def run_demo(cfg: DemoConfig) -> Path:
             train(tcfg, run_dir, resume=not fresh, force=fresh, progress=cfg.progress, evaluate_at_end=False)
 
         run_step(log, f"train-{name}", run_dir, ins, [run_dir / "model_final.pth"], do_train, cfg.force)
-        models.append(StudyModel(name=name, config=run_dir / "config.yaml", checkpoint=run_dir / "model_final.pth"))
+        models.append(StudyModel(name=name, config=run_dir / "config.yaml",
+                                 checkpoint=run_dir / "model_final.pth"))
     inp = StudyInputs(
         train_gt=cfg.data / "train.json", val_gt=cfg.data / "val.json", images=cfg.data / "images",
         work=cfg.work, report=cfg.report, train_dump_images=None if cfg.quick else cfg.train_dump_images,
@@ -369,33 +368,28 @@ def run_demo(cfg: DemoConfig) -> Path:
     elapsed = time.perf_counter() - t0
     preamble = (
         f"Produced by `pcbkit demo{' --quick' if cfg.quick else ''}` on the embedded **synthetic** "
-        "long-tailed "
-        f"dataset (`pcbkit synth`, seed {cfg.seed}: {scfg.num_classes} classes, {scfg.train_images} train / "
-        f"{scfg.val_images} val images of {scfg.size} px), with two tiny Mask R-CNNs trained on a **2-core "
-        "CPU**: "
-        "`softmax` (cross-entropy, random sampler) and `pcb` (online confusion matrix, fightback loss, "
-        "3-step "
-        "iterative RoI head). The statistics come from positive proposals (IoU >= 0.5) dumped on train "
+        f"long-tailed dataset (`pcbkit synth`, seed {cfg.seed}: {scfg.num_classes} classes, "
+        f"{scfg.train_images} train / {scfg.val_images} val images of {scfg.size} px), with two tiny Mask "
+        "R-CNNs trained on a **2-core CPU**: `softmax` (cross-entropy, random sampler) and `pcb` (online "
+        "confusion matrix, fightback loss, 3-step iterative RoI head). The statistics come from positive "
+        "proposals (IoU >= 0.5) dumped on train "
         f"({'all' if inp.train_dump_images is None else inp.train_dump_images} images) and val. The numbers "
-        "are "
-        "not comparable with the paper's LVIS numbers; they show the method's mechanics end to end. "
-        f"The whole pipeline takes {log.total / 60:.1f} min of wall time on this machine (the steps' times "
-        "below, "
-        f"each from the run that produced its outputs; this invocation: {elapsed / 60:.1f} min)."
+        "are not comparable with the paper's LVIS numbers; they show the method's mechanics end to end. The "
+        f"whole pipeline takes {log.total / 60:.1f} min of wall time on this machine (the steps' times "
+        f"below, each from the run that produced its outputs; this invocation: {elapsed / 60:.1f} min)."
     )
     notes = [
         "The pcb model's iterative head starts with g = 1, c = 0 (`model.modulation_init: identity`, a "
-        "pcbkit "
-        "option; the official code's default initialisation scales the RoI features down at the start, "
-        "which a "
-        "tiny detector trained from scratch for a few hundred iterations does not recover from). See "
-        "`configs/synth_tiny_pcb.yaml`.",
+        "pcbkit option; the official code's default initialisation scales the RoI features down at the "
+        "start, which a tiny detector trained from scratch for a few hundred iterations does not recover "
+        "from). See `configs/synth_tiny_pcb.yaml`.",
         "Synthetic data, tiny models and a few minutes of CPU training: absolute APs are far from LVIS "
         "numbers, and one seed gives no error bars; read differences of a point or two as noise.",
         "The paper's Table 1 is an upper bound: the statistics are measured on the same val split that is "
         "evaluated. The Table 4 rows use the train split's statistics instead.",
     ]
-    return write_report(models, stats, rows, inp, log, title="pcbkit demo: calibration study on synthetic data",
+    return write_report(models, stats, rows, inp, log,
+                        title="pcbkit demo: calibration study on synthetic data",
                         preamble=preamble, notes=notes)
 
 
@@ -414,10 +408,8 @@ def run_study(
     rows = calibrate_all(model, stats[name], inp, log)
     preamble = (
         f"Produced by `pcbkit study` for checkpoint `{checkpoint}` (config `{config}`) on `{inp.val_gt}`, "
-        "with "
-        f"statistics from positive proposals of `{inp.train_gt}` and of the val split. "
-        f"Wall time of the whole study: {log.total / 60:.1f} min (the steps' times below, each from the run "
-        "that "
-        f"produced its outputs; this invocation: {(time.perf_counter() - t0) / 60:.1f} min)."
+        f"with statistics from positive proposals of `{inp.train_gt}` and of the val split. Wall time of the "
+        f"whole study: {log.total / 60:.1f} min (the steps' times below, each from the run that produced its "
+        f"outputs; this invocation: {(time.perf_counter() - t0) / 60:.1f} min)."
     )
     return write_report([model], stats, rows, inp, log, title=f"pcbkit study: {name}", preamble=preamble)
