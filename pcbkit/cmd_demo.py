@@ -1,22 +1,28 @@
-"""`pcbkit demo`: the whole study on the embedded synthetic dataset (the main job)."""
+"""`pcbkit demo`: parse the options, run `pcb_train.study.run_demo` (the main job), print the report path."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import click
+
+FOLDER = click.Path(file_okay=False)
 
 
 @click.command("demo")
-@click.option("--quick", is_flag=True, help="A reduced run (small dataset, a few iterations): every step, minutes.")
+@click.option("--quick", is_flag=True,
+              help="A reduced run (small dataset, a few iterations): every step, minutes.")
 @click.option("--force", is_flag=True, help="Redo every step, even those whose inputs have not changed.")
-@click.option("--data", type=click.Path(file_okay=False), default=None, help="Dataset dir [data/synth or data/synth-quick].")
-@click.option("--work", type=click.Path(file_okay=False), default=None, help="Runs, dumps, stats, results [runs/demo(-quick)].")
-@click.option("--report", type=click.Path(file_okay=False), default=None, help="Report dir [reports/demo(-quick)].")
+@click.option("--data", type=FOLDER, default=None, help="Dataset dir [data/synth or data/synth-quick].")
+@click.option("--work", type=FOLDER, default=None, help="Runs, dumps, stats, results [runs/demo(-quick)].")
+@click.option("--report", type=FOLDER, default=None, help="Report dir [reports/demo(-quick)].")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo_cmd(quick: bool, force: bool, data: str | None, work: str | None, report: str | None, seed: int) -> None:
+def demo_cmd(
+    quick: bool, force: bool, data: str | None, work: str | None, report: str | None, seed: int
+) -> None:
     """Run the demo: synth, train softmax + PCB, dump, stats, calibrate, report."""
-    import time
-    from pathlib import Path
-
+    # lazy: the library imports torch, which `pcbkit --help` must not pay for
     from pcb_train.study import DemoConfig, run_demo
 
     suffix = "-quick" if quick else ""

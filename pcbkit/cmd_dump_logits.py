@@ -1,4 +1,4 @@
-"""`pcbkit dump-logits`: per-proposal RoI logits + matched ground truth of a split, into a dump."""
+"""`pcbkit dump-logits`: parse the options, run `pcb_train.dump_logits.dump_logits`, print a summary."""
 
 from __future__ import annotations
 
@@ -6,21 +6,37 @@ from pathlib import Path
 
 import click
 
+FILE = click.Path(dir_okay=False, path_type=Path)
+FOLDER = click.Path(file_okay=False, path_type=Path)
+
 
 @click.command("dump-logits")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, path_type=Path), help="pcbkit checkpoint (model_final.pth).")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Config YAML whose model section built the checkpoint.")
-@click.option("--gt", required=True, type=click.Path(dir_okay=False, path_type=Path), help="LVIS annotation file of the split (e.g. val.json).")
-@click.option("--images", required=True, type=click.Path(file_okay=False, path_type=Path), help="Image folder the annotation's file names are relative to.")
+@click.option("--checkpoint", required=True, type=FILE, help="pcbkit checkpoint (model_final.pth).")
+@click.option("--config", "config_path", required=True, type=FILE,
+              help="Config YAML whose model section built the checkpoint.")
+@click.option("--gt", required=True, type=FILE, help="LVIS annotation file of the split (e.g. val.json).")
+@click.option("--images", required=True, type=FOLDER,
+              help="Image folder the annotation's file names are relative to.")
 @click.option("--split", required=True, help="Split name recorded in the dump (e.g. val, train).")
-@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Dump directory (created; an existing dump of the same run is resumed).")
-@click.option("--positives-only", is_flag=True, help="Keep only proposals matched to a ground-truth class (IoU >= 0.5): what `pcbkit stats` needs.")
-@click.option("--max-images", type=click.IntRange(min=1), default=None, help="Dump only the first N images (by id).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True, help="Images per forward pass.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="auto: CUDA when available (under torchrun: the rank's local GPU).")
-@click.option("--boxes", type=click.Choice(["none", "agnostic", "per-class"]), default="none", show_default=True, help="Also store regressed boxes: per-class ones let `pcbkit calibrate --dump` evaluate box AP offline.")
-@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True, help="Image-decoding worker processes.")
-@click.option("--shard-rows", type=click.IntRange(min=1), default=65_536, show_default=True, help="Rows per shard (the unit a resumed run keeps).")
+@click.option("--out", required=True, type=FOLDER,
+              help="Dump directory (created; an existing dump of the same run is resumed).")
+@click.option("--positives-only", is_flag=True,
+              help="Keep only proposals matched to a ground-truth class (IoU >= 0.5): what `pcbkit stats` "
+                   "needs.")
+@click.option("--max-images", type=click.IntRange(min=1), default=None,
+              help="Dump only the first N images (by id).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Images per forward pass.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: CUDA when available (under torchrun: the rank's local GPU).")
+@click.option("--boxes", type=click.Choice(["none", "agnostic", "per-class"]), default="none",
+              show_default=True,
+              help="Also store regressed boxes: per-class ones let `pcbkit calibrate --dump` evaluate box AP "
+                   "offline.")
+@click.option("--workers", type=click.IntRange(min=0), default=2, show_default=True,
+              help="Image-decoding worker processes.")
+@click.option("--shard-rows", type=click.IntRange(min=1), default=65_536, show_default=True,
+              help="Rows per shard (the unit a resumed run keeps).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def dump_logits_cmd(
     checkpoint: Path,
@@ -46,6 +62,7 @@ def dump_logits_cmd(
     torchrun (`torchrun --nproc_per_node N -m pcbkit dump-logits ...`) every rank dumps its share
     of the images into its own shards and rank 0 merges the manifests.
     """
+    # lazy: the library imports torch, which `pcbkit --help` must not pay for
     from pcb_train.dump_logits import BOXES_CHOICES, DumpLogitsConfig, dump_logits
 
     cfg = DumpLogitsConfig(

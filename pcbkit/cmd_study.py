@@ -1,24 +1,31 @@
-"""`pcbkit study`: the calibration study (Table 1 / Table 4) for a trained checkpoint on real data."""
+"""`pcbkit study`: parse the options, run `pcb_train.study.run_study`, print the report path."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+FILE = click.Path(dir_okay=False)
+FOLDER = click.Path(file_okay=False)
 
 
 @click.command("study")
-@click.option("--config", required=True, type=click.Path(dir_okay=False), help="Model config (YAML).")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="Trained checkpoint.")
-@click.option("--train-gt", required=True, type=click.Path(dir_okay=False), help="LVIS train annotations.")
-@click.option("--val-gt", required=True, type=click.Path(dir_okay=False), help="LVIS val annotations.")
-@click.option("--images", required=True, type=click.Path(file_okay=False), help="Image root (file_name relative to it).")
+@click.option("--config", required=True, type=FILE, help="Model config (YAML).")
+@click.option("--checkpoint", required=True, type=FILE, help="Trained checkpoint.")
+@click.option("--train-gt", required=True, type=FILE, help="LVIS train annotations.")
+@click.option("--val-gt", required=True, type=FILE, help="LVIS val annotations.")
+@click.option("--images", required=True, type=FOLDER, help="Image root (file_name relative to it).")
 @click.option("--name", default="study", show_default=True, help="Name of the model in the report.")
-@click.option("--work", type=click.Path(file_okay=False), default=None, help="Dumps, stats, results [runs/study/NAME].")
-@click.option("--report", type=click.Path(file_okay=False), default=None, help="Report dir [reports/NAME].")
-@click.option("--train-dump-images", type=int, default=None, help="Cap on train images dumped for the train matrix.")
+@click.option("--work", type=FOLDER, default=None, help="Dumps, stats, results [runs/study/NAME].")
+@click.option("--report", type=FOLDER, default=None, help="Report dir [reports/NAME].")
+@click.option("--train-dump-images", type=int, default=None,
+              help="Cap on train images dumped for the train matrix.")
 @click.option("--val-images", type=int, default=None, help="Cap on val images (default: all).")
 @click.option("--batch-size", type=int, default=4, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--no-fixed-ap", is_flag=True, help="Skip fixed AP in calibrate (uncapped detections: the slow part on a CPU).")
+@click.option("--no-fixed-ap", is_flag=True,
+              help="Skip fixed AP in calibrate (uncapped detections: the slow part on a CPU).")
 @click.option("--force", is_flag=True, help="Redo every step.")
 def study_cmd(
     config: str, checkpoint: str, train_gt: str, val_gt: str, images: str, name: str, work: str | None,
@@ -26,8 +33,7 @@ def study_cmd(
     no_fixed_ap: bool, force: bool,
 ) -> None:
     """Run the study for a checkpoint: dump, stats, calibrate (val and train matrices), report."""
-    from pathlib import Path
-
+    # lazy: the library imports torch, which `pcbkit --help` must not pay for
     from pcb_train.study import StudyInputs, run_study
 
     inp = StudyInputs(
