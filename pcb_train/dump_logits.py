@@ -1,24 +1,13 @@
 """`pcbkit dump-logits`: run a detector over a split and stream its RoI head's logits into a dump.
 
-R proposals of an image, K foreground classes; logits [R, K+1], background = column K (the last
-step's logits for the PCB iterative head: the backend's `proposal_records` hands those out).
-
-Per image the backend gives its test-time RPN proposals (top-N after NMS) with
-    boxes [R, 4] xyxy (original pixels), logits [R, K+1], labels [R] (-1 ignore, 0..K-1 the
-    ground-truth class matched at IoU >= 0.5, K background), ious [R], and optionally the
-    regressed boxes: none, agnostic [R, 4] (top foreground class) or per-class [R, K*4]
-and `DumpWriter` appends them to the dump (pcb_analysis.dumps: per-column .npy shards, CRC-32,
-completion records). `positives_only` keeps the rows with labels in 0..K-1 (what the statistics
-read; ~50x smaller at LVIS scale); every image is still listed in its shard, so resuming works.
-
-Resumable: images of complete shards are skipped on a rerun (the open shard of an interrupted run
-is dropped and redone). Bounded memory: one batch of images and records at a time. Device from
-the caller (`cpu`, `cuda`, `auto`); nothing calls `.cuda()`.
-
-Distributed (torchrun: RANK / WORLD_SIZE / LOCAL_RANK in the environment): the process group is
-initialised here when it is not already (NCCL on CUDA, gloo on CPU), rank r dumps the image ids
-`ids[r::W]` of the id-sorted split (no padding: every image exactly once), writes its own shards
-and rank manifest; after a barrier rank 0 merges the manifests into `manifest.json`.
+Per test-time proposal of an image (R of them, K foreground classes) the backend's
+`proposal_records` gives boxes [R, 4] xyxy (original pixels), logits [R, K+1] (background = column
+K; the last step of an iterative head), labels [R] (-1 ignore, 0..K-1 the class matched at IoU >=
+0.5, K background), ious [R] and optionally regressed boxes (none, agnostic [R, 4], per-class
+[R, K*4]); `DumpWriter` appends them (pcb_analysis.dumps). `positives_only` keeps labels 0..K-1.
+Resumable (complete shards are skipped), bounded memory (one batch), device from the caller. Under
+torchrun rank r dumps positions r, r + W, ... of the id-sorted split into its own shards; rank 0
+merges the manifests after a barrier. Why and how: docs/calibration.md §5.
 """
 
 from __future__ import annotations
