@@ -53,7 +53,8 @@ def write_model(folder: Path, categories: CategorySpace | None, k: int = K) -> t
     torch.manual_seed(0)
     backend = build_backend(cfg.model)
     save_checkpoint(
-        folder / "model.pth", make_checkpoint(backend.model.state_dict(), backend.config, categories=categories)
+        folder / "model.pth",
+        make_checkpoint(backend.model.state_dict(), backend.config, categories=categories),
     )
     return folder / "config.yaml", folder / "model.pth"
 
@@ -137,7 +138,9 @@ def model_args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_calibrate_cli_end_to_end(world: dict[str, Path], tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]) -> None:
+def test_calibrate_cli_end_to_end(
+    world: dict[str, Path], tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
+) -> None:
     out = tmp_path / "res"
     args = model_args(world, out, "--stat", "none", "--stat", "ms", "--stat", "cm", "--stat", "cm-bayes",
                       "--gamma", "0,1", "--tau", "1")  # fmt: skip
@@ -186,7 +189,14 @@ def test_statistics_share_one_backbone_pass(
 
     monkeypatch.setattr(TinyBackbone, "forward", counting)
     report = calibrate_model(
-        model_cfg(world, tmp_path / "r", stat=("none", "ms", "cm", "cm-bayes"), gammas=(0.5,), batch_size=2, max_images=4)
+        model_cfg(
+            world,
+            tmp_path / "r",
+            stat=("none", "ms", "cm", "cm-bayes"),
+            gammas=(0.5,),
+            batch_size=2,
+            max_images=4,
+        )
     )
     assert calls["n"] == 2  # 4 images in batches of 2: one pass per batch for all 5 statistics
     assert len(report.rows) == 5 and all(r["detections"] > 0 for r in report.rows)
@@ -197,11 +207,15 @@ def test_statistics_share_one_backbone_pass(
 
 
 def _boxes_of(path: Path) -> list[tuple[Any, ...]]:
-    return [(e["image_id"], e["category_id"], tuple(e["bbox"]), e["score"]) for e in json.loads(path.read_text())]
+    return [
+        (e["image_id"], e["category_id"], tuple(e["bbox"]), e["score"]) for e in json.loads(path.read_text())
+    ]
 
 
 @pytest.mark.slow
-def test_offline_box_ap_equals_in_model(world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_box_ap_equals_in_model(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Same model, split and batching: the dump replay gives the in-model detections bit for bit.
 
     A dump stores logits in float16; the predictor here emits float16-representable logits so that
@@ -222,7 +236,9 @@ def test_offline_box_ap_equals_in_model(world: dict[str, Path], tmp_path: Path, 
     stat = ("none", "ms", "cm", "cm-bayes")
     in_model = calibrate_model(model_cfg(world, out, stats=stats, stat=stat, gammas=(1.0,)))
     offline = calibrate_from_dump(
-        CalibrateConfig(stats=stats, gt=world["gt"], out=out, dump=d, stat=stat, gammas=(1.0,), progress=False)
+        CalibrateConfig(
+            stats=stats, gt=world["gt"], out=out, dump=d, stat=stat, gammas=(1.0,), progress=False
+        )
     )
     assert [r["stat"] for r in in_model.rows] == [r["stat"] for r in offline.rows]
     for a, b in zip(in_model.rows, offline.rows, strict=True):
@@ -292,7 +308,9 @@ def test_logit_adjustment_equals_norcal_under_the_background_rule() -> None:
         adjusted = logit_adjust(logits, pi, tau)
         p_adj = torch.softmax(adjusted[:, :7], dim=1)
         via_la = torch.cat([(1 - q[:, 7:]) * p_adj, q[:, 7:]], dim=1)
-        via_norcal = Calibrator.build("norcal", None, num_classes=7, freq=pi * 17.0, gamma=tau)(q)  # scale-free
+        via_norcal = Calibrator.build("norcal", None, num_classes=7, freq=pi * 17.0, gamma=tau)(
+            q
+        )  # scale-free
         torch.testing.assert_close(via_la, via_norcal, rtol=1e-10, atol=1e-12)
 
 
@@ -307,8 +325,12 @@ def test_build_rows_names_and_priors(world: dict[str, Path]) -> None:
     # norcal uses the training IMAGE counts of the statistics' category space, logit-adj the prior
     assert stats.categories is not None
     freq = torch.tensor(stats.categories.image_count, dtype=torch.float64)
-    torch.testing.assert_close(rows[3].transform(q), Calibrator.build("norcal", None, num_classes=K, freq=freq, gamma=0.5)(q))
-    torch.testing.assert_close(rows[4].transform(q), Calibrator.build("norcal", None, num_classes=K, freq=prior, gamma=1.0)(q))
+    torch.testing.assert_close(
+        rows[3].transform(q), Calibrator.build("norcal", None, num_classes=K, freq=freq, gamma=0.5)(q)
+    )
+    torch.testing.assert_close(
+        rows[4].transform(q), Calibrator.build("norcal", None, num_classes=K, freq=prior, gamma=1.0)(q)
+    )
     with pytest.raises(PcbkitError, match="unknown statistic"):
         build_rows(stats, ["cm2"])
     with pytest.raises(PcbkitError, match="nothing to evaluate"):
@@ -361,7 +383,9 @@ def test_bad_input_is_one_line_exit_2_and_leaves_no_results(
         ),
         "image file not found": _swap(args, "--images", str(empty_dir)),
         "empty split": _swap(
-            args, "--gt", str(_gt_copy(world, tmp_path / "empty.json", lambda d: d.update(images=[], annotations=[])))
+            args,
+            "--gt",
+            str(_gt_copy(world, tmp_path / "empty.json", lambda d: d.update(images=[], annotations=[]))),
         ),
         "statistics file not found": _swap(args, "--stats", str(tmp_path / "missing.npz")),
         "--tau": [*args, "--tau", "x"],
@@ -383,7 +407,14 @@ def test_tau_needs_instance_counts(world: dict[str, Path], tmp_path: Path) -> No
     gt = _gt_copy(world, tmp_path / "gt.json", drop_counts)
     with pytest.raises(PcbkitError, match="instance_count"):
         calibrate_from_dump(
-            CalibrateConfig(stats=world["stats"], gt=gt, out=tmp_path / "o", dump=world["dump"], taus=(1.0,), progress=False)
+            CalibrateConfig(
+                stats=world["stats"],
+                gt=gt,
+                out=tmp_path / "o",
+                dump=world["dump"],
+                taus=(1.0,),
+                progress=False,
+            )
         )
     assert not (tmp_path / "o").exists()
 
@@ -404,7 +435,9 @@ def test_batched_nms_equals_torchvision_bit_for_bit() -> None:
         scores = torch.rand(n, generator=g)
         scores[::5] = scores[0]  # ties: the final order must still agree
         groups = torch.randint(1, k + 1, (n,), generator=g)
-        assert torch.equal(batched_nms(boxes, scores, groups, 0.5), box_ops.batched_nms(boxes, scores, groups, 0.5))
+        assert torch.equal(
+            batched_nms(boxes, scores, groups, 0.5), box_ops.batched_nms(boxes, scores, groups, 0.5)
+        )
 
 
 def test_select_detections_hand_case() -> None:
@@ -433,8 +466,10 @@ def test_per_class_top_keeps_the_best_per_class_in_arrival_order_on_ties() -> No
     from pcb_analysis.lvis_results import PerClassTop, ResultsFile
 
     top = PerClassTop(2)
-    entries = [{"category_id": c, "score": s, "n": i}
-               for i, (c, s) in enumerate([(7, 0.1), (7, 0.9), (3, 0.5), (7, 0.5), (7, 0.9), (7, 0.2), (3, 0.4)])]
+    entries = [
+        {"category_id": c, "score": s, "n": i}
+        for i, (c, s) in enumerate([(7, 0.1), (7, 0.9), (3, 0.5), (7, 0.5), (7, 0.9), (7, 0.2), (3, 0.4)])
+    ]
     top.add(entries)  # class 7 reaches 2 x 2 entries at its 4th: pruned on the way
     with pytest.raises(ValueError, match="per_class"):
         PerClassTop(0)
@@ -449,7 +484,12 @@ def test_per_class_top_keeps_the_best_per_class_in_arrival_order_on_ties() -> No
     sink = Sink()
     top.drain_into(sink)
     # class 3: both (0.5, 0.4); class 7: 0.9 (n=1) before the tied 0.9 (n=4), 0.5 and lower dropped
-    assert [(e["category_id"], e["score"], e["n"]) for e in sink.got] == [(3, 0.5, 2), (3, 0.4, 6), (7, 0.9, 1), (7, 0.9, 4)]
+    assert [(e["category_id"], e["score"], e["n"]) for e in sink.got] == [
+        (3, 0.5, 2),
+        (3, 0.4, 6),
+        (7, 0.9, 1),
+        (7, 0.9, 4),
+    ]
 
 
 def test_select_detections_uncapped_is_the_sorted_superset_of_capped() -> None:
@@ -496,7 +536,9 @@ def test_fixed_ap_results_are_uncapped_and_standard_results_their_per_image_pref
     assert m["segm_fixed"]["AP"] != m["segm"]["AP"] or m["bbox_fixed"]["AP"] != m["bbox"]["AP"]
     # --no-fixed-ap: no fixed file and no fixed metrics
     out2 = tmp_path / "res2"
-    report2 = calibrate_model(model_cfg(world, out2, config=folder / "config.yaml", stat=("none",), fixed_ap=False))
+    report2 = calibrate_model(
+        model_cfg(world, out2, config=folder / "config.yaml", stat=("none",), fixed_ap=False)
+    )
     assert not (out2 / "val-none-fixed.json").exists() and "segm_fixed" not in report2.rows[0]["metrics"]
     assert json.loads((out2 / "val-none.json").read_text()) == std
 
@@ -509,8 +551,10 @@ def test_several_calibrations_share_one_pass_and_equal_separate_runs(
 
     a = model_cfg(world, tmp_path / "a", stat=("none", "cm"))
     b = model_cfg(world, tmp_path / "b", stat=("ms",), ridge=0.1)
-    sep = [calibrate_model(model_cfg(world, tmp_path / "sa", stat=("none", "cm"))),
-           calibrate_model(model_cfg(world, tmp_path / "sb", stat=("ms",), ridge=0.1))]
+    sep = [
+        calibrate_model(model_cfg(world, tmp_path / "sa", stat=("none", "cm"))),
+        calibrate_model(model_cfg(world, tmp_path / "sb", stat=("ms",), ridge=0.1)),
+    ]
     calls = {"n": 0}
     original = TinyBackbone.forward
 
@@ -537,8 +581,13 @@ def test_rle_cache_encodes_each_pair_once_and_changes_nothing(monkeypatch: pytes
     cats = CategorySpace(ids=(5, 9), names=("a", "b"), frequency=("r", "f"), image_count=(1, 2))
     g = torch.Generator().manual_seed(0)
     masks = torch.rand(4, 6, 7, generator=g) > 0.5
-    det = {"boxes": torch.tensor([[0.0, 0, 3, 3]] * 4), "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
-           "labels": torch.tensor([0, 1, 0, 1]), "masks": masks, "pairs": torch.tensor([3, 8, 11, 20])}
+    det = {
+        "boxes": torch.tensor([[0.0, 0, 3, 3]] * 4),
+        "scores": torch.tensor([0.9, 0.8, 0.7, 0.6]),
+        "labels": torch.tensor([0, 1, 0, 1]),
+        "masks": masks,
+        "pairs": torch.tensor([3, 8, 11, 20]),
+    }
     other = {k: v[[2, 0]] for k, v in det.items()}  # a second set sharing pairs 11 and 3
     plain = base.detections_to_lvis(det, 1, cats) + base.detections_to_lvis(other, 1, cats)
     encoded: list[int] = []
@@ -549,7 +598,9 @@ def test_rle_cache_encodes_each_pair_once_and_changes_nothing(monkeypatch: pytes
     assert cached == plain and encoded == [4] and sorted(cache) == [3, 8, 11, 20]
 
 
-def test_metrics_equal_separate_evaluations_of_the_written_files(world: dict[str, Path], tmp_path: Path) -> None:
+def test_metrics_equal_separate_evaluations_of_the_written_files(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
     from pcb_analysis.lvis_eval import evaluate
     from pcb_train.inference import ground_truth_for_images
 

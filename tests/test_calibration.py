@@ -66,7 +66,9 @@ def random_q(r: int, k: int, seed: int) -> torch.Tensor:
 
 def random_confusion(k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    m = torch.rand(k, k, generator=g, dtype=F64) + 2 * k * torch.eye(k, dtype=F64) * torch.rand(k, generator=g, dtype=F64)
+    m = torch.rand(k, k, generator=g, dtype=F64) + 2 * k * torch.eye(k, dtype=F64) * torch.rand(
+        k, generator=g, dtype=F64
+    )
     return m / m.sum(1, keepdim=True)
 
 
@@ -90,7 +92,9 @@ def test_hand_example_from_class_stats_and_mean_score_vector() -> None:
     z[:, :3] = torch.log(M_HAND.clamp_min(1e-300))
     st.update(z, torch.tensor([0, 1, 2]))
     torch.testing.assert_close(calibrate(Q_HAND, "cm", st), expected_q("cm"), atol=1e-12, rtol=0)
-    torch.testing.assert_close(calibrate(Q_HAND, "ms", torch.diagonal(M_HAND)), expected_q("ms"), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        calibrate(Q_HAND, "ms", torch.diagonal(M_HAND)), expected_q("ms"), atol=1e-12, rtol=0
+    )
 
 
 def test_table_is_literal_and_complete() -> None:
@@ -120,8 +124,9 @@ def test_diagonal_matrix_cm_equals_ms(caplog: pytest.LogCaptureFixture) -> None:
     torch.testing.assert_close(cm, calibrate(q, "ms", torch.diag(s)), atol=1e-15, rtol=1e-14)
     torch.testing.assert_close(cm, calibrate(q, "ms", s), atol=1e-15, rtol=1e-14)
     # with a ridge too: M_l = diag((1 - l) s + l) is still diagonal
-    torch.testing.assert_close(calibrate(q, "cm", torch.diag(s), ridge=0.2), calibrate(q, "ms", s, ridge=0.2),
-                               atol=1e-15, rtol=1e-14)
+    torch.testing.assert_close(
+        calibrate(q, "cm", torch.diag(s), ridge=0.2), calibrate(q, "ms", s, ridge=0.2), atol=1e-15, rtol=1e-14
+    )
 
 
 def test_ms_from_matrix_or_vector_and_full_ridge() -> None:
@@ -160,18 +165,30 @@ def test_planted_asymmetric_confusion_recovered_by_cm() -> None:
     # restores it.
     k = 4
     m_true = torch.tensor(
-        [[0.40, 0.55, 0.03, 0.02], [0.02, 0.40, 0.55, 0.03], [0.02, 0.03, 0.90, 0.05], [0.02, 0.03, 0.05, 0.90]],
+        [
+            [0.40, 0.55, 0.03, 0.02],
+            [0.02, 0.40, 0.55, 0.03],
+            [0.02, 0.03, 0.90, 0.05],
+            [0.02, 0.03, 0.05, 0.90],
+        ],
         dtype=F64,
     )
     g = torch.Generator().manual_seed(6)
     r = 4000
     y = torch.randint(0, k, (r,), generator=g)
-    p_star = torch.softmax(3.0 * torch.nn.functional.one_hot(y, k).to(F64) + 0.7 * torch.randn(r, k, generator=g, dtype=F64), 1)
+    p_star = torch.softmax(
+        3.0 * torch.nn.functional.one_hot(y, k).to(F64) + 0.7 * torch.randn(r, k, generator=g, dtype=F64), 1
+    )
     p = p_star @ m_true
-    logits = torch.cat([torch.log(p), torch.randn(r, 1, generator=g, dtype=F64)], dim=1)  # any background logit
+    logits = torch.cat(
+        [torch.log(p), torch.randn(r, 1, generator=g, dtype=F64)], dim=1
+    )  # any background logit
     st = ClassStats.zeros(k).update(logits, y)
     q = torch.softmax(logits, dim=1)
-    acc = {s: float((calibrate(q, s, st)[:, :k].argmax(1) == y).double().mean()) for s in ("none", "ms", "cm", "cm-bayes")}
+    acc = {
+        s: float((calibrate(q, s, st)[:, :k].argmax(1) == y).double().mean())
+        for s in ("none", "ms", "cm", "cm-bayes")
+    }
     assert acc["none"] < 0.65, acc
     assert acc["cm"] > 0.9, acc
     assert acc["cm"] > acc["none"] + 0.25 and acc["cm"] > acc["ms"] + 0.1, acc
@@ -203,7 +220,9 @@ def test_calibrator_prepared_once_reused() -> None:
 
 def test_class_stats_with_empty_class_uses_identity_row(caplog: pytest.LogCaptureFixture) -> None:
     st = ClassStats.zeros(3)
-    st.update(torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]), torch.tensor([0, 1]))  # class 2 empty
+    st.update(
+        torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]), torch.tensor([0, 1])
+    )  # class 2 empty
     out = calibrate(Q_HAND, "cm", st)
     assert "1 of 3 classes" in caplog.text
     torch.testing.assert_close(out.sum(1), torch.ones(2, dtype=F64))
@@ -223,11 +242,15 @@ def test_norcal_hand_example_and_logit_adjust_equivalence() -> None:
     logits = torch.tensor([[0.3, -1.2, 2.0, 0.5], [1.0, 1.0, 1.0, -3.0]], dtype=F64)
     adj = logit_adjust(logits, freq / freq.sum(), tau=0.7)
     assert torch.equal(adj[:, 3], logits[:, 3])
-    torch.testing.assert_close(torch.softmax(adj[:, :3], 1), norcal(torch.softmax(logits[:, :3], 1), freq, 0.7))
+    torch.testing.assert_close(
+        torch.softmax(adj[:, :3], 1), norcal(torch.softmax(logits[:, :3], 1), freq, 0.7)
+    )
     # through calibrate: with explicit freq, or the training image counts of the category space
     q = torch.softmax(logits, 1)
     a = calibrate(q, "norcal", freq=freq, gamma=0.7)
-    space = CategorySpace(ids=(1, 2, 3), names=("a", "b", "c"), frequency=("f", "c", "r"), image_count=(1, 4, 16))
+    space = CategorySpace(
+        ids=(1, 2, 3), names=("a", "b", "c"), frequency=("f", "c", "r"), image_count=(1, 4, 16)
+    )
     st = ClassStats.zeros(3, categories=space)
     st.update(logits, torch.tensor([0, 1]))
     b = calibrate(q, "norcal", st, gamma=0.7)
@@ -246,7 +269,9 @@ def test_bad_inputs() -> None:
     with pytest.raises(PcbkitError, match="singular"):
         calibrate(Q_HAND, "cm", torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=F64))
     # the same singular matrix is fine with a ridge
-    calibrate(Q_HAND, "cm", torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=F64), ridge=0.01)
+    calibrate(
+        Q_HAND, "cm", torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]], dtype=F64), ridge=0.01
+    )
     with pytest.raises(PcbkitError, match="ridge"):
         calibrate(Q_HAND, "cm", M_HAND, ridge=1.5)
     with pytest.raises(PcbkitError, match="finite and non-negative"):
@@ -274,8 +299,9 @@ def test_calibrate_dump_offline_improves_planted_confusion(tmp_path):
     from pcb_analysis.dumps import DumpWriter
 
     k = 3
-    space = CategorySpace(ids=(1, 2, 3), names=("head", "mid", "tail"), frequency=("f", "c", "r"),
-                          image_count=(500, 50, 5))
+    space = CategorySpace(
+        ids=(1, 2, 3), names=("head", "mid", "tail"), frequency=("f", "c", "r"), image_count=(500, 50, 5)
+    )
     gen = torch.Generator().manual_seed(0)
     # Planted channel: 70% of the rare class's positives look like the head class (logit +2 there).
     with DumpWriter(tmp_path / "dump", space, "val") as w:

@@ -49,7 +49,9 @@ def tiny_overrides(k: int = K) -> list[str]:
     ]
 
 
-def write_model(folder: Path, categories: CategorySpace | None, k: int = K, seed: int = 0) -> tuple[Path, Path]:
+def write_model(
+    folder: Path, categories: CategorySpace | None, k: int = K, seed: int = 0
+) -> tuple[Path, Path]:
     """(config.yaml, checkpoint) of a random-init tiny model with K = k."""
     folder.mkdir(parents=True, exist_ok=True)
     cfg = load_config(ROOT / "configs" / "synth_tiny.yaml", tiny_overrides(k))
@@ -57,7 +59,8 @@ def write_model(folder: Path, categories: CategorySpace | None, k: int = K, seed
     torch.manual_seed(seed)
     backend = build_backend(cfg.model)
     save_checkpoint(
-        folder / "model.pth", make_checkpoint(backend.model.state_dict(), backend.config, categories=categories)
+        folder / "model.pth",
+        make_checkpoint(backend.model.state_dict(), backend.config, categories=categories),
     )
     return folder / "config.yaml", folder / "model.pth"
 
@@ -188,12 +191,16 @@ def test_dump_then_stats_matrix_and_positive_count(
     assert prov["config"]["dump"] == {"positives_only": False, "boxes": "none"}
     assert prov["torch_version"] == torch.__version__ and "git_sha" in prov
 
-    code, _, stderr = run_pcbkit(["stats", "--dump", str(out), "--out", str(tmp_path / "s.npz"), "--no-progress"])
+    code, _, stderr = run_pcbkit(
+        ["stats", "--dump", str(out), "--out", str(tmp_path / "s.npz"), "--no-progress"]
+    )
     assert code == 0, stderr
     st = ClassStats.load(tmp_path / "s.npz")
     cm = st.confusion(warn=False)
     assert cm.shape == (K, K)
-    torch.testing.assert_close(cm.sum(dim=1), torch.ones(K, dtype=torch.float64), rtol=0, atol=1e-6)  # float32 softmax rows
+    torch.testing.assert_close(
+        cm.sum(dim=1), torch.ones(K, dtype=torch.float64), rtol=0, atol=1e-6
+    )  # float32 softmax rows
     positives, rows = independent_positive_count(out, world["gt"])
     assert rows == reader.num_rows
     assert positives > 0, "the random-init model should still propose some boxes on the objects"
@@ -201,7 +208,9 @@ def test_dump_then_stats_matrix_and_positive_count(
     assert st.rows == reader.num_rows and st.background == reader.num_rows - positives
 
 
-def test_positives_only_keeps_exactly_the_positive_rows(world: dict[str, Path], full_dump: Path, tmp_path: Path) -> None:
+def test_positives_only_keeps_exactly_the_positive_rows(
+    world: dict[str, Path], full_dump: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "pos"
     s = dump_logits(dump_cfg(world, out, positives_only=True))
     full = rows_by_image(full_dump)
@@ -304,7 +313,9 @@ def _rank_worker(rank: int, world_size: int, port: int, cfg: DumpLogitsConfig) -
 
 
 @pytest.mark.slow
-def test_two_process_gloo_dump_equals_single_process(world: dict[str, Path], full_dump: Path, tmp_path: Path) -> None:
+def test_two_process_gloo_dump_equals_single_process(
+    world: dict[str, Path], full_dump: Path, tmp_path: Path
+) -> None:
     import torch.multiprocessing as mp
 
     out = tmp_path / "ranks"

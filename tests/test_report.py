@@ -19,8 +19,17 @@ from pcb_analysis.report import (
 
 
 def row(model: str, source: str, stat: str, ap: float, apr: float, apc: float, apf: float) -> dict:
-    return {"model": model, "source": source, "stat": stat, "AP": ap, "APr": apr, "APc": apc, "APf": apf,
-            "APb": ap + 0.01, "AP_fixed": ap + 0.02}
+    return {
+        "model": model,
+        "source": source,
+        "stat": stat,
+        "AP": ap,
+        "APr": apr,
+        "APc": apc,
+        "APf": apf,
+        "APb": ap + 0.01,
+        "AP_fixed": ap + 0.02,
+    }
 
 
 ROWS = [
@@ -43,8 +52,10 @@ def test_pct_and_tables() -> None:
     t4 = train_vs_val_table(ROWS, ["softmax"]).splitlines()
     assert t4[3] == "| softmax | cm | 20.0 | 24.0 | 20.5 | 5.0 | 20.0 | 5.5 |"
     csv = rows_to_csv(ROWS[:1]).splitlines()
-    assert csv == ["model,source,stat,AP,APr,APc,APf,APb,AP_fixed",
-                   "softmax,-,none,0.200000,0.050000,0.200000,0.300000,0.210000,0.220000"]
+    assert csv == [
+        "model,source,stat,AP,APr,APc,APf,APb,AP_fixed",
+        "softmax,-,none,0.200000,0.050000,0.200000,0.300000,0.210000,0.220000",
+    ]
 
 
 def test_verdict() -> None:
@@ -60,14 +71,23 @@ def test_reading_compares_with_the_paper() -> None:
     lines = reading(ROWS, ["softmax", "pcb"])
     text = "\n".join(lines)
     # softmax: bias 30 - 5 = 25 points; paper baseline 4.6 against 28.9
-    assert "APr is 5.0 against APf 30.0 (a 25.0-point frequency bias; the paper's baseline: 4.6 against 28.9)" in text
+    assert (
+        "APr is 5.0 against APf 30.0 (a 25.0-point frequency bias; the paper's baseline: 4.6 against 28.9)"
+        in text
+    )
     # val CM: APr +15.0, APf -2.0, AP +4.0; paper random sampler: +19.1, -2.9, +4.4
-    assert "CM changes APr by +15.0, APf by -2.0 and AP by +4.0 points (paper, random sampler: +19.1, -2.9, +4.4)" in text
+    assert (
+        "CM changes APr by +15.0, APf by -2.0 and AP by +4.0 points "
+        "(paper, random sampler: +19.1, -2.9, +4.4)" in text
+    )
     assert "on APr: same direction as the paper, on AP: same direction as the paper." in text
     # CM vs MS on APr: 20 - 10 = +10.0; paper +9.4 / +8.0
     assert "CM against MS on APr: +10.0 points (paper: +9.4 random sampler, +8.0 RFS): same direction" in text
     # spread 25.0 -> 8.0; paper 28.9 - 4.6 = 24.3 -> 27.9 - 23.7 = 4.2 (random), 28.8 - 27.9 = 0.9 (RFS + CM)
-    assert "Spread of APr / APc / APf: 25.0 points without calibration, 8.0 with CM (paper: 24.3 -> 4.2 random sampler" in text
+    assert (
+        "Spread of APr / APc / APf: 25.0 points without calibration, 8.0 with CM "
+        "(paper: 24.3 -> 4.2 random sampler" in text
+    )
     assert "0.9 for RFS + CM" in text
     # train CM: APr +0.5 < +15.0 with val: as in the paper
     assert "With the train-set matrix CM changes APr by +0.5 and AP by +0.5 points, against +15.0" in text
@@ -86,12 +106,25 @@ def test_reading_says_when_the_train_matrix_helps_as_much() -> None:
 
 def test_write_study_report(tmp_path: Path) -> None:
     path = write_study_report(
-        tmp_path, ROWS, ["softmax", "pcb"], title="T", preamble="P", figures={"Fig": "f.png"},
-        notes=["a note"], extra_sections=[("Extra", "body")],
+        tmp_path,
+        ROWS,
+        ["softmax", "pcb"],
+        title="T",
+        preamble="P",
+        figures={"Fig": "f.png"},
+        notes=["a note"],
+        extra_sections=[("Extra", "body")],
     )
     text = path.read_text()
     assert text.startswith("# T\n\nP\n")
-    for needle in ("## Table 1 layout", "## Table 4 layout", "![Fig](f.png)", "## Extra", "- a note", "## Reading"):
+    for needle in (
+        "## Table 1 layout",
+        "## Table 4 layout",
+        "![Fig](f.png)",
+        "## Extra",
+        "- a note",
+        "## Reading",
+    ):
         assert needle in text
     # the paper's table is printed from PAPER_TABLE1
     assert f"| random | CM | {PAPER_TABLE1[2]['AP']:.1f} | {PAPER_TABLE1[2]['APr']:.1f} |" in text
