@@ -237,7 +237,8 @@ class PerClassTop:
         del bucket[self.per_class :]
 
     def drain_into(self, results: ResultsFile) -> None:
-        """Write every category's top entries (categories by id, each by decreasing score), then forget them."""
+        """Write every category's top entries (categories by id, each by decreasing score) and forget
+        them."""
         for cat in sorted(self._by_class):
             bucket = self._by_class[cat]
             self._prune(bucket)

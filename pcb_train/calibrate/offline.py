@@ -170,8 +170,8 @@ def calibrate_from_dump(cfg: CalibrateConfig) -> CalibrationReport:
     k = reader.num_classes
     transforms = {row.slug: row.transform for row in rows}
     with open_row_results(cfg.out, split, rows, fixed_ap=cfg.fixed_ap, suffix="-offline") as results:
-        bar = tqdm(total=len(dump_ids), unit="img", desc=f"calibrate {split} (dump)", disable=not cfg.progress)
-        with bar:
+        desc = f"calibrate {split} (dump)"
+        with tqdm(total=len(dump_ids), unit="img", desc=desc, disable=not cfg.progress) as bar:
             for image_id, logits, regressed in iter_dump_images(reader):
                 dets = postprocess_records(
                     logits.float(),

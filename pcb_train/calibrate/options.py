@@ -55,4 +55,6 @@ class CalibrateConfig:
                     + " (or --dump DIR for the offline mode)"
                 )
         elif any(getattr(self, n) is not None for n in ("checkpoint", "config", "images", "max_images")):
-            raise PcbkitError("--dump (offline mode) takes no --checkpoint, --config, --images or --max-images")
+            raise PcbkitError(
+                "--dump (offline mode) takes no --checkpoint, --config, --images or --max-images"
+            )

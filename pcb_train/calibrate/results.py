@@ -62,8 +62,9 @@ def evaluate_results(
     for t in iou_types:
         out[t] = evaluate_full(index, std[t], t).metrics if count else {"AP": float("nan")}
         if fixed is not None:
-            fixed_metrics = evaluate_full(index, fix[t], t, fixed=True).metrics if fix else {"AP": float("nan")}
-            out[f"{t}_fixed"] = fixed_metrics
+            out[f"{t}_fixed"] = (
+                evaluate_full(index, fix[t], t, fixed=True).metrics if fix else {"AP": float("nan")}
+            )
     return out
 
 
