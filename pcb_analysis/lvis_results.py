@@ -28,7 +28,7 @@ from typing import IO, Any
 import numpy as np
 
 from pcb_analysis.atomic import atomic_path
-from pcb_analysis.errors import input_error
+from pcb_analysis.errors import ApiMisuseError, input_error
 from pcb_analysis.lvis_gt import GroundTruth
 from pcb_analysis.lvis_json import read_json
 
@@ -219,7 +219,7 @@ class PerClassTop:
 
     def __init__(self, per_class: int) -> None:
         if per_class < 1:
-            raise ValueError(f"PerClassTop: per_class must be >= 1, got {per_class}")
+            raise ApiMisuseError(f"PerClassTop: per_class must be >= 1, got {per_class}")
         self.per_class = int(per_class)
         self._by_class: dict[int, list[tuple[float, int, dict[str, Any]]]] = {}
         self._seq = 0

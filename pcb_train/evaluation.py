@@ -19,15 +19,16 @@ import torch
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.lvis_eval import evaluate, nan_to_none
+from pcb_analysis.lvis_gt import GroundTruth as GroundTruthIndex
 from pcb_train.backends import DetectorBackend, detections_to_lvis, identity
-from pcb_train.data import LVISDetectionDataset, load_lvis_json
+from pcb_train.data import LVISDetectionDataset
 from pcb_train.distributed import DistContext, gather_to_main, shard_indices
 from pcb_train.inference import iter_batches
 
 logger = logging.getLogger(__name__)
 
 EVAL_BATCH_MAX = 8  # images per inference batch (per rank) during evaluation
-GroundTruth = str | Path | dict[str, Any]
+GroundTruth = str | Path | dict[str, Any] | GroundTruthIndex
 
 
 @dataclass(frozen=True)
@@ -38,23 +39,6 @@ class EvalSplit:
     gt: GroundTruth
     batch_size: int
     num_workers: int
-
-
-def ground_truth_for(dataset: LVISDetectionDataset, subset: bool) -> str | dict[str, Any]:
-    """Ground truth to evaluate `dataset` against: its file, or for a subset of the file's images
-    (data.max_val_images) a copy restricted to the dataset's images (else the others count as
-    misses)."""
-    if not subset:
-        return str(dataset.ann_file)
-    data = load_lvis_json(dataset.ann_file)
-    keep = set(dataset.image_ids)
-    if len(keep) == len(data["images"]):
-        return str(dataset.ann_file)
-    return {
-        **data,
-        "images": [im for im in data["images"] if int(im["id"]) in keep],
-        "annotations": [a for a in data["annotations"] if int(a["image_id"]) in keep],
-    }
 
 
 @torch.no_grad()

@@ -328,7 +328,7 @@ def _train_overrides(cfg: DemoConfig, num_classes: int) -> list[str]:
         f"model.num_classes={num_classes}", f"seed={cfg.seed}",
     ]
     if cfg.quick:  # a few iterations: exercises every step, learns little
-        ov += ["solver.max_iter=24", "solver.lr_steps=[17,22]", "solver.warmup_iters=4",
+        ov += ["solver.max_iter=24", "solver.lr_steps=[16,22]", "solver.warmup_iters=4",
                "solver.ims_per_batch=4"]
     return ov
 

@@ -36,7 +36,8 @@ from pcb_train.distributed import (
     resolve_device,
     shutdown,
 )
-from pcb_train.evaluation import EVAL_BATCH_MAX, EvalSplit, ground_truth_for
+from pcb_train.evaluation import EVAL_BATCH_MAX, EvalSplit
+from pcb_train.inference import ground_truth_for_images
 from pcb_train.run_dir import (
     CONFIG_FILE,
     FINAL_METRICS,
@@ -219,9 +220,13 @@ def _plan(cfg: TrainConfig, ctx: DistContext, out: Path) -> RunPlan:
     train_ds, val_ds = _build_datasets(cfg)
     val = None
     if val_ds is not None:
+        subset = cfg.data.max_val_images is not None
         val = EvalSplit(
             dataset=val_ds,
-            gt=ground_truth_for(val_ds, cfg.data.max_val_images is not None),
+            # parsed once, on the rank that scores (the others only run inference)
+            gt=ground_truth_for_images(val_ds.ann_file, val_ds.image_ids if subset else None)
+            if ctx.is_main
+            else str(val_ds.ann_file),
             batch_size=max(1, min(EVAL_BATCH_MAX, cfg.solver.ims_per_batch // ctx.world_size)),
             num_workers=min(cfg.data.num_workers, 2),
         )

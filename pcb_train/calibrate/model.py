@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.errors import ApiMisuseError, PcbkitError, input_error
 from pcb_train.backends import detections_to_lvis
 from pcb_train.calibrate.options import SHARED_PASS_FIELDS, CalibrateConfig
 from pcb_train.calibrate.report import CalibrationReport
@@ -51,7 +51,7 @@ def calibrate_model(cfg: CalibrateConfig) -> CalibrationReport:
 
 def _check_shared(cfgs: Sequence[CalibrateConfig]) -> None:
     if not cfgs:
-        raise ValueError("calibrate_models: no configuration given")
+        raise ApiMisuseError("calibrate_models: no configuration given")
     first = cfgs[0]
     for c in cfgs[1:]:
         diff = [f for f in SHARED_PASS_FIELDS if getattr(c, f) != getattr(first, f)]
