@@ -49,7 +49,9 @@ def background_biased_(cls_score: torch.nn.Linear, seed: int = 0) -> None:
         cls_score.bias[0] = 14.0
 
 
-def random_targets(n: int, h: int, w: int, k: int, per_image: int = 12, seed: int = 0) -> list[dict[str, Tensor]]:
+def random_targets(
+    n: int, h: int, w: int, k: int, per_image: int = 12, seed: int = 0
+) -> list[dict[str, Tensor]]:
     """Ground truth for `proposal_records`: `per_image` random boxes (xyxy pixels) with random labels."""
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -145,7 +145,9 @@ class IterativeRoIHead(nn.Module):
             raise ApiMisuseError(f"IterativeRoIHead: n_iter must be >= 1, got {n_iter}")
         weights = tuple(float(w) for w in step_weights)
         if len(weights) != n_iter:
-            raise ApiMisuseError(f"IterativeRoIHead: {len(weights)} step_weights for n_iter={n_iter}: {weights}")
+            raise ApiMisuseError(
+                f"IterativeRoIHead: {len(weights)} step_weights for n_iter={n_iter}: {weights}"
+            )
         if feat_channels <= 0 or roi_size <= 0:
             raise ApiMisuseError(f"IterativeRoIHead: bad feat_channels={feat_channels} / roi_size={roi_size}")
         self.box_head = box_head
@@ -196,7 +198,9 @@ class IterativeRoIHead(nn.Module):
 def combine_step_losses(step_losses: Sequence[Tensor], step_weights: Sequence[float]) -> Tensor:
     """sum_r step_weights[r] * step_losses[r] (scalar tensors; lengths must agree)."""
     if len(step_losses) != len(step_weights) or not step_losses:
-        raise ApiMisuseError(f"combine_step_losses: {len(step_losses)} losses for {len(step_weights)} weights")
+        raise ApiMisuseError(
+            f"combine_step_losses: {len(step_losses)} losses for {len(step_weights)} weights"
+        )
     total = step_losses[0] * float(step_weights[0])
     for loss, w in zip(step_losses[1:], step_weights[1:], strict=True):
         total = total + loss * float(w)

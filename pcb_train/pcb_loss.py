@@ -55,7 +55,9 @@ def _check_logits_labels(logits: Tensor, labels: Tensor, where: str) -> int:
         raise ApiMisuseError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
     k = logits.shape[1] - 1
     if labels.numel() and bool(((labels < -1) | (labels > k)).any()):
-        raise ApiMisuseError(f"{where}: labels must be -1 (ignore), 0..{k - 1} (positive) or {k} (background)")
+        raise ApiMisuseError(
+            f"{where}: labels must be -1 (ignore), 0..{k - 1} (positive) or {k} (background)"
+        )
     return k
 
 
@@ -73,7 +75,8 @@ def _compute_dtype(logits: Tensor) -> torch.dtype:
 
 
 def _column_targets(cm: Tensor, labels: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Fightback targets per distinct class: (targets [U, K], inverse [P]); row p's target is targets[inverse[p]].
+    """Fightback targets per distinct class: (targets [U, K], inverse [P]); row p's target is
+    targets[inverse[p]].
 
     targets[u, j] = M[j, c_u] / sum_i M[i, c_u] for the U distinct labels c_u (sorted). Reads only
     those U columns (a detector's positives come from a few ground-truth objects, so U << P) and
@@ -138,7 +141,9 @@ class _PCBLossFunction(torch.autograd.Function):
             return _PCBLossFunction._forward(ctx, z, labels, pos, t, ent, a)
 
     @staticmethod
-    def _forward(ctx: Any, z: Tensor, labels: Tensor, pos: Tensor, t: Tensor, ent: Tensor, a: float) -> Tensor:
+    def _forward(
+        ctx: Any, z: Tensor, labels: Tensor, pos: Tensor, t: Tensor, ent: Tensor, a: float
+    ) -> Tensor:
         k = z.shape[1] - 1
         logq = F.log_softmax(z, dim=1)  # [N, K+1]
         valid = labels >= 0
@@ -179,9 +184,9 @@ def pcb_loss(logits: Tensor, labels: Tensor, cm: Tensor, alpha_r: float) -> Tens
     with `t = fightback_targets(cm, y)` and the softmax over all K+1 logits. The KL is evaluated as
     `sum t log t - sum t log q` on the P positive rows only, with `sum t log t` computed once per
     distinct class, so no dense [N, K+1] target is built; its gradient w.r.t. z is `q - t`, the
-    soft-target CE's (the fused backward writes it directly). alpha_r = 0 is exactly `F.cross_entropy` (mean); an identity `cm`
-    makes t one-hot, so L = CE for any a. Half/bfloat16 logits are computed in float32. Not
-    twice differentiable.
+    soft-target CE's (the fused backward writes it directly). alpha_r = 0 is exactly
+    `F.cross_entropy` (mean); an identity `cm` makes t one-hot, so L = CE for any a. Half/bfloat16
+    logits are computed in float32. Not twice differentiable.
     """
     k = _check_logits_labels(logits, labels, "pcb_loss")
     a = float(alpha_r)
@@ -196,7 +201,8 @@ def pcb_loss(logits: Tensor, labels: Tensor, cm: Tensor, alpha_r: float) -> Tens
     pos = ((labels >= 0) & (labels < k)).nonzero().squeeze(1)  # [P]
     targets, inverse = _column_targets(cm, labels.index_select(0, pos), dt)  # [U, K], [P]
     # sum over positives of sum_j t log t, per distinct class times its count
-    ent = torch.dot(torch.xlogy(targets, targets).sum(1), torch.bincount(inverse, minlength=len(targets)).to(dt))
+    counts = torch.bincount(inverse, minlength=len(targets)).to(dt)
+    ent = torch.dot(torch.xlogy(targets, targets).sum(1), counts)
     t = F.pad(targets, (0, 1)).index_select(0, inverse)  # [P, K+1], background column 0
     return _PCBLossFunction.apply(z, labels, pos, t, ent, a)
 
@@ -250,7 +256,8 @@ def pcb_active(
     iteration: int | None = None,
     start_iter: int | None = None,
 ) -> bool:
-    """docs/method.md §4.3 start condition: threshold reached (`pcb_started`) AND every class seen (`ready`)."""
+    """docs/method.md §4.3 start condition: threshold reached (`pcb_started`) AND every class seen
+    (`ready`)."""
     started = pcb_started(epoch=epoch, start_epoch=start_epoch, iteration=iteration, start_iter=start_iter)
     return bool(ready) and started
 
@@ -306,13 +313,17 @@ class OnlineConfusion(nn.Module):
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor) -> Tensor:
-        """Fold one batch in: logits [N, K+1], labels [N]. Returns the (all-reduced) counts n_b [K] (float64)."""
+        """Fold one batch in: logits [N, K+1], labels [N]. Returns the (all-reduced) counts n_b [K]
+        (float64)."""
         k = _check_logits_labels(logits, labels, "OnlineConfusion.update")
         if k != self.num_classes:
-            raise ApiMisuseError(f"OnlineConfusion.update: logits have K={k}, the matrix has K={self.num_classes}")
+            raise ApiMisuseError(
+                f"OnlineConfusion.update: logits have K={k}, the matrix has K={self.num_classes}"
+            )
         if logits.device != self.matrix.device:
             raise ApiMisuseError(
-                f"OnlineConfusion.update: logits on {logits.device}, the matrix on {self.matrix.device} (move the module)"
+                f"OnlineConfusion.update: logits on {logits.device}, the matrix on "
+                f"{self.matrix.device} (move the module)"
             )
         s_b, n_b = self._sum_s, self._sum_n
         try:

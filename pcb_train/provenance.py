@@ -31,7 +31,10 @@ def git_sha(start: Path | None = None) -> str | None:
     return sha if out.returncode == 0 and sha else None
 
 def provenance(
-    info: CheckpointInfo, model_config: ModelConfig, config_path: str | Path, extra: Mapping[str, Any] | None = None
+    info: CheckpointInfo,
+    model_config: ModelConfig,
+    config_path: str | Path,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What an artifact records about its origin.
 

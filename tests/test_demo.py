@@ -41,14 +41,19 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     steps = [json.loads(p.read_text())["step"] for p in work.rglob(".step-*.json")]
     assert "train-softmax" in steps and "pcb/calibrate" in steps
-    assert "| cached (time of the run that made it) |" in (report / "README.md").read_text()  # the wall-time table marks cached steps
+    # the wall-time table marks cached steps
+    assert "| cached (time of the run that made it) |" in (report / "README.md").read_text()
     # `pcbkit study` on the demo's softmax checkpoint, as for real data: same report layout;
     # --no-fixed-ap leaves AP_fixed undefined and writes no fixed results
     run = work / "runs" / "softmax"
-    study = ["study", "--name", "s", "--config", str(run / "config.yaml"), "--checkpoint", str(run / "model_final.pth"),
-             "--train-gt", str(data / "train.json"), "--val-gt", str(data / "val.json"), "--images", str(data / "images"),
-             "--work", str(tmp_path / "study"), "--report", str(tmp_path / "study_report"), "--train-dump-images", "20",
-             "--val-images", "12", "--device", "cpu", "--no-fixed-ap"]  # fmt: skip
+    study = [
+        "study", "--name", "s", "--config", str(run / "config.yaml"),
+        "--checkpoint", str(run / "model_final.pth"),
+        "--train-gt", str(data / "train.json"), "--val-gt", str(data / "val.json"),
+        "--images", str(data / "images"),
+        "--work", str(tmp_path / "study"), "--report", str(tmp_path / "study_report"),
+        "--train-dump-images", "20", "--val-images", "12", "--device", "cpu", "--no-fixed-ap",
+    ]  # fmt: skip
     res = CliRunner().invoke(cli, study)
     assert res.exit_code == 0, res.output
     srows = json.loads((tmp_path / "study_report" / "results.json").read_text())

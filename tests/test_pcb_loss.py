@@ -73,7 +73,9 @@ def test_fightback_targets_identity_is_one_hot_and_empty_column_falls_back() -> 
     t = fightback_targets(torch.eye(k, dtype=D), torch.tensor([0, 3, 2]))
     torch.testing.assert_close(t, F.one_hot(torch.tensor([0, 3, 2]), k + 1).to(D))
     # column 1 all zero (nothing ever predicted as class 1): one-hot fallback; column 0 normal
-    cm = torch.tensor([[0.5, 0.0, 0.5, 0.0], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0], [0, 0, 0, 1.0]], dtype=D)
+    cm = torch.tensor(
+        [[0.5, 0.0, 0.5, 0.0], [0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0], [0, 0, 0, 1.0]], dtype=D
+    )
     t = fightback_targets(cm, torch.tensor([1, 0]))
     torch.testing.assert_close(t[0], torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0], dtype=D))
     torch.testing.assert_close(t[1], torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0], dtype=D))

@@ -123,7 +123,9 @@ class SynthConfig:
 def frequency_bucket(image_count: int) -> str:
     """LVIS frequency of a class from its number of training images: 'r' (1-10), 'c' (11-100), 'f' (>100)."""
     if image_count < 1:
-        raise ApiMisuseError(f"a class needs at least one training image to have a frequency (got {image_count})")
+        raise ApiMisuseError(
+            f"a class needs at least one training image to have a frequency (got {image_count})"
+        )
     if image_count <= RARE_MAX_IMAGES:
         return "r"
     if image_count <= COMMON_MAX_IMAGES:

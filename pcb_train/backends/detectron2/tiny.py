@@ -52,7 +52,9 @@ class TinyConvNet(Backbone):
         super().__init__()
         unknown = sorted(set(out_features) - set(STAGES[1:]))
         if unknown:
-            raise ApiMisuseError(f"TinyConvNet: unknown out_features {unknown}; choose from {list(STAGES[1:])}")
+            raise ApiMisuseError(
+                f"TinyConvNet: unknown out_features {unknown}; choose from {list(STAGES[1:])}"
+            )
         if len(widths) != len(STAGES):
             raise ApiMisuseError(f"TinyConvNet: {len(widths)} widths for {len(STAGES)} stages")
         self.stem = _conv(3, widths[0], 2, norm)
