@@ -5,8 +5,9 @@ S [K, K] float64, n [K] int64, H [K, K] int64 on the CPU, accumulated batch by b
 provenance (category space, source, split, row counts). Derived: confusion M [K, K] = S / n
 row-wise (empty classes -> identity rows), mean score s = diag(M), hard confusion H / n.
 `ClassStats.from_dump` streams a logit dump (`pcb_analysis.dumps`); `save`/`load` write and
-validate an `.npz` (S, n, H, CM, MS, empty, meta JSON). The batch math it shares with the
-trainer lives in `pcb_analysis.class_sums` and is re-exported here under its old names.
+validate an `.npz` (S, n, H, CM, MS, empty, meta JSON; optionally the regime-diagnostic sums
+`instances`, `clip_negative`, `clip_total` of `pcb_analysis.regime`, which merging drops). The
+batch math it shares with the trainer lives in `pcb_analysis.class_sums`, re-exported here.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 FILE_KIND = "pcbkit.class_stats"
 _ARRAYS = ("S", "n", "H", "CM", "MS", "empty")
+_OPTIONAL_ARRAYS = {"instances": np.int64, "clip_negative": np.float64, "clip_total": np.float64}
 
 
 @dataclass
@@ -67,7 +69,10 @@ class ClassStats:
 
     Provenance travels with the sums: `categories` (optional `CategorySpace`), `source` (what was
     read, e.g. a dump directory), `split` (e.g. "val"), and row counts (`rows`, `background`,
-    `ignored` seen by `update`).
+    `ignored` seen by `update`). Optional regime-diagnostic sums (docs/statistics.md §4), each [K]:
+    `instances` (int64, ground-truth annotations per class on the images read), `clip_negative` and
+    `clip_total` (float64, per true class: the negative parts and the absolute mass of p M^-1 over
+    the positives, with M this object's own confusion matrix). `merge` drops them (M changes).
     """
 
     S: Tensor
@@ -80,6 +85,9 @@ class ClassStats:
     background: int = 0
     ignored: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    instances: Tensor | None = None
+    clip_negative: Tensor | None = None
+    clip_total: Tensor | None = None
 
     def __post_init__(self) -> None:
         k = self.S.shape[0]
@@ -88,6 +96,10 @@ class ClassStats:
                 f"ClassStats: S must be [K, K], n [K], H [K, K]; got {list(self.S.shape)}, "
                 f"{list(self.n.shape)}, {list(self.H.shape)}"
             )
+        for name in _OPTIONAL_ARRAYS:
+            arr = getattr(self, name)
+            if arr is not None and tuple(arr.shape) != (k,):
+                raise PcbkitError(f"ClassStats: {name} must be [K] = [{k}], got {list(arr.shape)}")
         if self.categories is not None and self.categories.num_classes != k:
             raise PcbkitError(
                 f"ClassStats: category space has {self.categories.num_classes} classes, statistics K={k}"
@@ -209,7 +221,10 @@ class ClassStats:
 
     @staticmethod
     def merge(a: ClassStats, b: ClassStats) -> ClassStats:
-        """Sum two statistics of the same category space (shards, workers): S, n, H and row counts add."""
+        """Sum two statistics of the same category space (shards, workers): S, n, H and row counts add.
+
+        The regime-diagnostic sums (`instances`, `clip_*`) are not carried over: the merged M differs,
+        and instance counts of two sources may overlap; recompute them (`pcb_analysis.regime`)."""
         if a.num_classes != b.num_classes:
             raise PcbkitError(f"ClassStats.merge: K differs ({a.num_classes} vs {b.num_classes})")
         if a.categories is not None and b.categories is not None:
@@ -314,7 +329,7 @@ class ClassStats:
     # -------------------------------------------------------------------- persistence
     def metadata(self) -> dict[str, Any]:
         """Provenance stored beside the arrays (JSON-serialisable)."""
-        return {
+        meta: dict[str, Any] = {
             "kind": FILE_KIND,
             "schema_version": SCHEMA_VERSION,
             "num_classes": self.num_classes,
@@ -332,6 +347,9 @@ class ClassStats:
             "torch_version": torch.__version__,
             "extra": self.extra,
         }
+        if self.instances is not None:  # ground-truth annotations on the images read (regime diagnostics)
+            meta["counts"]["instances"] = int(self.instances.sum())
+        return meta
 
     def save(self, path: str | Path) -> Path:
         """Write an `.npz` atomically: S, n, H, CM (= confusion()), MS (= mean_score()), empty, meta JSON."""
@@ -346,6 +364,10 @@ class ClassStats:
             "empty": self.empty_classes().cpu().numpy(),
             "meta": np.array(json.dumps(self.metadata())),
         }
+        for name, dtype in _OPTIONAL_ARRAYS.items():
+            arr = getattr(self, name)
+            if arr is not None:
+                arrays[name] = arr.detach().cpu().numpy().astype(dtype)
 
         def _write(tmp: Path) -> None:
             with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to the temp name
@@ -365,7 +387,8 @@ class ClassStats:
                 missing = [a for a in (*_ARRAYS, "meta") if a not in data.files]
                 if missing:
                     raise input_error(path, f"not a pcbkit statistics file: missing array(s) {missing}")
-                arrays = {a: np.asarray(data[a]) for a in ("S", "n", "H", "meta")}
+                names = ("S", "n", "H", "meta", *(a for a in _OPTIONAL_ARRAYS if a in data.files))
+                arrays = {a: np.asarray(data[a]) for a in names}
         except PcbkitError:
             raise
         except Exception as err:  # zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error ...
@@ -413,6 +436,18 @@ class ClassStats:
                     f"(K={categories.num_classes})",
                 )
             categories.check_same(space, str(path))
+        optional: dict[str, Tensor] = {}
+        for name, dtype in _OPTIONAL_ARRAYS.items():
+            if name in arrays:
+                arr = arrays[name]
+                if arr.shape != (k,) or arr.dtype != dtype:
+                    raise input_error(
+                        path,
+                        f"array {name!r}: {arr.dtype} {list(arr.shape)}, expected {np.dtype(dtype)} [{k}]",
+                    )
+                if not np.isfinite(arr).all() or (arr < 0).any():
+                    raise input_error(path, f"array {name!r} must be finite and non-negative")
+                optional[name] = torch.from_numpy(arr.copy())
         counts = meta.get("counts") or {}
         return cls(
             S=torch.from_numpy(S.copy()),
@@ -425,4 +460,5 @@ class ClassStats:
             background=int(counts.get("background", 0)),
             ignored=int(counts.get("ignored", 0)),
             extra=dict(meta.get("extra") or {}),
+            **optional,
         )

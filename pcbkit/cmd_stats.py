@@ -1,4 +1,5 @@
-"""`pcbkit stats`: stream a logit dump into class statistics (S, n, H -> confusion matrix, mean score)."""
+"""`pcbkit stats`: stream a logit dump into class statistics (S, n, H -> confusion matrix, mean score),
+then print the regime diagnostics (docs/statistics.md §4; sums stored in the statistics file)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,15 @@ import click
 @click.option(
     "--out", required=True, type=click.Path(dir_okay=False),
     help="Statistics file to write (.npz, atomically).",
+)
+@click.option(
+    "--gt", default=None, type=click.Path(dir_okay=False),
+    help="The split's LVIS annotation file: ground-truth instances per class (on the dump's images) "
+    "for the diagnostics, stored in OUT.",
+)
+@click.option(
+    "--no-clip-mass", is_flag=True,
+    help="Skip the second pass over the dump that measures the mass cm's clipping removes.",
 )
 @click.option(
     "--split-name", default=None,
@@ -36,6 +46,8 @@ import click
 def stats_cmd(
     dump_dir: str,
     out: str,
+    gt: str | None,
+    no_clip_mass: bool,
     split_name: str | None,
     chunk_rows: int,
     allow_partial: bool,
@@ -44,24 +56,28 @@ def stats_cmd(
 ) -> None:
     """Accumulate S, n, H over the dump's positive proposals and save them with provenance.
 
-    Streams the dump in bounded memory; a truncated or corrupted shard, NaN/inf logits or a
-    category-space mismatch stop the run with an error naming the shard, and an existing OUT is
-    left untouched.
+    Streams the dump in bounded memory (a second pass over its positives measures cm's clipped
+    mass; --no-clip-mass skips it), then prints the regime diagnostics. A truncated or corrupted
+    shard, NaN/inf logits or a category-space mismatch stop the run with an error naming the
+    shard, and an existing OUT is left untouched.
     """
     # torch (behind pcb_analysis.dumps / .stats) is imported only when the command runs, not for --help
     import torch
 
     from pcb_analysis.dumps import DumpReader
-    from pcb_analysis.stats import ClassStats
+    from pcb_analysis.regime import diagnose, stats_from_dump
 
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     reader = DumpReader(dump_dir, allow_unfinished=allow_partial)
-    st = ClassStats.from_dump(reader, progress=not no_progress, chunk_rows=chunk_rows, split=split_name)
+    st = stats_from_dump(reader, gt=gt, clip_mass=not no_clip_mass, progress=not no_progress,
+                         chunk_rows=chunk_rows, split=split_name)
     elapsed = time.perf_counter() - t0
     st.save(out)  # atomic: an existing good OUT survives any failure before this point or during it
     for line in st.summary_lines(reader.num_rows):
+        click.echo(line)
+    for line in diagnose(st).lines():
         click.echo(line)
     rate = reader.num_rows / elapsed if elapsed > 0 else float("inf")
     click.echo(f"wrote {out} ({elapsed:.1f} s, {rate:,.0f} rows/s)")
