@@ -19,6 +19,8 @@ from typing import Any
 
 from pcb_analysis.atomic import write_text_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, table_label
+from pcb_analysis.regime import TABLE_HEADER as REGIME_HEADER
+from pcb_analysis.regime import RegimeDiagnostics
 
 METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_fixed")
 STAT_ORDER = ROW_STATISTICS  # the statistics table's order; other statistics after them, by name
@@ -248,6 +250,19 @@ def write_study_report(
     path = out_dir / "README.md"
     write_text_atomic(path, "\n".join(parts))
     return path
+
+
+def regime_section(diagnostics: Sequence[RegimeDiagnostics]) -> str:
+    """The regime-diagnostics table of the statistics files (one row each) and how to read it."""
+    table = markdown_table(REGIME_HEADER, [d.table_row() for d in diagnostics])
+    return table + "\n\n" + (
+        "diag: mean of M[i, i] over the bucket's classes with positives (a class without positives has "
+        "no row and is left out); cond_2(M) and sigma_min: of the matrix cm inverts; inst. min/med: "
+        "ground-truth instances per class on the images the statistics read (min / median over the "
+        "bucket); min L1 rare row: the smallest sum_j |M[r, j] - M[o, j]| between a rare class's row and "
+        "any other class's row; clipped mass: the share of |p M^-1| (over the statistics' positives) "
+        "that cm's clipping removes. Definitions: docs/statistics.md §4."
+    )
 
 
 def rows_to_csv(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,13 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pcb_analysis import plots
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, STATISTICS
 from pcb_analysis.errors import PcbkitError
-from pcb_analysis.report import markdown_table, rows_to_csv, write_study_report
+from pcb_analysis.regime import RegimeDiagnostics, diagnose, stats_from_dump
+from pcb_analysis.report import markdown_table, regime_section, rows_to_csv, write_study_report
 from pcb_analysis.stats import ClassStats
 from pcb_analysis.synth import SynthConfig, generate
 from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models
@@ -160,13 +160,14 @@ def dump_and_stats(model: StudyModel, inp: StudyInputs, log: StepLog) -> dict[st
         run_step(log, f"{model.name}/dump-{split}", dump_dir.parent, ins, [dump_dir / "manifest.json"],
                  lambda cfg=cfg: _fresh_dump(cfg, dump_logits, inp.force), inp.force)
 
-        def make_stats(dump_dir: Path = dump_dir, stats_path: Path = stats_path, split: str = split) -> None:
-            st = ClassStats.from_dump(dump_dir, progress=inp.progress, split=split)
-            st.save(stats_path)
+        def make_stats(dump_dir: Path = dump_dir, stats_path: Path = stats_path, split: str = split,
+                       gt: Path = gt) -> None:
+            # with the regime diagnostics' sums: gt instances on the dumped images, cm's clipped mass
+            stats_from_dump(dump_dir, gt=gt, progress=inp.progress, split=split).save(stats_path)
 
         run_step(log, f"{model.name}/stats-{split}", stats_path.parent,
-                 {**ins, "dump": file_fingerprint(dump_dir / "manifest.json")}, [stats_path], make_stats,
-                 inp.force)
+                 {**ins, "dump": file_fingerprint(dump_dir / "manifest.json"), "diagnostics": 1},
+                 [stats_path], make_stats, inp.force)
         out[split] = stats_path
     return out
 
@@ -215,26 +216,39 @@ def calibrate_all(
     return rows
 
 
+def regime_diagnostics(
+    models: Sequence[StudyModel], stats: Mapping[str, Mapping[str, Path]]
+) -> list[RegimeDiagnostics]:
+    """`pcb_analysis.regime.diagnose` of every statistics file (val, then train, of each model)."""
+    return [diagnose(ClassStats.load(stats[m.name][split]), label=f"{m.name} {split}")
+            for m in models for split in ("val", "train") if split in stats[m.name]]
+
+
 def matrix_notes(models: Sequence[StudyModel], stats: Mapping[str, Mapping[str, Path]]) -> list[str]:
-    """What the val-set matrices look like to an inversion: mean diagonal per r/c/f, the smallest
-    diagonal entry and the condition number (CM applies M^-1, so a large one amplifies noise)."""
+    """What the val-set matrices look like to an inversion (docs/statistics.md §4): mean diagonal per
+    r/c/f over the classes with positives (a class without positives has no row and is not counted),
+    cond_2 and sigma_min (CM applies M^-1, so a large condition number amplifies noise), the nearest
+    rare row and the mass cm's clipping removes."""
     out = []
     for m in models:
-        st = ClassStats.load(stats[m.name]["val"])
-        cm = st.confusion(warn=False).double().numpy()
-        diag = np.diag(cm)
-        space = st.categories
-        per = ""
-        if space is not None:
-            freq = np.asarray(space.frequency)
-            per = ", ".join(f"{b} {diag[freq == b].mean():.2f}" for b in "rcf" if (freq == b).any())
+        d = diagnose(ClassStats.load(stats[m.name]["val"]))
+        per = ", ".join(f"{b.bucket} {_fmt(b.mean_diagonal, '.2f')} ({b.with_rows}/{b.classes} classes)"
+                        for b in d.buckets)
+        near = "" if d.rare_l1 is None else f"; a rare row lies {d.rare_l1:.3f} (L1) from another row"
+        clip = "" if d.clipped_fraction is None else (
+            f"; cm's clipping removes {d.clipped_fraction:.2f} of |p M^-1| over the val positives")
         out.append(
-            f"**{m.name}**'s val-set matrix: mean diagonal {per} (r/c/f), smallest diagonal entry "
-            f"{diag.min():.3f}, condition number {np.linalg.cond(cm):.0f}. CM applies M^-1: rows whose mass "
-            "sits on a sibling class rather than the diagonal make the inverse large, and clipping its "
-            "negative outputs removes score from the classes they are confused with."
+            f"**{m.name}**'s val-set matrix: mean diagonal {per} over the classes with positives, "
+            f"cond_2(M) {_fmt(d.cond2, '.2g')} (smallest singular value {_fmt(d.sigma_min, '.2g')}){near}"
+            f"{clip}. CM applies M^-1: rows whose mass sits on a sibling class rather than the diagonal make "
+            "the inverse large, and clipping its negative outputs removes score from the classes they are "
+            "confused with."
         )
     return out
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "-" if math.isnan(x) else "inf" if math.isinf(x) else format(x, spec)
 
 
 def write_report(
@@ -291,7 +305,11 @@ def write_report(
     write_json_atomic(rep / "results.json", rows, indent=2)
     return write_study_report(
         rep, rows, [m.name for m in models], title=title, preamble=preamble, figures=figs,
-        pairs_markdown=pairs_md, notes=notes, extra_sections=[("Wall time per step", log.markdown())],
+        pairs_markdown=pairs_md, notes=notes,
+        extra_sections=[
+            ("Regime diagnostics of the statistics", regime_section(regime_diagnostics(models, stats))),
+            ("Wall time per step", log.markdown()),
+        ],
     )
 
 

@@ -283,3 +283,30 @@ def test_cli_stats_prints_the_diagnostics(tmp_path: Path) -> None:
     res = CliRunner().invoke(stats_cmd, [*args, "--no-clip-mass"])
     assert res.exit_code == 0 and "clipping: not measured" in res.output
     assert ClassStats.load(out).clip_negative is None
+
+
+# ------------------------------------------------------------------------------ the study report
+
+
+def test_study_notes_and_report_section_leave_empty_classes_out(tmp_path: Path) -> None:
+    from pcb_analysis.report import regime_section
+    from pcb_train.study import StudyModel, matrix_notes, regime_diagnostics
+
+    # the 4-class example above: r mean 0.10 over the one rare class with positives (0.55 if class
+    # 1's identity row were counted)
+    rows = [[0.1, 0.8, 0.05, 0.05], [0, 0, 0, 0], [0.2, 0.0, 0.7, 0.1], [0.1, 0.2, 0.0, 0.7]]
+    val = stats_of(rows, [4, 0, 2, 5], "rrcf")
+    val.instances = torch.tensor([3, 0, 12, 40])
+    paths = {"val": val.save(tmp_path / "val.npz"),
+             "train": stats_of(torch.eye(4).tolist(), [1, 1, 1, 1], "rrcf").save(tmp_path / "train.npz")}
+    model = StudyModel(name="softmax", config=tmp_path / "c.yaml", checkpoint=tmp_path / "m.pth")
+    (note,) = matrix_notes([model], {"softmax": paths})
+    assert "mean diagonal r 0.10 (1/2 classes), c 0.70 (1/1 classes), f 0.70 (1/1 classes)" in note
+    assert "0.55" not in note and "a rare row lies 1.300 (L1) from another row" in note
+    diags = regime_diagnostics([model], {"softmax": paths})
+    assert [d.label for d in diags] == ["softmax val", "softmax train"]
+    table = regime_section(diags).splitlines()
+    assert table[0] == "| " + " | ".join(TABLE_HEADER) + " |"
+    assert table[2].startswith("| softmax val | 0.10 | 0.70 | 0.70 |")
+    assert "| 0 / 1.5 | 12 / 12 | 40 / 40 |" in table[2]
+    assert table[3].startswith("| softmax train | 1.00 | 1.00 | 1.00 | 1 | 1 | - | - | - | 2.000 | - |")
