@@ -32,11 +32,13 @@ from pcb_analysis.lvis_gt import load_ground_truth
 from pcb_analysis.stats import ClassStats
 
 __all__ = [
+    "DEFAULT_CLIP_ROWS",
     "TABLE_HEADER",
     "BucketDiagnostics",
     "ClipMass",
     "RegimeDiagnostics",
     "clip_mass_from_dump",
+    "clip_stride",
     "clipped_mass_sums",
     "diagnose",
     "instance_counts",
@@ -45,6 +47,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_CLIP_ROWS = 262_144  # positives the clipped mass reads at most (a float64 [rows, K] x [K, K] product)
 TABLE_HEADER = (
     "statistics", "diag r", "diag c", "diag f", "cond_2(M)", "sigma_min",
     "inst. r min/med", "inst. c min/med", "inst. f min/med", "min L1 rare row", "clipped mass",
@@ -89,6 +92,7 @@ class RegimeDiagnostics:
     rare_l1_pair: tuple[str, str] | None  # (rare class, its nearest row's class)
     clipped_fraction: float | None  # over all positives; None: not measured (or M singular)
     instance_images: int | None = None  # images the instance counts cover (None: unknown)
+    clip_rows: int | None = None  # positives the clipped mass used, when fewer than all (None: all)
 
     def bucket(self, name: str) -> BucketDiagnostics | None:
         return next((b for b in self.buckets if b.bucket == name), None)
@@ -119,8 +123,10 @@ class RegimeDiagnostics:
             out.append("  foreground mass removed by cm's clipping: not measured")
         else:
             per = ", ".join(f"{b.bucket} {_num(b.clipped_fraction, '.3f')}" for b in self.buckets)
+            used = (f"{self.positives:,} positives" if self.clip_rows is None
+                    else f"{self.clip_rows:,} of {self.positives:,} positives")
             out.append(f"  foreground mass removed by cm's clipping: {self.clipped_fraction:.3f} of |p M^-1| "
-                       f"over {self.positives:,} positives (by true class: {per})")
+                       f"over {used} (by true class: {per})")
         return out
 
     def table_row(self) -> list[str]:
@@ -218,12 +224,20 @@ def diagnose(
         rare_l1_pair=None if pair is None else (space.names[pair[0]], space.names[pair[1]]),
         clipped_fraction=None if neg is None else _fraction(neg, tot),  # type: ignore[arg-type]
         instance_images=_instance_images(stats) if inst is not None else None,
+        clip_rows=_clip_rows(stats) if neg is not None else None,
     )
 
 
 def _instance_images(stats: ClassStats) -> int | None:
     rec = stats.extra.get("instances")
     return int(rec["images"]) if isinstance(rec, dict) and "images" in rec else None
+
+
+def _clip_rows(stats: ClassStats) -> int | None:
+    rec = stats.extra.get("clip_mass")
+    if isinstance(rec, dict) and int(rec.get("stride", 1)) > 1:
+        return int(rec["rows"])
+    return None
 
 
 def _fraction(neg: np.ndarray, tot: np.ndarray) -> float | None:
@@ -268,10 +282,23 @@ def clipped_mass_sums(p: Tensor, labels: Tensor, m_inv: Tensor) -> ClipMass:
     return ClipMass(neg, tot)
 
 
+def clip_stride(positives: int, max_rows: int | None) -> int:
+    """Every how many positives the clipped mass reads so that at most `max_rows` are used (None: all)."""
+    if max_rows is not None and max_rows < 1:
+        raise PcbkitError(f"clip rows must be >= 1 (or None for all), got {max_rows}")
+    return 1 if max_rows is None or positives <= max_rows else -(-positives // max_rows)
+
+
 def clip_mass_from_dump(
-    reader: DumpReader, stats: ClassStats, progress: bool = True, chunk_rows: int = DEFAULT_CHUNK_ROWS
+    reader: DumpReader,
+    stats: ClassStats,
+    progress: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    stride: int = 1,
 ) -> ClipMass | None:
-    """Second pass over the dump's positives with `stats`' own M (no ridge); None if M is singular."""
+    """Second pass over the dump's positives with `stats`' own M (no ridge); None if M is singular.
+
+    With `stride` s > 1 only every s-th positive (in dump order: positives 0, s, 2s, ...) is used."""
     m = stats.confusion(warn=False).to(torch.float64)
     try:
         m_inv = torch.linalg.inv(m)
@@ -284,14 +311,17 @@ def clip_mass_from_dump(
     k = stats.num_classes
     neg = torch.zeros(k, dtype=torch.float64)
     tot = torch.zeros(k, dtype=torch.float64)
+    seen = 0  # positives before this chunk
     bar_args = {"unit": "row", "unit_scale": True, "disable": not progress, "desc": "clipped mass"}
     with tqdm(total=reader.num_rows, mininterval=0.5, **bar_args) as bar:
         for chunk in reader.iter_chunks(chunk_rows, columns=("logits", "labels"), reuse_buffers=True):
             labels = torch.from_numpy(chunk["labels"]).to(torch.int64)
-            pos = (labels >= 0) & (labels < k)
-            if bool(pos.any()):
-                p = foreground_probs(torch.from_numpy(chunk["logits"])[pos], k)
-                part = clipped_mass_sums(p, labels[pos], m_inv)
+            pos = torch.nonzero((labels >= 0) & (labels < k)).flatten()
+            keep = pos[(seen + torch.arange(len(pos))) % stride == 0] if stride > 1 else pos
+            seen += len(pos)
+            if len(keep):
+                p = foreground_probs(torch.from_numpy(chunk["logits"])[keep], k)
+                part = clipped_mass_sums(p, labels[keep], m_inv)
                 neg += part.negative
                 tot += part.total
             bar.update(len(labels))
@@ -330,12 +360,14 @@ def stats_from_dump(
     dump_dir: str | Path | DumpReader,
     gt: str | Path | None = None,
     clip_mass: bool = True,
+    clip_rows: int | None = DEFAULT_CLIP_ROWS,
     progress: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     split: str | None = None,
 ) -> ClassStats:
     """`ClassStats.from_dump` plus the diagnostics' sums: instance counts from `gt` (the split's LVIS
-    file, restricted to the dump's images) and, with `clip_mass`, a second pass for `ClipMass`."""
+    file, restricted to the dump's images) and, with `clip_mass`, a second pass for `ClipMass` over
+    at most `clip_rows` positives (every s-th; None: all of them)."""
     reader = dump_dir if isinstance(dump_dir, DumpReader) else DumpReader(dump_dir)
     st = ClassStats.from_dump(reader, progress=progress, chunk_rows=chunk_rows, split=split)
     if gt is not None:
@@ -343,8 +375,11 @@ def stats_from_dump(
         st.instances, images = instance_counts(gt, st.categories, reader.image_ids())
         st.extra["instances"] = {"gt": str(gt), "images": images}
     if clip_mass and int(st.n.sum()) > 0:
-        clip = clip_mass_from_dump(reader, st, progress=progress, chunk_rows=chunk_rows)
+        positives = int(st.n.sum())
+        stride = clip_stride(positives, clip_rows)
+        clip = clip_mass_from_dump(reader, st, progress=progress, chunk_rows=chunk_rows, stride=stride)
         if clip is not None:
             st.clip_negative, st.clip_total = clip
-            st.extra["clip_mass"] = {"matrix": "confusion (identity rows for empty classes), ridge 0"}
+            st.extra["clip_mass"] = {"matrix": "confusion (identity rows for empty classes), ridge 0",
+                                     "stride": stride, "rows": -(-positives // stride)}
     return st

@@ -27,6 +27,10 @@ import click
     help="Skip the second pass over the dump that measures the mass cm's clipping removes.",
 )
 @click.option(
+    "--clip-rows", type=click.IntRange(min=0), default=262_144, show_default=True,
+    help="At most this many positives (every s-th) for the clipped mass; 0: all of them.",
+)
+@click.option(
     "--split-name", default=None,
     help="Split name recorded in the statistics (default: the dump's split).",
 )
@@ -48,6 +52,7 @@ def stats_cmd(
     out: str,
     gt: str | None,
     no_clip_mass: bool,
+    clip_rows: int,
     split_name: str | None,
     chunk_rows: int,
     allow_partial: bool,
@@ -71,8 +76,8 @@ def stats_cmd(
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     reader = DumpReader(dump_dir, allow_unfinished=allow_partial)
-    st = stats_from_dump(reader, gt=gt, clip_mass=not no_clip_mass, progress=not no_progress,
-                         chunk_rows=chunk_rows, split=split_name)
+    st = stats_from_dump(reader, gt=gt, clip_mass=not no_clip_mass, clip_rows=clip_rows or None,
+                         progress=not no_progress, chunk_rows=chunk_rows, split=split_name)
     elapsed = time.perf_counter() - t0
     st.save(out)  # atomic: an existing good OUT survives any failure before this point or during it
     for line in st.summary_lines(reader.num_rows):

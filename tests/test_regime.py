@@ -19,9 +19,11 @@ from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps import DumpReader, DumpWriter
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.regime import (
+    DEFAULT_CLIP_ROWS,
     TABLE_HEADER,
     ClipMass,
     clip_mass_from_dump,
+    clip_stride,
     clipped_mass_sums,
     diagnose,
     instance_counts,
@@ -249,6 +251,26 @@ def test_stats_from_dump_stores_the_sums_and_they_round_trip(tmp_path: Path) -> 
     assert "not measured" in "\n".join(diagnose(ClassStats.load(plain.save(tmp_path / "p.npz"))).lines())
 
 
+def test_clip_rows_cap_reads_every_sth_positive(tmp_path: Path) -> None:
+    assert [clip_stride(10, r) for r in (None, 10, 11, 5, 4, 1)] == [1, 1, 1, 2, 3, 10]
+    with pytest.raises(PcbkitError, match="clip rows must be >= 1"):
+        clip_stride(10, 0)
+    dump, _ = write_world(tmp_path)  # 30 positives in dump order; at most 7 -> stride 5: 0, 5, .., 25
+    st = stats_from_dump(dump, clip_rows=7, progress=False, chunk_rows=4)  # chunks cut across the stride
+    assert st.extra["clip_mass"]["stride"] == 5 and st.extra["clip_mass"]["rows"] == 6
+    chunks = list(DumpReader(dump).iter_chunks(100, columns=("logits", "labels")))
+    logits = torch.cat([torch.from_numpy(np.array(c["logits"])) for c in chunks])
+    labels = torch.cat([torch.from_numpy(np.array(c["labels"])) for c in chunks]).long()
+    pos = torch.nonzero((labels >= 0) & (labels < K)).flatten()[::5]
+    ref = clipped_mass_sums(torch.softmax(logits[pos, :K].float(), 1), labels[pos],
+                            torch.linalg.inv(st.confusion(warn=False)))
+    torch.testing.assert_close(st.clip_negative, ref.negative)
+    torch.testing.assert_close(st.clip_total, ref.total)
+    assert int(torch.bincount(labels[pos], minlength=K).sum()) == 6
+    assert "over 6 of 30 positives" in "\n".join(diagnose(st).lines())
+    assert diagnose(stats_from_dump(dump, clip_rows=None, progress=False)).clip_rows is None
+
+
 def test_load_refuses_bad_optional_arrays(tmp_path: Path) -> None:
     st = stats_of(HAND_M, [2, 4, 1], "rcf")
     st.instances = torch.tensor([1, 2, 3])
@@ -281,6 +303,7 @@ def test_cli_stats_prints_the_diagnostics(tmp_path: Path) -> None:
         assert line in res.output
     assert "ground-truth instances per class (6 images): r min 0 median 3" in res.output
     res = CliRunner().invoke(stats_cmd, [*args, "--no-clip-mass"])
+    assert next(o.default for o in stats_cmd.params if o.name == "clip_rows") == DEFAULT_CLIP_ROWS
     assert res.exit_code == 0 and "clipping: not measured" in res.output
     assert ClassStats.load(out).clip_negative is None
 
