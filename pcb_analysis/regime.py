@@ -167,8 +167,8 @@ def diagnose(
     """The regime diagnostics of `stats` (needs its category space for the r/c/f buckets).
 
     `instances` [K] (ground-truth annotations per class) and `clip` default to the sums stored in
-    `stats` (`stats.instances`, `stats.clip_negative` / `stats.clip_total`); without them those
-    diagnostics read "not measured".
+    `stats` (`stats.instances`, `stats.clip_negative` / `stats.clip_total`, with the image count and
+    the rows used from `stats.extra`); without them those diagnostics read "not measured".
     """
     space = stats.categories
     if space is None:
@@ -178,20 +178,21 @@ def diagnose(
     has_row = ~stats.empty_classes().cpu().numpy()
     diag = torch.diagonal(m).numpy()
     freq = np.asarray(space.frequency)
-    if instances is None and stats.instances is not None:
+    inst_stored = instances is None and stats.instances is not None
+    if inst_stored:
         instances = stats.instances
     inst = None if instances is None else np.asarray(torch.as_tensor(instances).cpu(), dtype=np.int64)
     if inst is not None and inst.shape != (k,):
         raise PcbkitError(f"diagnose: instances must be [K] = [{k}], got {list(inst.shape)}")
-    if clip is None and stats.clip_negative is not None and stats.clip_total is not None:
+    clip_stored = clip is None and stats.clip_negative is not None and stats.clip_total is not None
+    if clip_stored:
         clip = ClipMass(stats.clip_negative, stats.clip_total)
-    neg = tot = None
+    sums: tuple[np.ndarray, np.ndarray] | None = None
     if clip is not None:
-        neg, tot = (np.asarray(torch.as_tensor(a).cpu(), dtype=np.float64) for a in clip)
-        if neg.shape != (k,) or tot.shape != (k,):
-            raise PcbkitError(
-                f"diagnose: clip sums must be [K] = [{k}], got {list(neg.shape)}, {list(tot.shape)}"
-            )
+        sums = (clip.negative.cpu().numpy().astype(np.float64), clip.total.cpu().numpy().astype(np.float64))
+        if sums[0].shape != (k,) or sums[1].shape != (k,):
+            raise PcbkitError(f"diagnose: clip sums must be [K] = [{k}], got "
+                              f"{list(sums[0].shape)}, {list(sums[1].shape)}")
     buckets = []
     for f in FREQUENCIES:
         in_b = freq == f
@@ -205,7 +206,7 @@ def diagnose(
             mean_diagonal=float(diag[rows].mean()) if rows.any() else math.nan,
             instances_min=None if inst is None else int(inst[in_b].min()),
             instances_median=None if inst is None else float(np.median(inst[in_b])),
-            clipped_fraction=None if neg is None else _fraction(neg[in_b], tot[in_b]),  # type: ignore[index]
+            clipped_fraction=None if sums is None else _fraction(sums[0][in_b], sums[1][in_b]),
         ))
     sv = torch.linalg.svdvals(m)
     s_max, s_min = float(sv.max()), float(sv.min())
@@ -222,9 +223,9 @@ def diagnose(
         cond2=s_max / s_min if s_min > 0 else math.inf,
         rare_l1=l1,
         rare_l1_pair=None if pair is None else (space.names[pair[0]], space.names[pair[1]]),
-        clipped_fraction=None if neg is None else _fraction(neg, tot),  # type: ignore[arg-type]
-        instance_images=_instance_images(stats) if inst is not None else None,
-        clip_rows=_clip_rows(stats) if neg is not None else None,
+        clipped_fraction=None if sums is None else _fraction(*sums),
+        instance_images=_instance_images(stats) if inst_stored else None,
+        clip_rows=_clip_rows(stats) if clip_stored else None,
     )
 
 

@@ -243,6 +243,8 @@ def test_stats_from_dump_stores_the_sums_and_they_round_trip(tmp_path: Path) -> 
     assert torch.equal(back.instances, st.instances)
     assert torch.equal(back.clip_negative, st.clip_negative) and torch.equal(back.clip_total, st.clip_total)
     assert diagnose(back) == diagnose(st)
+    assert diagnose(back).instance_images == 6
+    assert diagnose(back, instances=[1, 1, 1, 1]).instance_images is None  # not the stored sums' images
     assert back.metadata()["counts"]["instances"] == 36
     merged = back + back
     assert merged.instances is None and merged.clip_negative is None and merged.clip_total is None
