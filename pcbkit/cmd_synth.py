@@ -26,12 +26,22 @@ import click
 @click.option("--train-images", type=int, default=1500, show_default=True, help="Training images.")
 @click.option("--val-images", type=int, default=400, show_default=True, help="Validation images.")
 @click.option("--size", type=int, default=128, show_default=True, help="Image side in pixels (square).")
-def synth_cmd(out_dir: Path, seed: int, classes: int, train_images: int, val_images: int, size: int) -> None:
+@click.option(
+    "--neg-mode",
+    type=click.Choice(["random", "sibling"]),
+    default="random",
+    show_default=True,
+    help="neg_category_ids: a random sample of images per class (LVIS) or absent look-alikes per image.",
+)
+def synth_cmd(
+    out_dir: Path, seed: int, classes: int, train_images: int, val_images: int, size: int, neg_mode: str
+) -> None:
     """Generate the synthetic long-tailed LVIS-format dataset (confusable r/c/f class families)."""
     from pcb_analysis.synth import SynthConfig, generate  # heavy: see the module docstring
 
     cfg = SynthConfig(
-        seed=seed, num_classes=classes, train_images=train_images, val_images=val_images, size=size
+        seed=seed, num_classes=classes, train_images=train_images, val_images=val_images, size=size,
+        neg_mode=neg_mode,
     )
     start = time.perf_counter()
     summary = generate(out_dir, cfg, progress=True)

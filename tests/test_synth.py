@@ -46,10 +46,6 @@ def small(tmp_path_factory: pytest.TempPathFactory) -> Generated:
     return Generated(root, summary, train, val)
 
 
-def _family(cat: dict[str, Any]) -> str:
-    return cat["synset"].split(".")[0]
-
-
 def _images_per_category(d: dict[str, Any]) -> Counter[int]:
     return Counter(cid for _, cid in {(a["image_id"], a["category_id"]) for a in d["annotations"]})
 
@@ -174,25 +170,60 @@ def test_objects_per_image(small: Generated) -> None:
     assert 1.5 <= np.mean(list(per_image.values())) <= 4
 
 
-def test_federated_fields(small: Generated) -> None:
-    cats = {c["id"]: c for c in small.train["categories"]}
+def _check_federated(d: dict[str, Any]) -> tuple[int, dict[int, int], dict[int, int]]:
+    """LVIS consistency of one split; returns (images with a not-exhaustive class, |P_c|, |N_c|)."""
+    present = _present(d)
     n_not_exhaustive = 0
-    sibling_negatives = 0
+    n_pos: Counter[int] = Counter()
+    n_neg: Counter[int] = Counter()
+    for img in d["images"]:
+        here = present[img["id"]]
+        neg = set(img["neg_category_ids"])
+        ne = set(img["not_exhaustive_category_ids"])
+        assert img["neg_category_ids"] == sorted(neg)
+        assert not neg & here, "a category is both present and verified absent"
+        assert not neg & ne, "a category is both negative and not exhaustive"
+        assert ne <= here
+        n_not_exhaustive += bool(ne)
+        n_pos.update(here)
+        n_neg.update(neg)
+    return n_not_exhaustive, n_pos, n_neg
+
+
+def test_federated_fields_random_mode(small: Generated) -> None:
+    # neg mode "random" (the default): per class, as many negative images as positive ones, or every
+    # image without the class when there are fewer (the heads of this small split).
+    assert SMALL.neg_mode == "random"
+    n_not_exhaustive = 0
     for d in (small.train, small.val):
+        ne, n_pos, n_neg = _check_federated(d)
+        n_not_exhaustive += ne
+        n = len(d["images"])
+        assert all(n_neg[c["id"]] == min(n_pos[c["id"]], n - n_pos[c["id"]]) for c in d["categories"])
+        assert any(n_pos[c["id"]] < n - n_pos[c["id"]] for c in d["categories"])
+    assert 0.03 * 260 <= n_not_exhaustive <= 0.2 * 260
+
+
+def test_federated_fields_sibling_mode() -> None:
+    cfg = SynthConfig(**{**SMALL.__dict__, "neg_mode": "sibling"})
+    dicts = make_lvis_dicts(cfg)
+    assert dicts == make_lvis_dicts(cfg)  # deterministic in this mode too
+    cats = {c["id"]: c for c in dicts["train"]["categories"]}
+    specs = {s.name: s for s in synth.plan_classes(cfg, np.random.default_rng(cfg.seed))}
+    look_alike = total = 0
+    for d in (dicts["train"], dicts["val"]):
+        _check_federated(d)
         present = _present(d)
         for img in d["images"]:
-            here = present[img["id"]]
-            neg = set(img["neg_category_ids"])
-            ne = set(img["not_exhaustive_category_ids"])
-            assert img["neg_category_ids"] == sorted(neg)
-            assert not neg & here, "a category is both present and verified absent"
-            assert not neg & ne, "a category is both negative and not exhaustive"
-            assert ne <= here
-            n_not_exhaustive += bool(ne)
-            families = {_family(cats[c]) for c in here}
-            sibling_negatives += sum(_family(cats[c]) in families for c in neg)
-    assert 0.03 * 260 <= n_not_exhaustive <= 0.2 * 260
-    assert sibling_negatives > 0
+            here = [specs[cats[c]["name"]] for c in present[img["id"]]]
+            for c in img["neg_category_ids"]:
+                total += 1
+                look_alike += any(specs[cats[c]["name"]].confusable_with(h) for h in here)
+    # most negatives are absent look-alikes (p = 0.6 each), the rest 0-2 random classes per image
+    assert total > 0 and look_alike / total > 0.6
+    random_mode = make_lvis_dicts(SMALL)["train"]["images"]
+    negs = [i["neg_category_ids"] for i in dicts["train"]["images"]]
+    assert negs != [i["neg_category_ids"] for i in random_mode]
 
 
 def test_not_exhaustive_instance_is_drawn_unannotated() -> None:
@@ -206,19 +237,42 @@ def test_not_exhaustive_instance_is_drawn_unannotated() -> None:
     assert checked > 0
 
 
-def test_families_have_a_frequent_head_and_rarer_siblings(small: Generated) -> None:
-    families: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for cat in small.train["categories"]:
-        families[_family(cat)].append(cat)
-    assert len(families) == SMALL.num_classes // 3
-    for fam, members in families.items():
-        heads = [c for c in members if c["name"].endswith("_head")]
-        assert len(heads) == 1 and heads[0]["synset"] == f"{fam}.n.01"
-        assert heads[0]["frequency"] == "f"
-        assert all(c["name"].startswith(fam + "_") for c in members)
-        siblings = [c for c in members if c is not heads[0]]
-        assert siblings and all(c["frequency"] in ("r", "c") for c in siblings)
-        assert all(c["image_count"] < heads[0]["image_count"] for c in siblings)
+def test_heads_commons_and_bridges(small: Generated) -> None:
+    specs = synth.plan_classes(SMALL, np.random.default_rng(SMALL.seed))
+    cats = {c["name"]: c for c in small.train["categories"]}
+    heads = {s.name: s for s in specs if s.variant == "head"}
+    assert len(heads) == SMALL.num_classes // 3
+    assert len({(h.shape, h.colour) for h in heads.values()}) == len(heads)  # every head its own look
+    pairs = set()
+    for s in specs:
+        cat = cats[s.name]
+        assert cat["synset"] == f"{s.shape}_{s.colour}.n.{s.family_rank:02d}"
+        if s.variant == "head":
+            assert cat["frequency"] == "f" and s.absorbers == ()
+        elif s.tier == "c":  # the look of one head plus a pattern
+            (h,) = s.absorbers
+            assert (heads[h].shape, heads[h].colour) == (s.shape, s.colour) and s.variant in synth.VARIANTS
+            assert cat["frequency"] == "c" and cat["image_count"] < cats[h]["image_count"]
+        else:  # a bridge: the shape of one head, the colour of another, a look of no head
+            shape_head, colour_head = (heads[h] for h in s.absorbers)
+            assert s.shape == shape_head.shape and s.colour == colour_head.colour
+            assert shape_head.shape != colour_head.shape and shape_head.colour != colour_head.colour
+            assert (s.shape, s.colour) not in {(h.shape, h.colour) for h in heads.values()}
+            assert cat["frequency"] == "r" and all(h in cat["def"] for h in s.absorbers)
+            pairs.add(s.absorbers)
+    rares = [s for s in specs if s.tier == "r"]
+    assert len(pairs) == len(rares)  # no two rares leak into the same pair of heads: rows not collinear
+
+
+def test_val_targets_hand_computed() -> None:
+    # 400 val images: the full floors; 40: capped at 2.5% / 7.5% of the split
+    assert (synth.val_floor("r", 400), synth.val_floor("c", 400), synth.val_floor("f", 400)) == (10, 30, 1)
+    assert (synth.val_floor("r", 40), synth.val_floor("c", 40)) == (1, 3)
+    assert synth.class_target(7, "r", 1500, "train", 1500) == 7
+    assert synth.class_target(7, "r", 1500, "val", 400) == 10  # round(7 * 400 / 1500) = 2 -> floor 10
+    assert synth.class_target(90, "c", 1500, "val", 400) == 30  # 24 -> floor 30
+    assert synth.class_target(90, "c", 1000, "val", 500) == 45  # 45 > floor 30
+    assert synth.class_target(300, "f", 1500, "val", 400) == 40  # heads: half of round(80)
 
 
 # ----------------------------------------------------------------------------- determinism and reruns
@@ -283,12 +337,16 @@ def test_default_config_long_tail(tmp_path: Path) -> None:
     train = json.loads((tmp_path / "train.json").read_text())
     val = json.loads((tmp_path / "val.json").read_text())
     assert summary.num_images == {"train": 1500, "val": 400}
-    assert all(summary.bucket_counts[b] >= 8 for b in "rcf"), summary.bucket_counts
-    assert sum(summary.bucket_counts.values()) == 48
-    in_val = _images_per_category(val)
-    rare = [c for c in train["categories"] if c["frequency"] == "r"]
-    assert rare and all(in_val[c["id"]] >= 1 for c in rare)
-    assert all(in_val[c["id"]] >= 1 for c in train["categories"])
+    assert dict(summary.bucket_counts) == {"r": 16, "c": 16, "f": 16}
+    images = _images_per_category(train)
+    for c in train["categories"]:  # planned tiers land in their LVIS buckets, rares in 4-10 images
+        lo, hi = {"r": (4, 10), "c": (11, 100), "f": (101, 10**6)}[c["frequency"]]
+        assert lo <= images[c["id"]] <= hi, c["name"]
+    # val minimums: >= 10 instances per rare class, >= 30 per common (issue 11)
+    instances = Counter(a["category_id"] for a in val["annotations"])
+    for c in train["categories"]:
+        need = {"r": 10, "c": 30, "f": 1}[c["frequency"]]
+        assert instances[c["id"]] >= need, (c["name"], instances[c["id"]])
     lvis = pytest.importorskip("lvis")
     lvis.LVIS(str(tmp_path / "val.json"))
 
@@ -311,6 +369,9 @@ def test_default_config_long_tail(tmp_path: Path) -> None:
         ({"size": 20}, "--size"),
         ({"seed": -3}, "--seed"),
         ({"size": 64.0}, "--size"),
+        ({"neg_mode": "siblings"}, "--neg-mode"),
+        ({"val_images": 400, "num_classes": 48, "train_images": 1500, "size": 128, "seed": 0,
+          "neg_mode": None}, "--neg-mode"),
     ],
 )
 def test_bad_config_names_the_option(kwargs: dict[str, Any], option: str) -> None:
@@ -340,6 +401,11 @@ def test_cli_generates_and_summarises(tmp_path: Path) -> None:
     ).encode() + b"\n"
     assert "r 2 / c 2 / f 2" in result.output
     assert str(out / "train.json") in result.output
+    args += ["--val-images", "20", "--size", "48", "--neg-mode", "sibling"]
+    result = CliRunner().invoke(synth_cmd, args)
+    assert result.exit_code == 0, result.output
+    sibling = SynthConfig(**{**TINY.__dict__, "neg_mode": "sibling"})
+    assert json.loads((out / "val.json").read_text()) == make_lvis_dicts(sibling)["val"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
@@ -353,7 +419,7 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
 
 def test_cli_defaults_match_config() -> None:
     defaults = {p.name: p.default for p in synth_cmd.params}
-    option_of = {"num_classes": "classes"}
+    option_of = {"num_classes": "classes", "neg_mode": "neg_mode"}
     for f in fields(SynthConfig):
         assert defaults[option_of.get(f.name, f.name)] == f.default, f.name
 

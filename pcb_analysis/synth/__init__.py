@@ -4,7 +4,7 @@
     out_dir/train.json, out_dir/val.json        LVIS v1 annotation files (val.json marks a finished run)
     out_dir/images/{train,val}/<id:012d>.png    RGB images; `file_name` is relative to out_dir/images
     out_dir/synth_config.json                   the config that made the images (reuse guard)
-K classes, ids 1..K in alphabetical order of name, in confusable shape/colour families (plan.py);
+K classes, ids 1..K in alphabetical order of name: heads, patterned commons, rare bridges (plan.py);
 polygons, federated fields and LVIS dicts come from layout.py, pixels from render.py. Only
 `numpy.random.default_rng` is used: the same config gives byte-identical files. Design and
 conventions in docs/synth.md.
@@ -26,6 +26,7 @@ from pcb_analysis.errors import PcbkitError
 from pcb_analysis.synth.layout import (
     MAX_BOX_OVERLAP,
     MAX_OBJECTS_PER_IMAGE,
+    NEG_RANDOM_EXTRA,
     NEG_SIBLING_PROB,
     NOT_EXHAUSTIVE_PROB,
     OBJ_MAX_FRAC,
@@ -53,15 +54,20 @@ from pcb_analysis.synth.plan import (
     MIN_CLASSES,
     MIN_SIZE,
     MIN_TRAIN_IMAGES,
+    NEG_MODES,
     RARE_MAX_IMAGES,
     RARE_MIN_IMAGES,
     SHAPES,
     SPLITS,
+    VAL_MIN_COMMON,
+    VAL_MIN_RARE,
     VARIANTS,
     ClassSpec,
     SynthConfig,
+    class_target,
     frequency_bucket,
     plan_classes,
+    val_floor,
 )
 from pcb_analysis.synth.render import png_bytes, render_image
 
@@ -74,11 +80,12 @@ __all__ = [
     "COLOURS", "COMMON_MAX_IMAGES", "COMMON_MAX_IMAGES_TARGET", "COMMON_MIN_IMAGES", "GENERATOR_VERSION",
     "HEAD_MAX_IMAGES", "HEAD_MIN_IMAGES", "MAX_BOX_OVERLAP", "MAX_CLASSES", "MAX_CLASSES_PER_IMAGE",
     "MAX_FILL", "MAX_OBJECTS_PER_IMAGE", "MAX_SIZE", "MIN_CLASSES", "MIN_SIZE", "MIN_TRAIN_IMAGES",
-    "NEG_SIBLING_PROB", "NOT_EXHAUSTIVE_PROB", "OBJ_MAX_FRAC", "OBJ_MIN_FRAC", "PLACEMENT_TRIES",
-    "RARE_MAX_IMAGES", "RARE_MIN_IMAGES", "SECOND_INSTANCE_PROB", "SHAPES", "SPLITS", "VARIANTS",
-    "ClassSpec", "ImageLayout", "PlacedObject", "SynthConfig", "SynthSummary", "frequency_bucket",
-    "generate", "layout_dataset", "lvis_dicts", "make_lvis_dicts", "plan_classes", "png_bytes",
-    "render_image",
+    "NEG_MODES", "NEG_RANDOM_EXTRA", "NEG_SIBLING_PROB", "NOT_EXHAUSTIVE_PROB", "OBJ_MAX_FRAC",
+    "OBJ_MIN_FRAC", "PLACEMENT_TRIES", "RARE_MAX_IMAGES", "RARE_MIN_IMAGES", "SECOND_INSTANCE_PROB",
+    "SHAPES", "SPLITS", "VAL_MIN_COMMON", "VAL_MIN_RARE", "VARIANTS", "ClassSpec", "ImageLayout",
+    "PlacedObject", "SynthConfig", "SynthSummary", "class_target", "frequency_bucket", "generate",
+    "layout_dataset", "lvis_dicts", "make_lvis_dicts", "plan_classes", "png_bytes", "render_image",
+    "val_floor",
 ]
 
 logger = logging.getLogger(__name__)

@@ -26,15 +26,16 @@ from pcb_analysis.synth.plan import (
     VARIANTS,
     ClassSpec,
     SynthConfig,
+    class_target,
     frequency_bucket,
     plan_classes,
-    split_target,
 )
 
 MAX_OBJECTS_PER_IMAGE = 4  # annotated instances in one image (a not-exhaustive extra comes on top)
 SECOND_INSTANCE_PROB = 0.2
 NOT_EXHAUSTIVE_PROB = 0.1
-NEG_SIBLING_PROB = 0.6
+NEG_SIBLING_PROB = 0.6  # neg mode "sibling": chance that an absent confusable class is listed
+NEG_RANDOM_EXTRA = 2  # neg mode "sibling": up to this many random absent classes on top
 
 OBJ_MIN_FRAC = 0.15  # object extent as a fraction of the image side
 OBJ_MAX_FRAC = 0.55
@@ -122,7 +123,7 @@ def _place_objects(rng: np.random.Generator, size: int, specs: Sequence[ClassSpe
         for attempt in range(PLACEMENT_TRIES):
             if attempt and attempt % 10 == 0:
                 frac = max(OBJ_MIN_FRAC, frac * 0.85)
-            aspect = spec.aspect * float(rng.uniform(0.92, 1.08))
+            aspect = float(rng.uniform(0.92, 1.08))
             theta = float(rng.uniform(0.0, 2 * np.pi))
             pts = _UNIT_SHAPES[spec.shape] * np.array([math.sqrt(aspect), 1 / math.sqrt(aspect)])
             rot = np.array([[math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)]])
@@ -195,6 +196,37 @@ def _assign_classes(
     return members
 
 
+def _negatives_sibling(
+    rng: np.random.Generator, specs: Sequence[ClassSpec], present: set[int]
+) -> set[int]:
+    """Per image: each absent class confusable with a present one (same shape or colour) with
+    probability NEG_SIBLING_PROB, plus 0..NEG_RANDOM_EXTRA random absent classes (generator v1's rule)."""
+    neg: set[int] = set()
+    for k in range(len(specs)):
+        if k in present:
+            continue
+        if any(specs[k].confusable_with(specs[p]) for p in present) and rng.random() < NEG_SIBLING_PROB:
+            neg.add(k)
+    absent = [k for k in range(len(specs)) if k not in present and k not in neg]
+    n_extra = min(len(absent), int(rng.integers(0, NEG_RANDOM_EXTRA + 1)))
+    neg.update(int(k) for k in rng.choice(absent, size=n_extra, replace=False))
+    return neg
+
+
+def _negatives_random(
+    rng: np.random.Generator, n_classes: int, drawn: Sequence[set[int]], members: Sequence[Sequence[int]]
+) -> list[set[int]]:
+    """Per class (LVIS's way, docs/synth.md §4): a uniform random sample of the images in which the
+    class is not drawn at all, as many as the images that hold it in this split."""
+    neg: list[set[int]] = [set() for _ in drawn]
+    for k in range(n_classes):
+        n_pos = sum(1 for m in members if k in m)
+        candidates = [i for i, d in enumerate(drawn) if k not in d]
+        for i in rng.choice(len(candidates), size=min(n_pos, len(candidates)), replace=False):
+            neg[candidates[int(i)]].add(k)
+    return neg
+
+
 def _layout_split(
     rng: np.random.Generator,
     cfg: SynthConfig,
@@ -203,14 +235,12 @@ def _layout_split(
     first_image_id: int,
 ) -> list[ImageLayout]:
     n_images = cfg.train_images if split == "train" else cfg.val_images
-    targets = [split_target(s.train_target, cfg.train_images, n_images) for s in specs]
+    targets = [class_target(s.train_target, s.tier, cfg.train_images, split, n_images) for s in specs]
     heads = [k for k, s in enumerate(specs) if s.variant == "head"]
-    family_members: dict[str, list[int]] = {}
-    for k, s in enumerate(specs):
-        family_members.setdefault(s.family, []).append(k)
     members = _assign_classes(rng, n_images, targets, heads)
-    images: list[ImageLayout] = []
-    for i, present in enumerate(members):
+    placed: list[tuple[list[tuple[int, bool]], list[list[float]], list[int]]] = []
+    sibling_neg: list[set[int]] = []
+    for present in members:
         objects: list[tuple[int, bool]] = []
         for idx, k in enumerate(present):
             objects.append((k, True))
@@ -224,27 +254,26 @@ def _layout_split(
             not_exhaustive.append(k + 1)
         objects = [objects[j] for j in rng.permutation(len(objects))]
         polygons = _place_objects(rng, cfg.size, [specs[k] for k, _ in objects])
-        present_set = set(present)
-        neg: set[int] = set()
-        for fam in sorted({specs[k].family for k in present}):
-            for sib in family_members[fam]:
-                if sib not in present_set and rng.random() < NEG_SIBLING_PROB:
-                    neg.add(sib)
-        absent = [k for k in range(len(specs)) if k not in present_set and k not in neg]
-        n_extra = min(len(absent), int(rng.integers(0, 3)))
-        neg.update(int(k) for k in rng.choice(absent, size=n_extra, replace=False))
-        images.append(
-            ImageLayout(
-                id=first_image_id + i,
-                split=split,
-                objects=tuple(
-                    PlacedObject(k, tuple(p), ann) for (k, ann), p in zip(objects, polygons, strict=True)
-                ),
-                neg_category_ids=tuple(sorted(k + 1 for k in neg)),
-                not_exhaustive_category_ids=tuple(not_exhaustive),
-            )
+        placed.append((objects, polygons, not_exhaustive))
+        if cfg.neg_mode == "sibling":
+            sibling_neg.append(_negatives_sibling(rng, specs, set(present)))
+    if cfg.neg_mode == "sibling":
+        negatives = sibling_neg
+    else:
+        drawn = [{k for k, _ in objects} for objects, _, _ in placed]
+        negatives = _negatives_random(rng, len(specs), drawn, members)
+    return [
+        ImageLayout(
+            id=first_image_id + i,
+            split=split,
+            objects=tuple(
+                PlacedObject(k, tuple(p), ann) for (k, ann), p in zip(objects, polygons, strict=True)
+            ),
+            neg_category_ids=tuple(sorted(k + 1 for k in negatives[i])),
+            not_exhaustive_category_ids=tuple(not_exhaustive),
         )
-    return images
+        for i, (objects, polygons, not_exhaustive) in enumerate(placed)
+    ]
 
 
 def layout_dataset(cfg: SynthConfig) -> tuple[list[ClassSpec], dict[str, list[ImageLayout]]]:
@@ -292,13 +321,10 @@ def _categories(specs: Sequence[ClassSpec], train_anns: Sequence[Mapping[str, An
     for k, s in enumerate(specs):
         cid = k + 1
         image_count = len(images_of.get(cid, ()))
-        if s.variant == "head":
-            definition = f"a synthetic {s.colour} {s.shape}, plain; head of the {s.family} family"
-        else:
-            definition = (
-                f"a synthetic {s.colour} {s.shape} {VARIANTS[s.variant]}; "
-                f"member of the {s.family} family, resembles {s.family}_head"
-            )
+        pattern = "plain" if s.variant in ("head", "bridge") else VARIANTS[s.variant]
+        definition = f"a synthetic {s.colour} {s.shape}, {pattern}"
+        if s.absorbers:
+            definition += f"; resembles {' and '.join(s.absorbers)}"
         cats.append(
             {
                 "id": cid,

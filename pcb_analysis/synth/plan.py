@@ -1,10 +1,12 @@
-"""What the synthetic dataset holds: its config, the class families and each class's image target.
+"""What the synthetic dataset holds: its config, the classes and each class's image targets.
 
-K classes come in shape/colour families: one frequent head per family plus rarer siblings that differ
-by one small attribute (docs/synth.md §2). Every class gets a target number of TRAINING images chosen
-inside its planned LVIS bucket (r: 1-10, c: 11-100, f: >100); a split of N images scales the targets by
-N / train_images (at least one image). `plan_classes` consumes the layout generator first (fixed order),
-and returns the specs sorted by name, so category id = index + 1.
+K classes (docs/synth.md §2): one third frequent HEADS (a plain shape in a colour, every head its own
+shape/colour pair); COMMON siblings of a head (its shape and colour plus a clear pattern: stripes, dots
+or a rim); RARE "bridge" classes with the shape of one head and the colour of another, so that their
+confusion splits between two specific absorbers. Every class gets a target number of TRAINING images
+inside its planned LVIS bucket (r: 1-10, c: 11-100, f: >100) and a VAL target: the train proportion,
+raised to a floor for rare and common classes (`val_target`). `plan_classes` consumes the layout
+generator first (fixed order) and returns the specs sorted by name, so category id = index + 1.
 `SynthConfig` validates on construction and names the CLI option in its errors; its capacity check
 (every class must fit at most MAX_CLASSES_PER_IMAGE per image, MAX_FILL of the slots) is here too.
 """
@@ -17,7 +19,7 @@ import numpy as np
 
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 SPLITS = ("train", "val")
 
 # LVIS frequency thresholds on the number of training images of a class.
@@ -36,9 +38,19 @@ MAX_FILL = 0.8  # class-image slots used at most, as a fraction of images * MAX_
 # Training-image targets per tier. Heads get more than 100 images (f), commons 11-100, rares 1-10.
 HEAD_MIN_IMAGES = 110
 HEAD_MAX_IMAGES = 360
-COMMON_MIN_IMAGES = 14
+COMMON_MIN_IMAGES = 12
 COMMON_MAX_IMAGES_TARGET = 90
-RARE_MIN_IMAGES = 2
+RARE_MIN_IMAGES = 4  # rares 4-10 (v1: 2-10): weighted to the upper part of LVIS's 1-10 range
+
+# Val floors (images, hence instances) per planned tier, each capped at a fraction of the val split so
+# that small test splits stay feasible: 400 val images reach the full floors (10 and 30).
+VAL_MIN_RARE = 10
+VAL_MIN_COMMON = 30
+VAL_FLOOR_FRAC_RARE = 0.025
+VAL_FLOOR_FRAC_COMMON = 0.075
+VAL_HEAD_SHARE = 0.5  # heads get this fraction of their train proportion in val (room for the floors)
+
+NEG_MODES = ("random", "sibling")  # how neg_category_ids are drawn (docs/synth.md §4)
 
 _OPTION = {
     "seed": "--seed",
@@ -46,6 +58,7 @@ _OPTION = {
     "train_images": "--train-images",
     "val_images": "--val-images",
     "size": "--size",
+    "neg_mode": "--neg-mode",
 }
 
 # Base colours as HSV in [0, 1].
@@ -62,15 +75,11 @@ COLOURS: dict[str, tuple[float, float, float]] = {
 
 SHAPES = ("disc", "square", "triangle", "ring", "star", "cross", "ellipse", "hexagon", "diamond", "arrow")
 
-# Sibling variants: name -> description used in the category definition.
+# Patterns of common siblings (and of rare bridges once the plain bridges run out): name -> definition.
 VARIANTS: dict[str, str] = {
-    "tinted": "with a slightly shifted hue",
-    "pale": "in a paler shade",
-    "dark": "in a darker shade",
     "striped": "with dark stripes",
     "dotted": "with light dots",
-    "rimmed": "with a dark rim",
-    "wide": "stretched to a wider aspect ratio",
+    "rimmed": "with a thick dark rim",
 }
 
 # ----------------------------------------------------------------------------- config
@@ -85,9 +94,12 @@ class SynthConfig:
     train_images: int = 1500
     val_images: int = 400
     size: int = 128
+    neg_mode: str = "random"
 
     def __post_init__(self) -> None:
-        for name in _OPTION:
+        if self.neg_mode not in NEG_MODES:
+            raise PcbkitError(f"--neg-mode must be one of {', '.join(NEG_MODES)} (got {self.neg_mode!r})")
+        for name in (n for n in _OPTION if n != "neg_mode"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise PcbkitError(f"{_OPTION[name]} must be an integer (got {value!r})")
@@ -104,20 +116,19 @@ class SynthConfig:
         if not MIN_SIZE <= self.size <= MAX_SIZE:
             raise PcbkitError(f"--size must be between {MIN_SIZE} and {MAX_SIZE} pixels (got {self.size})")
         if self.train_images < MIN_TRAIN_IMAGES or _demand(
-            self.num_classes, self.train_images, self.train_images
+            self.num_classes, self.train_images, "train", self.train_images
         ) > _capacity(self.train_images):
             need = _min_images(self.num_classes, "train_images", self.val_images)
             raise PcbkitError(
                 f"--train-images {self.train_images} is too few for {self.num_classes} classes with the LVIS "
                 f"frequency thresholds (frequent classes need >100 training images): use at least {need}"
             )
-        if _demand(self.num_classes, self.train_images, self.val_images) > _capacity(self.val_images):
+        if _demand(self.num_classes, self.train_images, "val", self.val_images) > _capacity(self.val_images):
             need = _min_images(self.num_classes, "val_images", self.train_images)
             raise PcbkitError(
                 f"--val-images {self.val_images} is too few to hold every one of the {self.num_classes} "
-                f"classes at the training proportions: use at least {need}"
+                f"classes at the training proportions and the rare/common val floors: use at least {need}"
             )
-
 
 
 def frequency_bucket(image_count: int) -> str:
@@ -159,9 +170,34 @@ def split_target(train_target: int, train_images: int, split_images: int) -> int
     return max(1, round(train_target * split_images / train_images))
 
 
-def _demand(num_classes: int, train_images: int, split_images: int) -> int:
+def val_floor(tier: str, val_images: int) -> int:
+    """Smallest number of val images of a class planned in `tier` ('f', 'c' or 'r'): VAL_MIN_RARE /
+    VAL_MIN_COMMON, capped at VAL_FLOOR_FRAC_* of the val split (1 for heads, which are many anyway)."""
+    if tier == "r":
+        return max(1, min(VAL_MIN_RARE, int(VAL_FLOOR_FRAC_RARE * val_images)))
+    if tier == "c":
+        return max(1, min(VAL_MIN_COMMON, int(VAL_FLOOR_FRAC_COMMON * val_images)))
+    return 1
+
+
+def class_target(train_target: int, tier: str, train_images: int, split: str, split_images: int) -> int:
+    """A class's image target in `split`: its train target; in val the train proportion, raised to
+    `val_floor(tier)` for r and c and halved (VAL_HEAD_SHARE) for heads: val images favour rare and
+    common classes (docs/synth.md §3)."""
+    if split == "train":
+        return train_target
+    if tier == "f":
+        return max(1, round(VAL_HEAD_SHARE * train_target * split_images / train_images))
+    return max(val_floor(tier, split_images), split_target(train_target, train_images, split_images))
+
+
+def _demand(num_classes: int, train_images: int, split: str, split_images: int) -> int:
     f, c, r = _tier_targets(num_classes, train_images)
-    return sum(split_target(t, train_images, split_images) for t in f + c + r)
+    return sum(
+        class_target(t, tier, train_images, split, split_images)
+        for tier, targets in (("f", f), ("c", c), ("r", r))
+        for t in targets
+    )
 
 
 def _capacity(split_images: int) -> float:
@@ -172,8 +208,8 @@ def _min_images(num_classes: int, field: str, other: int) -> int:
     """Smallest train (or val) image count that passes the capacity check, the other count fixed."""
     n = MIN_TRAIN_IMAGES if field == "train_images" else 1
     while n < 10_000_000:
-        train, split = (n, n) if field == "train_images" else (other, n)
-        if _demand(num_classes, train, split) <= _capacity(split):
+        train, split, images = (n, "train", n) if field == "train_images" else (other, "val", n)
+        if _demand(num_classes, train, split, images) <= _capacity(images):
             return n
         n += 1 if n < 1000 else n // 100
     raise PcbkitError(f"{_OPTION[field]}: no feasible value found")  # pragma: no cover
@@ -181,20 +217,24 @@ def _min_images(num_classes: int, field: str, other: int) -> int:
 
 @dataclass(frozen=True)
 class ClassSpec:
-    """One class: its family, look, and target number of training images."""
+    """One class: its look, planned tier, target number of training images and the heads it resembles."""
 
     name: str
     shape: str
     colour: str
-    variant: str  # "head" or a key of VARIANTS
-    family_rank: int  # 1 for the head, 2.. for the siblings
+    variant: str  # "head", "bridge", or a key of VARIANTS (a common sibling, or a patterned bridge)
+    family_rank: int  # 1 for the first class of a (shape, colour) pair, 2.. for the next ones
     tier: str  # planned bucket: 'f', 'c' or 'r'
     train_target: int
-    aspect: float  # width / height before rotation
+    absorbers: tuple[str, ...] = ()  # names of the heads it shares shape or colour with (by design)
 
     @property
     def family(self) -> str:
         return f"{self.shape}_{self.colour}"
+
+    def confusable_with(self, other: ClassSpec) -> bool:
+        """Shares the shape or the colour of `other` (the 'siblings' of the sibling neg mode)."""
+        return other.name != self.name and (other.shape == self.shape or other.colour == self.colour)
 
 
 def _family_combos() -> list[tuple[str, str]]:
@@ -207,32 +247,79 @@ def _family_combos() -> list[tuple[str, str]]:
     ]
 
 
+def _bridges(
+    rng: np.random.Generator, heads: list[tuple[str, str]], n_r: int
+) -> list[tuple[int, int, str]]:
+    """(shape head, colour head, variant) of each rare class. Shape head a and colour head b differ in
+    both shape and colour and (shape_a, colour_b) is no head's look; each (a, b) is used once, with b
+    taken among the least-used colour heads (ties broken at random), so that the rare rows spread over
+    many different absorber pairs. Once the plain pairs run out, a pair is reused with a pattern."""
+    n_f = len(heads)
+    head_looks = set(heads)
+    valid = [
+        [
+            b for b in range(n_f)
+            if heads[b][0] != heads[a][0] and heads[b][1] != heads[a][1]
+            and (heads[a][0], heads[b][1]) not in head_looks
+        ]
+        for a in range(n_f)
+    ]
+    shape_order = rng.permutation(n_f)
+    colour_use = np.zeros(n_f, dtype=np.int64)
+    used_looks: set[tuple[str, str, str]] = set()
+    out: list[tuple[int, int, str]] = []
+    for i in range(n_r):
+        a = int(shape_order[i % n_f])
+        if not valid[a]:  # pragma: no cover - every plan has at least two heads of different looks
+            raise PcbkitError(f"internal: no bridge class possible for head {heads[a]}")
+        tiebreak = rng.random(n_f)
+        for variant in ("bridge", *VARIANTS):
+            free = [b for b in valid[a] if (heads[a][0], heads[b][1], variant) not in used_looks]
+            if free:
+                b = min(free, key=lambda j: (colour_use[j], tiebreak[j]))
+                break
+        else:  # pragma: no cover - more rares than looks: K is capped far below this
+            raise PcbkitError("internal: ran out of bridge looks")
+        colour_use[b] += 1
+        used_looks.add((heads[a][0], heads[b][1], variant))
+        out.append((a, b, variant))
+    return out
+
+
 def plan_classes(cfg: SynthConfig, rng: np.random.Generator) -> list[ClassSpec]:
-    """Families, variants and targets; returned sorted by name (category id = index + 1)."""
+    """Heads, common siblings and rare bridges with their targets; sorted by name (id = index + 1)."""
     n_f, n_c, n_r = _tier_sizes(cfg.num_classes)
     f_t, c_t, r_t = _tier_targets(cfg.num_classes, cfg.train_images)
     f_t = [f_t[i] for i in rng.permutation(n_f)]
     c_t = [c_t[i] for i in rng.permutation(n_c)]
     r_t = [r_t[i] for i in rng.permutation(n_r)]
-    # Deal sibling tiers to families round-robin (commons first), so each family gets one c and one r
-    # when the tiers are equal in size.
-    sibling_tiers: list[list[tuple[str, int]]] = [[] for _ in range(n_f)]
-    family_order = rng.permutation(n_f)
-    for k, item in enumerate([("c", t) for t in c_t] + [("r", t) for t in r_t]):
-        sibling_tiers[family_order[k % n_f]].append(item)
-    variant_names = list(VARIANTS)
-    specs: list[ClassSpec] = []
-    for fam, (shape, colour) in enumerate(_family_combos()[:n_f]):
-        specs.append(ClassSpec(f"{shape}_{colour}_head", shape, colour, "head", 1, "f", f_t[fam], 1.0))
-        variants = [variant_names[i] for i in rng.permutation(len(variant_names))]
-        for rank, (tier, target) in enumerate(sibling_tiers[fam]):
-            variant = variants[rank]
-            aspect = 1.5 if variant == "wide" else 1.0
-            specs.append(
-                ClassSpec(
-                    f"{shape}_{colour}_{variant}", shape, colour, variant, rank + 2, tier, target, aspect
-                )
+    heads = _family_combos()[:n_f]
+    head_names = [f"{shape}_{colour}_head" for shape, colour in heads]
+    specs = [
+        ClassSpec(head_names[h], shape, colour, "head", 1, "f", f_t[h])
+        for h, (shape, colour) in enumerate(heads)
+    ]
+    # Commons: dealt to the heads round-robin in a random order; each head's patterns in a random order.
+    head_order = rng.permutation(n_f)
+    patterns = list(VARIANTS)
+    first_pattern = rng.integers(0, len(patterns), size=n_f)
+    for k, target in enumerate(c_t):
+        h = int(head_order[k % n_f])
+        variant = patterns[(int(first_pattern[h]) + k // n_f) % len(patterns)]
+        shape, colour = heads[h]
+        rank = 2 + k // n_f
+        specs.append(
+            ClassSpec(
+                f"{shape}_{colour}_{variant}", shape, colour, variant, rank, "c", target, (head_names[h],)
             )
+        )
+    looks: dict[tuple[str, str], int] = {}
+    for (a, b, variant), target in zip(_bridges(rng, heads, n_r), r_t, strict=True):
+        shape, colour = heads[a][0], heads[b][1]
+        looks[(shape, colour)] = looks.get((shape, colour), 0) + 1
+        name = f"{shape}_{colour}_{variant}"
+        specs.append(
+            ClassSpec(name, shape, colour, variant, looks[(shape, colour)], "r", target,
+                      (head_names[a], head_names[b]))
+        )
     return sorted(specs, key=lambda s: s.name)
-
-

@@ -3,7 +3,7 @@
 `render_image(cfg, img, specs)` -> RGB uint8 [size, size, 3]. The pixel noise of image `i` comes from
 its own generator `default_rng([cfg.seed, i, 1])`, so rendering (or skipping) one image never changes
 another. Each object is filled over exactly the pycocotools mask of its annotated polygon, in drawing
-order, with its family colour and its variant's attribute (tint, pale, dark, stripes, dots, rim);
+order, with its colour and its pattern (plain, stripes, dots or a rim);
 a smooth luminance texture then covers the whole image (docs/synth.md §5). `png_bytes` encodes with a
 fixed zlib level, so the same pixels always give the same bytes.
 """
@@ -23,6 +23,11 @@ from PIL import Image
 
 from pcb_analysis.synth.layout import ImageLayout
 from pcb_analysis.synth.plan import COLOURS, ClassSpec, SynthConfig
+
+# Patterns of the common siblings, strong enough for a tiny detector to learn (generator v2).
+STRIPE_SHADE = 0.5  # stripes: the colour times this
+RIM_FRAC = 1 / 32  # rim width as a fraction of the image side (at least 2 px)
+RIM_SHADE = 0.4
 
 
 def _rgb(h: float, s: float, v: float) -> np.ndarray:
@@ -64,12 +69,6 @@ def render_image(cfg: SynthConfig, img: ImageLayout, specs: Sequence[ClassSpec])
     for j, obj in enumerate(img.objects):
         spec = specs[obj.class_index]
         h, s, v = COLOURS[spec.colour]
-        if spec.variant == "tinted":
-            h += 0.05
-        elif spec.variant == "pale":
-            s *= 0.55
-        elif spec.variant == "dark":
-            v *= 0.68
         h += rng.normal(0.0, 0.01)
         s *= rng.uniform(0.9, 1.1)
         v *= rng.uniform(0.9, 1.08)
@@ -87,7 +86,7 @@ def render_image(cfg: SynthConfig, img: ImageLayout, specs: Sequence[ClassSpec])
             u = xx[window] * math.cos(angle) + yy[window] * math.sin(angle)
             if spec.variant == "striped":
                 pattern = (u / period + phase[0]) % 1.0 < 0.5
-                alt = colour * 0.72
+                alt = colour * STRIPE_SHADE
             else:
                 w = -xx[window] * math.sin(angle) + yy[window] * math.cos(angle)
                 du = (u / (1.4 * period) + phase[0]) % 1.0 - 0.5
@@ -99,8 +98,8 @@ def render_image(cfg: SynthConfig, img: ImageLayout, specs: Sequence[ClassSpec])
         else:
             region[mask] = colour
         if spec.variant == "rimmed":
-            rim = mask & ~_erode(mask, max(1, round(size / 64)))
-            region[rim] = colour * 0.5
+            rim = mask & ~_erode(mask, max(2, round(size * RIM_FRAC)))
+            region[rim] = colour * RIM_SHADE
     coarse = max(2, size // 4)
     noise = rng.normal(0.0, 7.0, size=(coarse, coarse)).astype(np.float32)
     texture = np.asarray(Image.fromarray(noise).resize((size, size), Image.Resampling.BILINEAR))
