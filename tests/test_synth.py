@@ -221,9 +221,15 @@ def test_federated_fields_sibling_mode() -> None:
                 look_alike += any(specs[cats[c]["name"]].confusable_with(h) for h in here)
     # most negatives are absent look-alikes (p = 0.6 each), the rest 0-2 random classes per image
     assert total > 0 and look_alike / total > 0.6
-    random_mode = make_lvis_dicts(SMALL)["train"]["images"]
-    negs = [i["neg_category_ids"] for i in dicts["train"]["images"]]
-    assert negs != [i["neg_category_ids"] for i in random_mode]
+    # the neg mode draws from its own stream: same images and annotations, other negative sets
+    random_mode = make_lvis_dicts(SMALL)
+    for split in ("train", "val"):
+        assert dicts[split]["annotations"] == random_mode[split]["annotations"]
+        strip = [[{k: v for k, v in i.items() if k != "neg_category_ids"} for i in d[split]["images"]]
+                 for d in (dicts, random_mode)]
+        assert strip[0] == strip[1]
+        negs = [[i["neg_category_ids"] for i in d[split]["images"]] for d in (dicts, random_mode)]
+        assert negs[0] != negs[1]
 
 
 def test_not_exhaustive_instance_is_drawn_unannotated() -> None:

@@ -41,6 +41,8 @@ OBJ_MIN_FRAC = 0.15  # object extent as a fraction of the image side
 OBJ_MAX_FRAC = 0.55
 MAX_BOX_OVERLAP = 0.15  # intersection / smaller box area, between placed objects
 PLACEMENT_TRIES = 30
+SPLIT_STREAM = {"train": 0, "val": 1}  # negatives of a split: default_rng([seed, SPLIT_STREAM, NEG_STREAM])
+NEG_STREAM = 2  # (render.py's pixel streams are [seed, image id, 1])
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -239,7 +241,6 @@ def _layout_split(
     heads = [k for k, s in enumerate(specs) if s.variant == "head"]
     members = _assign_classes(rng, n_images, targets, heads)
     placed: list[tuple[list[tuple[int, bool]], list[list[float]], list[int]]] = []
-    sibling_neg: list[set[int]] = []
     for present in members:
         objects: list[tuple[int, bool]] = []
         for idx, k in enumerate(present):
@@ -255,13 +256,13 @@ def _layout_split(
         objects = [objects[j] for j in rng.permutation(len(objects))]
         polygons = _place_objects(rng, cfg.size, [specs[k] for k, _ in objects])
         placed.append((objects, polygons, not_exhaustive))
-        if cfg.neg_mode == "sibling":
-            sibling_neg.append(_negatives_sibling(rng, specs, set(present)))
+    # Negatives come from their own stream, so the neg mode changes neg_category_ids and nothing else.
+    neg_rng = np.random.default_rng([cfg.seed, SPLIT_STREAM[split], NEG_STREAM])
     if cfg.neg_mode == "sibling":
-        negatives = sibling_neg
+        negatives = [_negatives_sibling(neg_rng, specs, set(present)) for present in members]
     else:
         drawn = [{k for k, _ in objects} for objects, _, _ in placed]
-        negatives = _negatives_random(rng, len(specs), drawn, members)
+        negatives = _negatives_random(neg_rng, len(specs), drawn, members)
     return [
         ImageLayout(
             id=first_image_id + i,
