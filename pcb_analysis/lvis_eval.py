@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.lvis_gt import FREQ_LABELS, GroundTruth, load_ground_truth, to_rle
 from pcb_analysis.lvis_json import gc_paused
 from pcb_analysis.lvis_results import Detections, cap_per_category, cap_per_image, load_results, select
@@ -378,6 +378,8 @@ def evaluate_full(
     """Evaluate like lvis-api; `fixed=True` gives fixed AP (10,000 per class, no per-image cap)."""
     if iou_type not in IOU_TYPES:
         raise PcbkitError(f"iou_type must be one of {', '.join(IOU_TYPES)}, not {iou_type!r}")
+    if max_dets == 0 or max_dets < -1:
+        raise ApiMisuseError(f"evaluate: max_dets must be >= 1, or -1 for no cap (got {max_dets})")
     with gc_paused():
         return _evaluate(gt, results, iou_type, max_dets, fixed, fixed_per_class, workers)
 
@@ -447,7 +449,9 @@ def evaluate(
 
     gt: an LVIS annotation file (or its parsed dict); results: an LVIS results file or list
     (`image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] and/or `segmentation` RLE).
-    `fixed=True` computes fixed AP (top 10,000 per class, no per-image cap).
+    `max_dets`: detections kept per image (the highest scores, ties by file order), lvis-api's
+    `params.max_dets`; -1 keeps all. `fixed=True` computes fixed AP (top 10,000 per class, no
+    per-image cap; `max_dets` is then ignored).
     """
     return evaluate_full(gt, results, iou_type, max_dets=max_dets, fixed=fixed, workers=workers).metrics
 

@@ -29,6 +29,11 @@ _LABELS = {"segm": "mask", "bbox": "box", "segm_fixed": "mask fixed", "bbox_fixe
     help="Also report fixed AP (top 10,000 per class, no per-image cap).",
 )
 @click.option(
+    "--max-dets", type=int, default=300, show_default=True,
+    help="Detections per image kept by the standard protocol (highest scores); -1: no cap. Fixed AP "
+         "ignores it (it has no per-image cap).",
+)
+@click.option(
     "--workers", type=int, default=None,
     help="Worker processes for matching (default: CPUs, at most 8).",
 )
@@ -46,6 +51,7 @@ def evaluate_cmd(
     results_path: str,
     iou_type: str,
     fixed_ap: bool,
+    max_dets: int,
     workers: int | None,
     reference: bool,
     as_json: bool,
@@ -58,6 +64,8 @@ def evaluate_cmd(
 
     if workers is not None and workers < 1:
         raise PcbkitError("--workers must be >= 1")
+    if max_dets == 0 or max_dets < -1:
+        raise PcbkitError(f"--max-dets must be >= 1, or -1 for no cap (got {max_dets})")
     types = ("segm", "bbox") if iou_type == "both" else (iou_type,)
     t0 = time.perf_counter()
     gt = load_ground_truth(gt_path)
@@ -65,11 +73,11 @@ def evaluate_cmd(
     for t in types:
         if reference:
             load_results(results_path, gt, t)  # same input checks as the fast path
-            report[t] = reference_evaluate(gt_path, results_path, t)
+            report[t] = reference_evaluate(gt_path, results_path, t, max_dets=max_dets)
             if fixed_ap:
                 raise PcbkitError("--fixed-ap is computed by pcbkit's evaluator only; drop --reference")
         else:
-            report[t] = evaluate(gt, results_path, t, workers=workers)
+            report[t] = evaluate(gt, results_path, t, max_dets=max_dets, workers=workers)
             if fixed_ap:
                 report[f"{t}_fixed"] = evaluate(gt, results_path, t, fixed=True, workers=workers)
     elapsed = time.perf_counter() - t0

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.eval_cases import make_case
 from pcb_analysis.lvis_compat import reference_evaluate
 from pcb_analysis.lvis_eval import (
@@ -146,6 +146,35 @@ def test_parity_with_lvis_api(seed, iou_type):
         assert set(ours) == set(ref)
         for k in ref:
             assert abs(ours[k] - ref[k]) <= 1e-9, (k, ours[k], ref[k])
+
+
+@pytest.mark.parametrize("max_dets", [1, 12, 50])
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_max_dets_equals_lvis_api_with_the_same_cap(max_dets, iou_type):
+    case = make_case(seed=4, num_images=16)
+    ref = reference_evaluate(case.gt, case.results, iou_type, max_dets=max_dets)
+    ours = evaluate(case.gt, case.results, iou_type, max_dets=max_dets)
+    assert set(ours) == set(ref) and f"AR@{max_dets}" in ours
+    assert max(abs(ours[k] - ref[k]) for k in ref) <= 1e-9
+    # the cap binds on this case: a smaller cap changes the numbers
+    assert ours["AP"] != evaluate(case.gt, case.results, iou_type)["AP"]
+
+
+def test_max_dets_300_is_the_default_and_bad_caps_are_refused(tmp_path, small_files):
+    case = make_case(seed=4, num_images=8)
+    assert evaluate(case.gt, case.results, "bbox", max_dets=300) == evaluate(case.gt, case.results, "bbox")
+    for bad in (0, -2):
+        with pytest.raises(ApiMisuseError, match="max_dets"):
+            evaluate(case.gt, case.results, "bbox", max_dets=bad)
+    gt_path, res_path, small = small_files
+    args = ["evaluate", "--gt", str(gt_path), "--results", str(res_path), "--iou-type", "bbox", "--json"]
+    r = CliRunner().invoke(cli, [*args, "--max-dets", "2"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output)["bbox"]
+    ref = reference_evaluate(small.gt, small.results, "bbox", max_dets=2)
+    assert max(abs(got[k] - ref[k]) for k in ref) <= 1e-9
+    r = CliRunner().invoke(cli, [*args, "--max-dets", "0"])
+    assert isinstance(r.exception, PcbkitError) and "--max-dets must be >= 1" in str(r.exception)
 
 
 def test_case_exercises_the_rules():
