@@ -50,6 +50,7 @@ __all__ = [
     "gc_paused",
     "load_ground_truth",
     "load_results",
+    "lvis_equivalent_cap",
     "nan_to_none",
 ]
 
@@ -63,6 +64,16 @@ AREA_RNGS = ((0.0, 1e5**2), (0.0, 32.0**2), (32.0**2, 96.0**2), (96.0**2, 1e5**2
 AREA_LABELS = ("all", "small", "medium", "large")
 MAX_DETS = 300
 FIXED_AP_PER_CLASS = 10_000
+LVIS_V05_CLASSES = 1230  # the class count of LVIS v0.5, on which the paper's 300-per-image numbers are
+
+
+def lvis_equivalent_cap(num_classes: int, max_dets: int = MAX_DETS) -> int:
+    """The per-image cap that gives K classes LVIS's per-class budget: round(300 K / 1230), at least 1
+    (12 for K = 48). 300 K / 1230 = 10 K / 41 is never halfway between integers, so rounding has no
+    tie to break. docs/evaluation.md §4."""
+    if num_classes < 1:
+        raise ApiMisuseError(f"lvis_equivalent_cap: num_classes must be >= 1, got {num_classes}")
+    return max(1, round(max_dets * num_classes / LVIS_V05_CLASSES))
 
 
 # --------------------------------------------------------------------------------------------

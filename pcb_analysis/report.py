@@ -3,7 +3,11 @@
 Input rows are plain dicts, one per (model, statistics source, statistic):
 
     {"model": "softmax", "source": "val", "stat": "cm",
-     "AP": .., "APr": .., "APc": .., "APf": .., "APb": .., "AP_fixed": ..}
+     "AP": .., "APr": .., "APc": .., "APf": .., "APb": .., "AP_cap": .., "cap": 12, "classes": 48,
+     "AP_fixed": ..}
+
+AP is at the standard 300-per-image cap, AP_cap at the LVIS-equivalent cap `cap` (round(300 K /
+1230)), AP_fixed under fixed AP; `budget_note` says which one the paper's numbers compare with.
 
 Metrics are fractions in [0, 1] (or -1 / None when undefined) and are printed as percentages.
 `source` is the split the statistics were measured on ("val" = the paper's upper bound, Table 1;
@@ -22,7 +26,7 @@ from pcb_analysis.calibration import ROW_STATISTICS, table_label
 from pcb_analysis.regime import TABLE_HEADER as REGIME_HEADER
 from pcb_analysis.regime import RegimeDiagnostics
 
-METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_fixed")
+METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_cap", "AP_fixed")
 STAT_ORDER = ROW_STATISTICS  # the statistics table's order; other statistics after them, by name
 
 # docs/method.md §3, Table 1 of the paper (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics).
@@ -53,19 +57,33 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _cap_of(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """The LVIS-equivalent cap the rows were evaluated at ('?' when the rows carry none)."""
+    return next((r["cap"] for r in rows if r.get("cap") is not None), "?")
+
+
+def _headers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """METRICS as column headers: AP_cap is written AP@<cap>, AP at the 300 cap AP@300."""
+    names = {"AP": "AP@300", "AP_cap": f"AP@{_cap_of(rows)}"}
+    return [names.get(m, m) for m in METRICS]
+
+
 def study_table(rows: Sequence[Mapping[str, Any]], source: str, models: Sequence[str]) -> str:
-    """Table-1 layout: one row per (model, statistic) with statistics measured on `source`."""
+    """Table-1 layout: one row per (model, statistic) with statistics measured on `source`; mask AP at
+    the 300 cap (with APr/c/f and APb), at the LVIS-equivalent cap, and fixed AP."""
     body = []
     for model in models:
         mine = [r for r in rows if r["model"] == model and (r["stat"] == "none" or r["source"] == source)]
         for r in sorted(mine, key=lambda r: _stat_key(r["stat"])):
             body.append([model, table_label(r["stat"])] + [pct(r.get(m)) for m in METRICS])
-    return markdown_table(["model", "statistic", *METRICS], body)
+    return markdown_table(["model", "statistic", *_headers(rows)], body)
 
 
 def train_vs_val_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> str:
-    """Table-4 layout: for each model and statistic, AP and APr with val- and train-set statistics."""
+    """Table-4 layout: for each model and statistic, AP (300 cap, LVIS-equivalent cap, fixed) and APr
+    with no calibration, val-set and train-set statistics."""
     body = []
+    cap = _cap_of(rows)
     for model in models:
         none = next((r for r in rows if r["model"] == model and r["stat"] == "none"), None)
         stats = sorted({r["stat"] for r in rows if r["model"] == model and r["stat"] != "none"},
@@ -73,16 +91,35 @@ def train_vs_val_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str])
         for stat in stats:
             by = {r["source"]: r for r in rows if r["model"] == model and r["stat"] == stat}
             val, train = by.get("val", {}), by.get("train", {})
-            body.append([
-                model, stat,
-                pct(none.get("AP") if none else None), pct(val.get("AP")), pct(train.get("AP")),
-                pct(none.get("APr") if none else None), pct(val.get("APr")), pct(train.get("APr")),
-            ])
-    return markdown_table(
-        ["model", "statistic", "AP none", "AP val-stat", "AP train-stat",
-         "APr none", "APr val-stat", "APr train-stat"],
-        body,
+            cells = [model, stat]
+            for m in ("AP", "AP_cap", "AP_fixed", "APr"):
+                cells += [pct(none.get(m) if none else None), pct(val.get(m)), pct(train.get(m))]
+            body.append(cells)
+    names = {"AP": "AP@300", "AP_cap": f"AP@{cap}", "AP_fixed": "AP_fixed", "APr": "APr@300"}
+    header = ["model", "statistic"]
+    for m in ("AP", "AP_cap", "AP_fixed", "APr"):
+        header += [f"{names[m]} none", f"{names[m]} val-stat", f"{names[m]} train-stat"]
+    return markdown_table(header, body)
+
+
+def budget_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Which of the three APs compares with the paper's numbers, and why (docs/evaluation.md §4)."""
+    cap = _cap_of(rows)
+    num_classes = next((r["classes"] for r in rows if r.get("classes")), None)
+    share = (f"; with K = {num_classes} classes that is {300 / num_classes:.1f} detections per class "
+             "and image, so the cap hardly binds") if num_classes else ""
+    return (
+        f"Three budgets. AP@300 is the standard LVIS protocol, 300 detections per image{share}. The "
+        "paper's numbers are AP@300 on LVIS v0.5's 1,230 classes, 0.24 detections per class and image: "
+        "there the cap binds, and a calibration that lifts rare classes' scores also decides which "
+        f"detections exist at all. AP@{cap} (round(300 K / 1230)) keeps that per-class budget, so it is "
+        "the column comparable to the paper's AP (only approximately: classes, images and detector "
+        "differ). AP_fixed (Dave et al. 2021: no per-image cap, the 10,000 best detections of each class "
+        "over the split) removes the coupling of classes through the per-image budget and measures each "
+        "class's ranking alone; the paper reports no fixed AP, but AP_fixed against "
+        f"AP@{cap} separates a calibration's ranking effect from its budget effect."
     )
+
 
 
 def paper_table() -> str:
@@ -233,9 +270,11 @@ def write_study_report(
     parts += ["## Table 1 layout: statistics measured on the evaluated split (upper bound)", "",
               study_table(rows, "val", models), ""]
     parts += ["## Table 4 layout: val-set vs train-set statistics", "", train_vs_val_table(rows, models), ""]
-    parts += ["Metrics in %: AP, APr, APc, APf are mask AP; APb is box AP; AP_fixed is mask AP under the "
+    parts += ["Metrics in %: AP@300, APr, APc, APf are mask AP at the standard 300 detections per image; "
+              "APb is box AP; AP@N is mask AP at the LVIS-equivalent cap N; AP_fixed is mask AP under the "
               "fixed-AP protocol (10,000 detections per class, no per-image cap), which is fairer to "
-              "calibration because calibration moves scores across classes.", ""]
+              "calibration because calibration moves scores across classes.", "",
+              budget_note(rows), ""]
     parts += ["## The paper's Table 1 (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics)", "",
               paper_table(), ""]
     for name, rel in (figures or {}).items():

@@ -27,6 +27,7 @@ from pcb_analysis import learning_curve, plots
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, STATISTICS
 from pcb_analysis.errors import PcbkitError
+from pcb_analysis.lvis_eval import lvis_equivalent_cap
 from pcb_analysis.regime import RegimeDiagnostics, diagnose, stats_from_dump
 from pcb_analysis.report import markdown_table, regime_section, rows_to_csv, write_study_report
 from pcb_analysis.stats import ClassStats
@@ -183,20 +184,24 @@ def calibrate_all(
     model: StudyModel, stats: Mapping[str, Path], inp: StudyInputs, log: StepLog
 ) -> list[dict[str, Any]]:
     """The calibration table rows of one model: none + ms/cm/cm-bayes with val and train statistics,
-    all from ONE inference pass over val (`calibrate_models`), one results folder per source."""
+    all from ONE inference pass over val (`calibrate_models`), one results folder per source. Each row
+    has AP at the 300 cap, at the LVIS-equivalent cap round(300 K / 1230) ("AP_cap", with "cap") and
+    fixed AP (docs/evaluation.md §4)."""
+    k = len(json.loads(Path(inp.val_gt).read_text(encoding="utf-8"))["categories"])
+    cap = lvis_equivalent_cap(k)
     cfgs = {
         source: CalibrateConfig(
             stats=stats[source], gt=inp.val_gt, out=inp.work / "results" / model.name / f"{source}-stats",
             stat=STATS if source == "val" else TRAIN_STATS, checkpoint=model.checkpoint, config=model.config,
             images=inp.images, split="val", max_images=inp.val_images, batch_size=inp.batch_size,
-            device=inp.device, progress=inp.progress, fixed_ap=inp.fixed_ap,
+            device=inp.device, progress=inp.progress, fixed_ap=inp.fixed_ap, max_dets=cap,
         )
         for source in SOURCES
     }
     ins = {"checkpoint": file_fingerprint(model.checkpoint), "gt": file_fingerprint(inp.val_gt),
            "stats": {s: file_fingerprint(stats[s]) for s in SOURCES},
            "stat": {s: list(c.stat) for s, c in cfgs.items()},
-           "cap": inp.val_images, "protocol": RESULTS_PROTOCOL, "fixed_ap": inp.fixed_ap}
+           "cap": inp.val_images, "protocol": RESULTS_PROTOCOL, "fixed_ap": inp.fixed_ap, "max_dets": cap}
     run_step(log, f"{model.name}/calibrate", inp.work / "results" / model.name, ins,
              [c.out / "metrics.json" for c in cfgs.values()], lambda: calibrate_models(list(cfgs.values())),
              inp.force)
@@ -211,7 +216,9 @@ def calibrate_all(
                 "stat": r["family"],
                 "AP": m["segm"]["AP"], "APr": m["segm"]["APr"], "APc": m["segm"]["APc"],
                 "APf": m["segm"]["APf"],
-                "APb": m["bbox"]["AP"], "AP_fixed": m.get("segm_fixed", {}).get("AP"),
+                "APb": m["bbox"]["AP"], "AP_cap": m.get(f"segm@{cap}", m["segm"]).get("AP"), "cap": cap,
+                "classes": k,
+                "AP_fixed": m.get("segm_fixed", {}).get("AP"),
             })
     return rows
 

@@ -80,6 +80,9 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
               help="Image-decoding worker processes.")
 @click.option("--no-fixed-ap", is_flag=True,
               help="Skip fixed AP (uncapped detections, 10,000 per class: <split>-<stat>-fixed.json).")
+@click.option("--max-dets", type=click.IntRange(min=1), default=300, show_default=True,
+              help="Also evaluate standard AP at N detections per image (at most the detector's cap), e.g. "
+                   "the LVIS-equivalent round(300 K / 1230); computed from the same results files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of the table.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def calibrate_cmd(
@@ -100,6 +103,7 @@ def calibrate_cmd(
     device: str,
     workers: int,
     no_fixed_ap: bool,
+    max_dets: int,
     as_json: bool,
     no_progress: bool,
 ) -> None:
@@ -142,6 +146,7 @@ def calibrate_cmd(
         num_workers=workers,
         progress=not no_progress,
         fixed_ap=not no_fixed_ap,
+        max_dets=max_dets,
     )
     report = run_calibration(cfg)
     if as_json:

@@ -28,8 +28,10 @@ from pcb_train.calibrate import (
     build_rows,
     calibrate_from_dump,
     calibrate_model,
+    format_report_table,
     parse_grid,
     statistics_relation,
+    table_csv,
 )
 from pcb_train.config import load_config, save_config
 from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
@@ -616,3 +618,39 @@ def test_metrics_equal_separate_evaluations_of_the_written_files(
         for t in ("segm", "bbox"):
             assert row["metrics"][t] == evaluate(gt, out / row["results"], t)
             assert row["metrics"][f"{t}_fixed"] == evaluate(gt, out / row["fixed_results"], t, fixed=True)
+
+
+def test_max_dets_adds_the_capped_evaluation_of_the_same_results(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    from pcb_analysis.lvis_compat import reference_evaluate
+    from pcb_analysis.lvis_eval import evaluate
+    from pcb_train.inference import ground_truth_for_images
+
+    out = tmp_path / "res"
+    report = calibrate_model(model_cfg(world, out, stat=("none",), max_dets=2))
+    row = report.rows[0]
+    all_ids = sorted(im["id"] for im in json.loads(world["gt"].read_text())["images"])[:N_IMAGES]
+    gt = ground_truth_for_images(world["gt"], all_ids)
+    results = json.loads((out / row["results"]).read_text())
+    assert max(sum(e["image_id"] == i for e in results) for i in all_ids) > 2  # the cap of 2 binds
+    for t in ("segm", "bbox"):
+        capped = row["metrics"][f"{t}@2"]
+        assert capped == evaluate(gt, out / row["results"], t, max_dets=2)
+        assert row["metrics"][t] == evaluate(gt, out / row["results"], t)  # the 300 cap is unchanged
+        if t == "bbox":  # lvis-api with the same cap on the same file (its gt restricted to the images run)
+            sub = json.loads(world["gt"].read_text())
+            keep = set(all_ids)
+            sub["images"] = [im for im in sub["images"] if im["id"] in keep]
+            sub["annotations"] = [a for a in sub["annotations"] if a["image_id"] in keep]
+            ref = reference_evaluate(sub, results, t, max_dets=2)
+            assert max(abs(capped[k] - ref[k]) for k in ref) <= 1e-9
+    assert "AP@2" in format_report_table(report) and "APb@2" in table_csv(report)
+    # the default (300) adds no entry; a cap above the detector's is refused before anything is written
+    plain = calibrate_model(model_cfg(world, tmp_path / "plain", stat=("none",)))
+    assert set(plain.rows[0]["metrics"]) == {"segm", "bbox", "segm_fixed", "bbox_fixed"}
+    with pytest.raises(PcbkitError, match="exceeds the detector's cap"):
+        calibrate_model(model_cfg(world, tmp_path / "big", stat=("none",), max_dets=51))  # cap 50
+    assert not (tmp_path / "big").exists()
+    with pytest.raises(PcbkitError, match="--max-dets must be >= 1"):
+        model_cfg(world, tmp_path / "zero", max_dets=0)

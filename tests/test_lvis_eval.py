@@ -334,3 +334,12 @@ def test_no_forked_workers_while_other_threads_run() -> None:
         release.set()
         worker.join()
     assert default_workers() >= 1
+
+
+def test_lvis_equivalent_cap_keeps_the_per_class_budget():
+    from pcb_analysis.lvis_eval import lvis_equivalent_cap
+
+    # 300 * 48 / 1230 = 11.707 -> 12; LVIS itself -> 300; v1's 1,203 classes: 293.4 -> 293; never 0
+    assert [lvis_equivalent_cap(k) for k in (48, 1230, 1203, 12, 1)] == [12, 300, 293, 3, 1]
+    with pytest.raises(ApiMisuseError):
+        lvis_equivalent_cap(0)

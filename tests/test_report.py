@@ -28,6 +28,9 @@ def row(model: str, source: str, stat: str, ap: float, apr: float, apc: float, a
         "APc": apc,
         "APf": apf,
         "APb": ap + 0.01,
+        "AP_cap": ap - 0.01,
+        "cap": 12,
+        "classes": 48,
         "AP_fixed": ap + 0.02,
     }
 
@@ -45,16 +48,18 @@ ROWS = [
 def test_pct_and_tables() -> None:
     assert pct(0.2345) == "23.4" and pct(-1.0) == "-" and pct(None) == "-" and pct(float("nan")) == "-"
     t1 = study_table(ROWS, "val", ["softmax", "pcb"]).splitlines()
-    assert t1[0] == "| model | statistic | AP | APr | APc | APf | APb | AP_fixed |"
+    assert t1[0] == "| model | statistic | AP@300 | APr | APc | APf | APb | AP@12 | AP_fixed |"
     # none, MS, CM for softmax (val statistics only), then pcb's none
     assert [r.split(" | ")[1] for r in t1[2:]] == ["none", "MS", "CM", "none"]
-    assert t1[2] == "| softmax | none | 20.0 | 5.0 | 20.0 | 30.0 | 21.0 | 22.0 |"
+    assert t1[2] == "| softmax | none | 20.0 | 5.0 | 20.0 | 30.0 | 21.0 | 19.0 | 22.0 |"
     t4 = train_vs_val_table(ROWS, ["softmax"]).splitlines()
-    assert t4[3] == "| softmax | cm | 20.0 | 24.0 | 20.5 | 5.0 | 20.0 | 5.5 |"
+    assert t4[0].startswith("| model | statistic | AP@300 none | AP@300 val-stat | AP@300 train-stat | AP@12 none")
+    assert t4[3] == ("| softmax | cm | 20.0 | 24.0 | 20.5 | 19.0 | 23.0 | 19.5 | 22.0 | 26.0 | 22.5 "
+                     "| 5.0 | 20.0 | 5.5 |")
     csv = rows_to_csv(ROWS[:1]).splitlines()
     assert csv == [
-        "model,source,stat,AP,APr,APc,APf,APb,AP_fixed",
-        "softmax,-,none,0.200000,0.050000,0.200000,0.300000,0.210000,0.220000",
+        "model,source,stat,AP,APr,APc,APf,APb,AP_cap,AP_fixed",
+        "softmax,-,none,0.200000,0.050000,0.200000,0.300000,0.210000,0.190000,0.220000",
     ]
 
 
@@ -124,6 +129,8 @@ def test_write_study_report(tmp_path: Path) -> None:
         "## Extra",
         "- a note",
         "## Reading",
+        "AP@12 (round(300 K / 1230)) keeps that per-class budget",
+        "48 classes that is 6.2 detections per class",
     ):
         assert needle in text
     # the paper's table is printed from PAPER_TABLE1

@@ -22,7 +22,7 @@ from pcb_analysis.errors import ApiMisuseError, PcbkitError, input_error
 from pcb_train.backends import detections_to_lvis
 from pcb_train.calibrate.options import SHARED_PASS_FIELDS, CalibrateConfig
 from pcb_train.calibrate.report import CalibrationReport
-from pcb_train.calibrate.results import RowResults, open_row_results
+from pcb_train.calibrate.results import RowResults, check_max_dets, open_row_results
 from pcb_train.calibrate.rows import StatRow, build_rows, load_statistics, statistics_relation, tau_prior
 from pcb_train.distributed import resolve_device
 from pcb_train.inference import ground_truth_for_images, iter_batches, load_detector, open_split
@@ -94,10 +94,12 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
     transforms = {(j, row.slug): row.transform for j, job in enumerate(jobs) for row in job.rows}
     names = {key: f"{key[0]}:{key[1]}" for key in transforms}
     cap = int(backend.config.detections_per_image)
+    check_max_dets(first.max_dets, cap)
     uncapped = first.fixed_ap
     with ExitStack() as stack:
         outputs: list[RowResults] = [
-            stack.enter_context(open_row_results(job.cfg.out, split, job.rows, fixed_ap=job.cfg.fixed_ap))
+            stack.enter_context(open_row_results(job.cfg.out, split, job.rows, fixed_ap=job.cfg.fixed_ap,
+                                              max_dets=job.cfg.max_dets))
             for job in jobs
         ]
         batches = iter_batches(dataset, range(len(dataset)), first.batch_size, first.num_workers,

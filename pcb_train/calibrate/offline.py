@@ -31,7 +31,7 @@ from pcb_train.backends import (
 )
 from pcb_train.calibrate.options import CalibrateConfig
 from pcb_train.calibrate.report import CalibrationReport
-from pcb_train.calibrate.results import open_row_results
+from pcb_train.calibrate.results import check_max_dets, open_row_results
 from pcb_train.calibrate.rows import build_rows, load_statistics, statistics_relation, tau_prior
 from pcb_train.config import ModelConfig
 from pcb_train.data import load_lvis_json
@@ -146,6 +146,7 @@ def calibrate_from_dump(cfg: CalibrateConfig) -> CalibrationReport:
     score_thresh = float(model.get("score_thresh", defaults.score_thresh))
     nms_thresh = float(model.get("nms_thresh", defaults.nms_thresh))
     per_image = int(model.get("detections_per_image", defaults.detections_per_image))
+    check_max_dets(cfg.max_dets, per_image)
     probabilities = class_probabilities_for(str(model.get("backend", "torchvision")))
     rows = build_rows(stats, cfg.stat, ridge=cfg.ridge, gammas=cfg.gammas, taus=cfg.taus,
                       prior=tau_prior(cfg.gt, cfg.taus, categories))
@@ -169,7 +170,8 @@ def calibrate_from_dump(cfg: CalibrateConfig) -> CalibrationReport:
     )
     k = reader.num_classes
     transforms = {row.slug: row.transform for row in rows}
-    with open_row_results(cfg.out, split, rows, fixed_ap=cfg.fixed_ap, suffix="-offline") as results:
+    with open_row_results(cfg.out, split, rows, fixed_ap=cfg.fixed_ap, suffix="-offline",
+                          max_dets=cfg.max_dets) as results:
         desc = f"calibrate {split} (dump)"
         with tqdm(total=len(dump_ids), unit="img", desc=desc, disable=not cfg.progress) as bar:
             for image_id, logits, regressed in iter_dump_images(reader):

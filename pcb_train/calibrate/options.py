@@ -15,7 +15,7 @@ from pcb_analysis.errors import PcbkitError
 from pcb_train.calibrate.rows import DEFAULT_STATS
 
 SHARED_PASS_FIELDS = ("checkpoint", "config", "gt", "images", "split", "max_images", "batch_size", "device",
-                      "num_workers", "fixed_ap")
+                      "num_workers", "fixed_ap", "max_dets")
 """Options that must agree for several calibrations to share one inference pass."""
 
 
@@ -41,10 +41,15 @@ class CalibrateConfig:
     num_workers: int = 0
     progress: bool = True
     fixed_ap: bool = True  # also evaluate fixed AP on uncapped per-class top-10,000 results
+    # also evaluate standard AP at this per-image cap (<= the detector's; e.g. the LVIS-equivalent
+    # round(300 K / 1230)), from the same results files; 300 adds nothing
+    max_dets: int = 300
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise PcbkitError(f"--batch-size must be >= 1 (got {self.batch_size})")
+        if self.max_dets < 1:
+            raise PcbkitError(f"--max-dets must be >= 1 (got {self.max_dets})")
         if not 0.0 <= self.ridge <= 1.0:
             raise PcbkitError(f"--ridge must be in [0, 1] (got {self.ridge})")
         if self.dump is None:

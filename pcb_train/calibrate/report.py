@@ -1,7 +1,7 @@
 """The evaluated calibration table: one entry per row, where its statistics came from, and its text.
 
 A row entry: {"stat", "family", "param", "results", "detections", "fixed_results",
-"fixed_detections", "metrics": {"segm" | "bbox" [+ "_fixed"]: {"AP", "APr", ...}}}, metrics as
+"fixed_detections", "metrics": {"segm" | "bbox" [+ "_fixed" | "@N"]: {"AP", "APr", ...}}}, metrics as
 fractions in [0, 1] (NaN / -1 when undefined; None in JSON). In-model reports carry mask and box
 AP, offline ones box AP only. `format_report_table` prints AP in percent, `table_csv` keeps the
 fractions. `metrics.json` is `CalibrationReport.to_dict()`.
@@ -66,8 +66,14 @@ class CalibrationReport:
         }
 
 
-def _columns(mode: str) -> tuple[tuple[str, str, str], ...]:
-    return MODEL_COLUMNS if mode == "model" else DUMP_COLUMNS
+def _columns(report: CalibrationReport) -> tuple[tuple[str, str, str], ...]:
+    """The mode's columns, plus AP at the extra per-image cap ("segm@12" -> AP@12) when evaluated."""
+    cols = MODEL_COLUMNS if report.mode == "model" else DUMP_COLUMNS
+    extra = sorted({k for r in report.rows for k in r["metrics"] if "@" in k})
+    for key in extra:
+        t, cap = key.split("@")
+        cols = (*cols, (f"{'AP' if t == 'segm' else 'APb'}@{cap}", key, "AP"))
+    return cols
 
 
 def _value(row: Mapping[str, Any], key: str, metric: str) -> float:
@@ -77,7 +83,7 @@ def _value(row: Mapping[str, Any], key: str, metric: str) -> float:
 
 def format_report_table(report: CalibrationReport) -> str:
     """One line per statistic (AP in percent; '-' where undefined)."""
-    cols = _columns(report.mode)
+    cols = _columns(report)
     width = max([len("stat"), *(len(r["stat"]) for r in report.rows)]) + 2
     lines = [
         f"split {report.split!r}, {report.images} image(s); statistics: {report.statistics.get('label')} "
@@ -95,7 +101,7 @@ def format_report_table(report: CalibrationReport) -> str:
 
 def table_csv(report: CalibrationReport) -> str:
     """The table as CSV (fractions, not percent; empty where undefined)."""
-    cols = _columns(report.mode)
+    cols = _columns(report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["stat", *(h for h, _, _ in cols), "detections", "results", "statistics"])

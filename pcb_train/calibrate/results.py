@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
-from pcb_analysis.errors import input_error
-from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS, evaluate_full
+from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS, MAX_DETS, evaluate_full
 from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
 from pcb_analysis.lvis_json import gc_paused
 from pcb_analysis.lvis_results import PerClassTop, ResultsFile, load_results, write_results
@@ -32,18 +32,31 @@ logger = logging.getLogger(__name__)
 RESULTS_PROTOCOL = "2: fixed AP on uncapped per-class top-10,000 results"
 
 
+def check_max_dets(max_dets: int, cap: int) -> None:
+    """Refuse an extra evaluation cap above the detector's own: its results files hold no more per
+    image (the default 300 is the standard evaluation itself, never refused)."""
+    if max_dets != MAX_DETS and cap >= 0 and max_dets > cap:
+        raise PcbkitError(
+            f"--max-dets {max_dets} exceeds the detector's cap of {cap} detections per image (the results "
+            "files hold no more)"
+        )
+
+
 def evaluate_results(
     gt_index: GroundTruth | str | Path,
     path: Path,
     iou_types: Sequence[str],
     count: int,
     fixed: tuple[Path, int] | None = None,
+    max_dets: int = MAX_DETS,
 ) -> dict[str, dict[str, float]]:
     """Standard and fixed AP per IoU type ({"segm": ..., "segm_fixed": ..., "bbox": ..., ...}).
 
     Standard AP on `path` (<= 300 detections per image); fixed AP on `fixed` = (path, count), the
-    uncapped per-class top-10,000 results, when given (else no `_fixed` entries). NaN everywhere
-    when there are no detections (lvis-api cannot evaluate an empty list)."""
+    uncapped per-class top-10,000 results, when given (else no `_fixed` entries); with `max_dets`
+    other than 300, also standard AP at that per-image cap ("segm@12", ...), read from the same
+    file (each image's entries at a smaller cap are a prefix of its 300). NaN everywhere when
+    there are no detections (lvis-api cannot evaluate an empty list)."""
     index = load_ground_truth(gt_index)
 
     def parsed(p: Path) -> dict[str, Any]:
@@ -61,6 +74,10 @@ def evaluate_results(
     out: dict[str, dict[str, float]] = {}
     for t in iou_types:
         out[t] = evaluate_full(index, std[t], t).metrics if count else {"AP": float("nan")}
+        if max_dets != MAX_DETS:
+            out[f"{t}@{max_dets}"] = (
+                evaluate_full(index, std[t], t, max_dets=max_dets).metrics if count else {"AP": float("nan")}
+            )
         if fixed is not None:
             out[f"{t}_fixed"] = (
                 evaluate_full(index, fix[t], t, fixed=True).metrics if fix else {"AP": float("nan")}
@@ -72,9 +89,15 @@ class RowResults:
     """The open results files of one calibration (one per row, and per-class tops for fixed AP)."""
 
     def __init__(
-        self, stack: ExitStack, rows: Sequence[StatRow], files: dict[str, ResultsFile], fixed_ap: bool
+        self,
+        stack: ExitStack,
+        rows: Sequence[StatRow],
+        files: dict[str, ResultsFile],
+        fixed_ap: bool,
+        max_dets: int = MAX_DETS,
     ) -> None:
         self._stack = stack
+        self.max_dets = max_dets
         self.rows = list(rows)
         self.files = files
         self.tops = {row.slug: PerClassTop(FIXED_AP_PER_CLASS) for row in rows} if fixed_ap else None
@@ -115,7 +138,7 @@ class RowResults:
                     "detections": f.count,
                     "fixed_results": fixed_file.target.name if fixed_file is not None else None,
                     "fixed_detections": fixed_file.count if fixed_file is not None else None,
-                    "metrics": evaluate_results(gt_index, f.tmp, iou_types, f.count, fixed),
+                    "metrics": evaluate_results(gt_index, f.tmp, iou_types, f.count, fixed, self.max_dets),
                 }
             )
         write_json_atomic(out / f"{metrics_name}.json", report.to_dict(), indent=2)
@@ -126,7 +149,8 @@ class RowResults:
 
 @contextmanager
 def open_row_results(
-    out: Path, split: str, rows: Sequence[StatRow], *, fixed_ap: bool, suffix: str = ""
+    out: Path, split: str, rows: Sequence[StatRow], *, fixed_ap: bool, suffix: str = "",
+    max_dets: int = MAX_DETS,
 ) -> Iterator[RowResults]:
     """`RowResults` for `rows` under `out`; leaving the block without `finish()` keeps nothing."""
     try:
@@ -136,7 +160,7 @@ def open_row_results(
     with ExitStack() as stack:
         files = {row.slug: stack.enter_context(write_results(out / f"{split}-{row.slug}{suffix}.json"))
                  for row in rows}
-        results = RowResults(stack, rows, files, fixed_ap)
+        results = RowResults(stack, rows, files, fixed_ap, max_dets)
         yield results
         if not results.finished:  # a caller bug: unevaluated results must not be committed
             raise RuntimeError("open_row_results: the block ended without finish()")
