@@ -53,7 +53,9 @@ def test_pct_and_tables() -> None:
     assert [r.split(" | ")[1] for r in t1[2:]] == ["none", "MS", "CM", "none"]
     assert t1[2] == "| softmax | none | 20.0 | 5.0 | 20.0 | 30.0 | 21.0 | 19.0 | 22.0 |"
     t4 = train_vs_val_table(ROWS, ["softmax"]).splitlines()
-    assert t4[0].startswith("| model | statistic | AP@300 none | AP@300 val-stat | AP@300 train-stat | AP@12 none")
+    assert t4[0].startswith(
+        "| model | statistic | AP@300 none | AP@300 val-stat | AP@300 train-stat | AP@12 none"
+    )
     assert t4[3] == ("| softmax | cm | 20.0 | 24.0 | 20.5 | 19.0 | 23.0 | 19.5 | 22.0 | 26.0 | 22.5 "
                      "| 5.0 | 20.0 | 5.5 |")
     csv = rows_to_csv(ROWS[:1]).splitlines()
