@@ -18,6 +18,7 @@ category over a split, streamed (the input of fixed AP).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -215,22 +216,44 @@ class PerClassTop:
 
     Entries arrive image by image, uncapped; a category's list is pruned to its top `per_class`
     whenever it reaches twice that, so memory stays <= 2 x per_class entries per category. Ties in
-    score keep the earlier entry (arrival order), so the result is deterministic."""
+    score keep the earlier entry (arrival order), so the result is deterministic.
+
+    `bar(category_id)` is a score at or below which a NEW entry of that category can never be in
+    the final top (-inf while the category has fewer than `per_class` entries), so a caller may
+    skip such entries (and the masks they would need) without changing the result. Proof: the
+    final top is the first `per_class` entries of the category in the order (score descending,
+    arrival ascending). `bar` is the lowest score among `per_class` entries already held, so at
+    least `per_class` held entries have score >= bar, and all of them arrived earlier than any
+    new entry. A new entry with score <= bar is therefore preceded in that order by at least
+    `per_class` entries, now and after any later arrival (entries are never removed except by
+    falling out of the top), so it is never in the top. Leaving an entry that is not in the top
+    out of the set changes neither which entries form the top nor their relative order (the
+    order compares scores and arrival ranks only), so the drained output is the same, byte for
+    byte. A new entry with score == bar is skipped too: a tie loses to the earlier entry."""
 
     def __init__(self, per_class: int) -> None:
         if per_class < 1:
             raise ApiMisuseError(f"PerClassTop: per_class must be >= 1, got {per_class}")
         self.per_class = int(per_class)
         self._by_class: dict[int, list[tuple[float, int, dict[str, Any]]]] = {}
+        self._bar: dict[int, float] = {}
         self._seq = 0
 
     def add(self, entries: Sequence[dict[str, Any]]) -> None:
         for e in entries:
-            bucket = self._by_class.setdefault(int(e["category_id"]), [])
+            cat = int(e["category_id"])
+            bucket = self._by_class.setdefault(cat, [])
             bucket.append((-float(e["score"]), self._seq, e))
             self._seq += 1
             if len(bucket) >= 2 * self.per_class:
                 self._prune(bucket)
+                self._bar[cat] = -bucket[-1][0]  # the per_class-th best so far
+            elif len(bucket) == self.per_class and cat not in self._bar:
+                self._bar[cat] = -max(bucket)[0]  # the lowest of the first per_class entries
+
+    def bar(self, category_id: int) -> float:
+        """New entries of `category_id` scoring <= this can never enter its top (see the class doc)."""
+        return self._bar.get(int(category_id), -math.inf)
 
     def _prune(self, bucket: list[tuple[float, int, dict[str, Any]]]) -> None:
         bucket.sort(key=lambda x: (x[0], x[1]))
@@ -244,3 +267,4 @@ class PerClassTop:
             self._prune(bucket)
             results.add([e for _, _, e in bucket])
         self._by_class.clear()
+        self._bar.clear()

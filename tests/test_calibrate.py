@@ -654,3 +654,78 @@ def test_max_dets_adds_the_capped_evaluation_of_the_same_results(
     assert not (tmp_path / "big").exists()
     with pytest.raises(PcbkitError, match="--max-dets must be >= 1"):
         model_cfg(world, tmp_path / "zero", max_dets=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the fast path: no mask for a detection that no output keeps
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_per_class_top_bar_skips_only_entries_outside_the_top_even_with_ties(seed: int) -> None:
+    from pcb_analysis.lvis_results import PerClassTop, ResultsFile
+
+    class Sink(ResultsFile):
+        def __init__(self) -> None:
+            self.got: list[int] = []
+
+        def add(self, entries: Any) -> None:
+            self.got.extend(e["n"] for e in entries)
+
+    g = torch.Generator().manual_seed(seed)
+    per_class, n = 4, 600
+    cats = torch.randint(1, 4, (n,), generator=g).tolist()
+    scores = (torch.randint(1, 6, (n,), generator=g) / 10).tolist()  # 5 values: ties everywhere
+    entries = [{"category_id": c, "score": s, "n": i} for i, (c, s) in enumerate(zip(cats, scores))]
+    # brute force: per category (by id), the per_class best by (score desc, arrival asc)
+    want = [e["n"] for c in sorted(set(cats))
+            for e in sorted((e for e in entries if e["category_id"] == c),
+                            key=lambda e: (-e["score"], e["n"]))[:per_class]]
+    full, fast = PerClassTop(per_class), PerClassTop(per_class)
+    skipped = tied = 0
+    for start in range(0, n, 30):  # "images" of 30 entries; bars read once per batch of 2 images
+        if start % 60 == 0:
+            bars = {c: fast.bar(c) for c in (1, 2, 3)}
+        batch = entries[start : start + 30]
+        full.add(batch)
+        kept = [e for e in batch if e["score"] > bars[e["category_id"]]]
+        skipped += len(batch) - len(kept)
+        tied += sum(e["score"] == bars[e["category_id"]] for e in batch)
+        fast.add(kept)
+    a, b = Sink(), Sink()
+    full.drain_into(a)
+    fast.drain_into(b)
+    assert a.got == want and b.got == want
+    assert skipped > n // 2 and tied > 0  # the bar does skip, ties at the bar included
+    assert fast.bar(1) == -math.inf  # drained: forgotten
+
+
+def test_fast_path_writes_the_same_bytes_and_metrics_and_skips_masks(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a per-class top of 2 so that the bars rise within a few images; the reference run disables the
+    # bars (every uncapped detection gets a mask, the path before the fast one)
+    import pcb_train.calibrate.results as results_mod
+    from pcb_analysis.lvis_results import PerClassTop
+    from pcb_train.backends.torchvision.roi_heads import PCBRoIHeads
+
+    monkeypatch.setattr(results_mod, "FIXED_AP_PER_CLASS", 2)
+    rois: list[int] = []
+    original = PCBRoIHeads.mask_probabilities
+
+    def counting(self: Any, features: Any, boxes: Any, *a: Any) -> Any:
+        rois.append(sum(int(b.shape[0]) for b in boxes))
+        return original(self, features, boxes, *a)
+
+    monkeypatch.setattr(PCBRoIHeads, "mask_probabilities", counting)
+    kw = {"stat": ("none", "cm", "ms"), "batch_size": 2, "max_dets": 2}
+    fast = calibrate_model(model_cfg(world, tmp_path / "fast", **kw))
+    fast_rois = sum(rois)
+    rois.clear()
+    monkeypatch.setattr(PerClassTop, "bar", lambda self, c: -math.inf)
+    slow = calibrate_model(model_cfg(world, tmp_path / "slow", **kw))
+    assert fast_rois < sum(rois)  # masks skipped
+    assert [r["metrics"] for r in fast.rows] == [r["metrics"] for r in slow.rows]
+    files = sorted(p.name for p in (tmp_path / "slow").glob("val-*.json"))
+    assert len(files) == 6
+    for name in files:
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes()

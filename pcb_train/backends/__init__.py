@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pcb_analysis.errors import PcbkitError
 from pcb_train.backends.base import (
     CheckpointInfo,
+    DetectionFilter,
     Detections,
     DetectorBackend,
     ProposalRecord,
@@ -45,6 +46,7 @@ from pcb_train.backends.postprocess import MIN_BOX_SIZE, batched_nms, detections
 from pcb_train.config import ModelConfig
 
 __all__ = [
+    "DetectionFilter",
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_SCHEMA",
     "MIN_BOX_SIZE",

@@ -24,6 +24,9 @@ from pcb_analysis.categories import CategorySpace
 from pcb_train.config import ModelConfig
 
 ScoreTransform = Callable[[Tensor], Tensor]
+# keep(transform name, image index, scores [D], labels [D] 0..K-1) -> bool [D]: which of an image's
+# selected detections `infer` keeps; the others are dropped BEFORE masks are predicted
+DetectionFilter = Callable[[str, int, Tensor, Tensor], Tensor]
 Detections = dict[str, Tensor]
 Regressed = Literal["none", "agnostic", "per_class"]
 
@@ -111,6 +114,7 @@ class DetectorBackend(Protocol):
         mask_threshold: float | None = 0.5,
         detections_per_image: int | None = None,
         compact_masks: bool = False,
+        keep: DetectionFilter | None = None,
     ) -> dict[str, list[Detections]]: ...
 
 

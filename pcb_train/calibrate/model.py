@@ -5,7 +5,8 @@ pass (`backend.infer(images, {name: transform})`): each transform maps q [R, K+1
 kept), then the standard post-processing runs (score > 1e-4, class-wise NMS 0.5, top 300 per image)
 and masks are predicted for the calibrated detections. With fixed AP the post-processing is
 uncapped and sorted by score, so the standard results are each image's first 300 and all of them
-feed the per-class top-10,000 (docs/calibration.md §3). LVIS results per row, mask and box AP.
+feed the per-class top-10,000 (docs/calibration.md §3); detections that can no longer enter a top
+(nor the first 300) get no mask. LVIS results per row, mask and box AP.
 Inputs are all checked (statistics, split, config, checkpoint) before anything is written.
 """
 
@@ -18,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from pcb_analysis.errors import ApiMisuseError, PcbkitError, input_error
-from pcb_train.backends import detections_to_lvis
+from pcb_train.backends import DetectionFilter, detections_to_lvis
 from pcb_train.calibrate.options import SHARED_PASS_FIELDS, CalibrateConfig
 from pcb_train.calibrate.report import CalibrationReport
 from pcb_train.calibrate.results import RowResults, check_max_dets, open_row_results
@@ -38,6 +42,30 @@ class _Job:
     cfg: CalibrateConfig
     rows: list[StatRow]
     report: CalibrationReport
+
+
+def _written_only(
+    outputs: Sequence[RowResults], keys: dict[str, tuple[int, str]], cat_ids: Sequence[int], cap: int
+) -> DetectionFilter:
+    """`infer`'s filter for uncapped detections: keep an image's first `cap` (its standard results)
+    and those that can still enter their class's fixed-AP top (score above `PerClassTop.bar`, read
+    once per batch: the bars only rise, so a batch-old bar is still a safe one). The rest would be
+    written nowhere; dropping them before the mask head changes no output (proof in `PerClassTop`)."""
+    bars: dict[str, Tensor] = {}
+
+    def keep(name: str, image: int, scores: Tensor, labels: Tensor) -> Tensor:
+        j, slug = keys[name]
+        tops = outputs[j].tops
+        if tops is None or cap < 0:
+            return torch.ones_like(scores, dtype=torch.bool)
+        if name not in bars:
+            top = tops[slug]
+            bars[name] = torch.tensor([top.bar(c) for c in cat_ids], dtype=torch.float64)
+        bar = bars[name].to(scores.device)[labels]
+        prefix = torch.arange(scores.shape[0], device=scores.device) < cap
+        return prefix | (scores.double() > bar)
+
+    return keep
 
 
 def calibrate_model(cfg: CalibrateConfig) -> CalibrationReport:
@@ -93,6 +121,7 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
     gt_index = ground_truth_for_images(first.gt, ran)
     transforms = {(j, row.slug): row.transform for j, job in enumerate(jobs) for row in job.rows}
     names = {key: f"{key[0]}:{key[1]}" for key in transforms}
+    keys = {name: key for key, name in names.items()}
     cap = int(backend.config.detections_per_image)
     check_max_dets(first.max_dets, cap)
     uncapped = first.fixed_ap
@@ -109,6 +138,7 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
             dets = backend.infer(
                 images, {names[k]: fn for k, fn in transforms.items()}, mask_threshold=MASK_THRESHOLD,
                 detections_per_image=-1 if uncapped else None, compact_masks=True,
+                keep=_written_only(outputs, keys, categories.ids, cap) if uncapped else None,
             )
             caches: list[dict[int, dict[str, Any]]] = [{} for _ in images]  # one RLE per mask, per image
             for (j, slug), name in names.items():

@@ -24,6 +24,7 @@ from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_train.backends.base import (
     CheckpointInfo,
+    DetectionFilter,
     Detections,
     ProposalRecord,
     Regressed,
@@ -262,6 +263,7 @@ class Detectron2Backend:
         mask_threshold: float | None = 0.5,
         detections_per_image: int | None = None,
         compact_masks: bool = False,
+        keep: DetectionFilter | None = None,
     ) -> dict[str, list[Detections]]:
         """Detections per named score transform from ONE backbone + RPN + box-head pass.
 
@@ -273,7 +275,8 @@ class Detectron2Backend:
         `detections_per_image` overrides `test_topk_per_image` (-1: no cap, as for fixed AP);
         detectron2 keeps its NMS order (decreasing score), so a capped list is a prefix of the
         uncapped one. `compact_masks` is accepted for the protocol and ignored: detectron2's
-        `detector_postprocess` always pastes full-image masks."""
+        `detector_postprocess` always pastes full-image masks. `keep` drops detections before the
+        mask head, as in the torchvision backend."""
         from detectron2.modeling.postprocessing import detector_postprocess
         from detectron2.modeling.roi_heads.fast_rcnn import fast_rcnn_inference
 
@@ -311,10 +314,14 @@ class Detectron2Backend:
                     predictor.test_nms_thresh,
                     predictor.test_topk_per_image if detections_per_image is None else detections_per_image,
                 )
-                selected[name] = inst
                 rows[name] = [
                     original_rows(b, s, idx) for b, s, idx in zip(boxes, per_image, kept, strict=True)
                 ]
+                if keep is not None:
+                    masks_kept = [keep(name, i, x.scores, x.pred_classes) for i, x in enumerate(inst)]
+                    inst = [x[m] for x, m in zip(inst, masks_kept, strict=True)]
+                    rows[name] = [r[m] for r, m in zip(rows[name], masks_kept, strict=True)]
+                selected[name] = inst
             if getattr(heads, "mask_on", False):
                 self._attach_masks(features, selected, rows)
             threshold = -1.0 if mask_threshold is None else float(mask_threshold)

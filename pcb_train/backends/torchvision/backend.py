@@ -24,6 +24,7 @@ from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import ApiMisuseError
 from pcb_train.backends.base import (
     CheckpointInfo,
+    DetectionFilter,
     Detections,
     ProposalRecord,
     Regressed,
@@ -163,6 +164,7 @@ class TorchvisionBackend:
         mask_threshold: float | None = 0.5,
         detections_per_image: int | None = None,
         compact_masks: bool = False,
+        keep: DetectionFilter | None = None,
     ) -> dict[str, list[Detections]]:
         """Detections per named score transform from ONE backbone + RPN + box-head pass.
 
@@ -177,7 +179,9 @@ class TorchvisionBackend:
         resolution ("mask_probs" [D, M, M] probabilities, with "image_size" [2] = (H, W)) instead
         of pasted [D, H, W] masks: thousands of uncapped detections of a large image would need
         gigabytes as full-image masks; `postprocess.detections_to_lvis` pastes and encodes them a chunk
-        at a time."""
+        at a time. `keep(name, image index, scores, labels)` -> bool [D] drops the detections it
+        rejects before any mask is predicted (the order of the others is kept): a caller that knows
+        a detection will never be written saves its mask."""
         if not score_transforms:
             raise ApiMisuseError("infer: give at least one score transform (e.g. {'none': identity})")
         model = self.model
@@ -202,6 +206,12 @@ class TorchvisionBackend:
                         f"score transform {name!r}: returned {tuple(q.shape)}, expected {tuple(probs.shape)}"
                     )
                 selected[name] = heads.select_detections(q, decoded_orig, detections_per_image)
+                if keep is not None:
+                    selected[name] = [
+                        SelectedDetections(*(t[m] for t in d))
+                        for i, d in enumerate(selected[name])
+                        for m in (keep(name, i, d.scores, d.labels),)
+                    ]
             masks = (
                 self._masks(
                     features, sizes, decoded, decoded_orig, originals, selected, mask_threshold, compact_masks
