@@ -675,7 +675,8 @@ def test_per_class_top_bar_skips_only_entries_outside_the_top_even_with_ties(see
     per_class, n = 4, 600
     cats = torch.randint(1, 4, (n,), generator=g).tolist()
     scores = (torch.randint(1, 6, (n,), generator=g) / 10).tolist()  # 5 values: ties everywhere
-    entries = [{"category_id": c, "score": s, "n": i} for i, (c, s) in enumerate(zip(cats, scores, strict=True))]
+    pairs = enumerate(zip(cats, scores, strict=True))
+    entries = [{"category_id": c, "score": s, "n": i} for i, (c, s) in pairs]
     # brute force: per category (by id), the per_class best by (score desc, arrival asc)
     want = [e["n"] for c in sorted(set(cats))
             for e in sorted((e for e in entries if e["category_id"] == c),
