@@ -730,3 +730,34 @@ def test_fast_path_writes_the_same_bytes_and_metrics_and_skips_masks(
     assert len(files) == 6
     for name in files:
         assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "slow" / name).read_bytes()
+
+
+def test_rows_evaluated_in_forked_workers_equal_one_after_the_other(
+    world: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pcb_train.calibrate.results as results_mod
+    from pcb_train.inference import ground_truth_for_images
+
+    out = tmp_path / "res"
+    report = calibrate_model(model_cfg(world, out, stat=("none", "cm", "ms")))
+    ids = sorted(im["id"] for im in json.loads(world["gt"].read_text())["images"])[:N_IMAGES]
+    gt = ground_truth_for_images(world["gt"], ids)
+    jobs = [(out / r["results"], r["detections"], (out / r["fixed_results"], r["fixed_detections"]))
+            for r in report.rows]
+    pools: list[int] = []
+    real_pool = results_mod.mp.get_context("fork").Pool
+
+    class Ctx:
+        def Pool(self, n: int) -> Any:  # noqa: N802 - multiprocessing's name
+            pools.append(n)
+            return real_pool(n)
+
+    monkeypatch.setattr(results_mod.mp, "get_context", lambda method: Ctx())
+    monkeypatch.setattr(results_mod, "default_workers", lambda: 2)
+    forked = results_mod.evaluate_rows(gt, jobs, ("segm", "bbox"), max_dets=3)
+    assert pools == [2]  # one pool of row evaluators (each matching in-process)
+    monkeypatch.setattr(results_mod, "default_workers", lambda: 1)
+    serial = results_mod.evaluate_rows(gt, jobs, ("segm", "bbox"), max_dets=3)
+    assert forked == serial
+    standard = [{k: v for k, v in m.items() if "@" not in k} for m in serial]
+    assert standard == [r["metrics"] for r in report.rows]

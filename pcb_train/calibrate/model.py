@@ -13,7 +13,7 @@ Inputs are all checked (statistics, split, config, checkpoint) before anything i
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,28 +44,37 @@ class _Job:
     report: CalibrationReport
 
 
-def _written_only(
-    outputs: Sequence[RowResults], keys: dict[str, tuple[int, str]], cat_ids: Sequence[int], cap: int
-) -> DetectionFilter:
+def written_only(bars: Callable[[str], Tensor | None], cap: int) -> DetectionFilter:
     """`infer`'s filter for uncapped detections: keep an image's first `cap` (its standard results)
-    and those that can still enter their class's fixed-AP top (score above `PerClassTop.bar`, read
-    once per batch: the bars only rise, so a batch-old bar is still a safe one). The rest would be
-    written nowhere; dropping them before the mask head changes no output (proof in `PerClassTop`)."""
-    bars: dict[str, Tensor] = {}
+    and those scoring above their class's bar (`bars(name)`: [K] float64 per contiguous label, from
+    `PerClassTop.bar`; None keeps everything). Bars are read once per `infer` call: they only rise,
+    so a batch-old bar is still safe. What is dropped would be written nowhere, so dropping it
+    before the mask head changes no output (proof in `PerClassTop`)."""
+    cache: dict[str, Tensor | None] = {}
 
     def keep(name: str, image: int, scores: Tensor, labels: Tensor) -> Tensor:
-        j, slug = keys[name]
-        tops = outputs[j].tops
-        if tops is None or cap < 0:
+        if name not in cache:
+            cache[name] = bars(name)
+        bar = cache[name]
+        if bar is None or cap < 0:
             return torch.ones_like(scores, dtype=torch.bool)
-        if name not in bars:
-            top = tops[slug]
-            bars[name] = torch.tensor([top.bar(c) for c in cat_ids], dtype=torch.float64)
-        bar = bars[name].to(scores.device)[labels]
         prefix = torch.arange(scores.shape[0], device=scores.device) < cap
-        return prefix | (scores.double() > bar)
+        return prefix | (scores.double() > bar.to(scores.device)[labels])
 
     return keep
+
+
+def _bars_of(
+    outputs: Sequence[RowResults], keys: dict[str, tuple[int, str]], cat_ids: Sequence[int]
+) -> Callable[[str], Tensor | None]:
+    def bars(name: str) -> Tensor | None:
+        j, slug = keys[name]
+        tops = outputs[j].tops
+        if tops is None:
+            return None
+        return torch.tensor([tops[slug].bar(c) for c in cat_ids], dtype=torch.float64)
+
+    return bars
 
 
 def calibrate_model(cfg: CalibrateConfig) -> CalibrationReport:
@@ -138,7 +147,7 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
             dets = backend.infer(
                 images, {names[k]: fn for k, fn in transforms.items()}, mask_threshold=MASK_THRESHOLD,
                 detections_per_image=-1 if uncapped else None, compact_masks=True,
-                keep=_written_only(outputs, keys, categories.ids, cap) if uncapped else None,
+                keep=written_only(_bars_of(outputs, keys, categories.ids), cap) if uncapped else None,
             )
             caches: list[dict[int, dict[str, Any]]] = [{} for _ in images]  # one RLE per mask, per image
             for (j, slug), name in names.items():

@@ -12,6 +12,7 @@ outputs as they were (`pcb_analysis.lvis_results.write_results`).
 from __future__ import annotations
 
 import logging
+import multiprocessing as mp
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.errors import PcbkitError, input_error
-from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS, MAX_DETS, evaluate_full
+from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS, MAX_DETS, default_workers, evaluate_full
 from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
 from pcb_analysis.lvis_json import gc_paused
 from pcb_analysis.lvis_results import PerClassTop, ResultsFile, load_results, write_results
@@ -49,6 +50,7 @@ def evaluate_results(
     count: int,
     fixed: tuple[Path, int] | None = None,
     max_dets: int = MAX_DETS,
+    workers: int | None = None,
 ) -> dict[str, dict[str, float]]:
     """Standard and fixed AP per IoU type ({"segm": ..., "segm_fixed": ..., "bbox": ..., ...}).
 
@@ -56,7 +58,8 @@ def evaluate_results(
     uncapped per-class top-10,000 results, when given (else no `_fixed` entries); with `max_dets`
     other than 300, also standard AP at that per-image cap ("segm@12", ...), read from the same
     file (each image's entries at a smaller cap are a prefix of its 300). NaN everywhere when
-    there are no detections (lvis-api cannot evaluate an empty list)."""
+    there are no detections (lvis-api cannot evaluate an empty list). `workers`: the evaluator's
+    matching processes (None: `default_workers()`; the metrics do not depend on it)."""
     index = load_ground_truth(gt_index)
 
     def parsed(p: Path) -> dict[str, Any]:
@@ -73,16 +76,52 @@ def evaluate_results(
         logger.warning("%s: no detections; its metrics are undefined", path)
     out: dict[str, dict[str, float]] = {}
     for t in iou_types:
-        out[t] = evaluate_full(index, std[t], t).metrics if count else {"AP": float("nan")}
+        out[t] = evaluate_full(index, std[t], t, workers=workers).metrics if count else {"AP": float("nan")}
         if max_dets != MAX_DETS:
             out[f"{t}@{max_dets}"] = (
-                evaluate_full(index, std[t], t, max_dets=max_dets).metrics if count else {"AP": float("nan")}
+                evaluate_full(index, std[t], t, max_dets=max_dets, workers=workers).metrics
+                if count else {"AP": float("nan")}
             )
         if fixed is not None:
             out[f"{t}_fixed"] = (
-                evaluate_full(index, fix[t], t, fixed=True).metrics if fix else {"AP": float("nan")}
+                evaluate_full(index, fix[t], t, fixed=True, workers=workers).metrics
+                if fix else {"AP": float("nan")}
             )
     return out
+
+
+_ROWS: tuple[GroundTruth, list[Any], Sequence[str], int] | None = None  # read by forked row evaluators
+
+
+def _evaluate_row(i: int) -> dict[str, dict[str, float]]:
+    assert _ROWS is not None
+    index, jobs, iou_types, max_dets = _ROWS
+    path, count, fixed = jobs[i]
+    return evaluate_results(index, path, iou_types, count, fixed, max_dets, workers=1)
+
+
+def evaluate_rows(
+    gt_index: GroundTruth | str | Path,
+    jobs: Sequence[tuple[Path, int, tuple[Path, int] | None]],
+    iou_types: Sequence[str],
+    max_dets: int = MAX_DETS,
+) -> list[dict[str, dict[str, float]]]:
+    """`evaluate_results` of every (path, count, fixed) job, in order: the jobs split over forked
+    processes (each evaluating whole rows with one matching process) when `default_workers()` > 1,
+    else one after the other; the metrics are the same either way."""
+    global _ROWS
+    index = load_ground_truth(gt_index)
+    workers = min(default_workers(), len(jobs))
+    if workers <= 1 or "fork" not in mp.get_all_start_methods():
+        return [evaluate_results(index, p, iou_types, n, fixed, max_dets) for p, n, fixed in jobs]
+    if "segm" in iou_types:
+        index.rles()  # built once here, shared copy-on-write by the workers
+    _ROWS = (index, list(jobs), tuple(iou_types), max_dets)
+    try:
+        with mp.get_context("fork").Pool(workers) as pool:
+            return pool.map(_evaluate_row, range(len(jobs)), chunksize=1)
+    finally:
+        _ROWS = None
 
 
 class RowResults:
@@ -118,7 +157,11 @@ class RowResults:
         out: Path,
         metrics_name: str,
     ) -> None:
-        """Evaluate every row into `report.rows`, write the metrics (JSON + CSV), commit the results."""
+        """Evaluate every row into `report.rows`, write the metrics (JSON + CSV), commit the results.
+
+        Every file is completed first; then the rows are evaluated, in forked worker processes when
+        `default_workers()` allows (one row per worker at a time, no thread running at the fork)."""
+        done: list[tuple[StatRow, ResultsFile, ResultsFile | None]] = []
         for row in self.rows:
             f = self.files[row.slug]
             f.finish()
@@ -128,7 +171,10 @@ class RowResults:
                 fixed_file = self._stack.enter_context(write_results(target))
                 self.tops[row.slug].drain_into(fixed_file)
                 fixed_file.finish()
-            fixed = (fixed_file.tmp, fixed_file.count) if fixed_file is not None else None
+            done.append((row, f, fixed_file))
+        jobs = [(f.tmp, f.count, (x.tmp, x.count) if x is not None else None) for _, f, x in done]
+        metrics = evaluate_rows(gt_index, jobs, iou_types, self.max_dets)
+        for (row, f, fixed_file), m in zip(done, metrics, strict=True):
             report.rows.append(
                 {
                     "stat": row.name,
@@ -138,7 +184,7 @@ class RowResults:
                     "detections": f.count,
                     "fixed_results": fixed_file.target.name if fixed_file is not None else None,
                     "fixed_detections": fixed_file.count if fixed_file is not None else None,
-                    "metrics": evaluate_results(gt_index, f.tmp, iou_types, f.count, fixed, self.max_dets),
+                    "metrics": m,
                 }
             )
         write_json_atomic(out / f"{metrics_name}.json", report.to_dict(), indent=2)
