@@ -26,7 +26,7 @@ from pcb_analysis.errors import ApiMisuseError, PcbkitError, input_error
 from pcb_train.backends import DetectionFilter, detections_to_lvis
 from pcb_train.calibrate.options import SHARED_PASS_FIELDS, CalibrateConfig
 from pcb_train.calibrate.report import CalibrationReport
-from pcb_train.calibrate.results import RowResults, check_max_dets, open_row_results
+from pcb_train.calibrate.results import RowResults, check_max_dets, finish_all, open_row_results
 from pcb_train.calibrate.rows import StatRow, build_rows, load_statistics, statistics_relation, tau_prior
 from pcb_train.distributed import resolve_device
 from pcb_train.inference import ground_truth_for_images, iter_batches, load_detector, open_split
@@ -155,7 +155,8 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
                     entries = detections_to_lvis(d, int(t["image_id"]), categories, cache, MASK_THRESHOLD)
                     outputs[j].add_image(slug, entries, cap)
         seconds = time.perf_counter() - t0
-        for job, results in zip(jobs, outputs, strict=True):
+        for job in jobs:
             job.report.seconds = seconds
-            results.finish(job.report, gt_index, ("segm", "bbox"), job.cfg.out, "metrics")
+        finish_all([(results, job.report, job.cfg.out) for job, results in zip(jobs, outputs, strict=True)],
+                   gt_index, ("segm", "bbox"), "metrics")
     return [job.report for job in jobs]

@@ -149,19 +149,10 @@ class RowResults:
         if self.tops is not None:
             self.tops[slug].add(entries)
 
-    def finish(
-        self,
-        report: CalibrationReport,
-        gt_index: GroundTruth | str | Path,
-        iou_types: Sequence[str],
-        out: Path,
-        metrics_name: str,
-    ) -> None:
-        """Evaluate every row into `report.rows`, write the metrics (JSON + CSV), commit the results.
-
-        Every file is completed first; then the rows are evaluated, in forked worker processes when
-        `default_workers()` allows (one row per worker at a time, no thread running at the fork)."""
-        done: list[tuple[StatRow, ResultsFile, ResultsFile | None]] = []
+    def complete(self) -> list[tuple[Path, int, tuple[Path, int] | None]]:
+        """Complete every row's files (standard, and the drained fixed-AP top); their evaluation jobs
+        (path, count, fixed) in row order, for `evaluate_rows`."""
+        self._done: list[tuple[StatRow, ResultsFile, ResultsFile | None]] = []
         for row in self.rows:
             f = self.files[row.slug]
             f.finish()
@@ -171,10 +162,16 @@ class RowResults:
                 fixed_file = self._stack.enter_context(write_results(target))
                 self.tops[row.slug].drain_into(fixed_file)
                 fixed_file.finish()
-            done.append((row, f, fixed_file))
-        jobs = [(f.tmp, f.count, (x.tmp, x.count) if x is not None else None) for _, f, x in done]
-        metrics = evaluate_rows(gt_index, jobs, iou_types, self.max_dets)
-        for (row, f, fixed_file), m in zip(done, metrics, strict=True):
+            self._done.append((row, f, fixed_file))
+        return [(f.tmp, f.count, (x.tmp, x.count) if x is not None else None) for _, f, x in self._done]
+
+    def commit(
+        self, report: CalibrationReport, metrics: Sequence[dict[str, dict[str, float]]], out: Path,
+        metrics_name: str,
+    ) -> None:
+        """The rows' metrics into `report.rows`, the metrics written (JSON + CSV), the results renamed
+        under their final names."""
+        for (row, f, fixed_file), m in zip(self._done, metrics, strict=True):
             report.rows.append(
                 {
                     "stat": row.name,
@@ -191,6 +188,36 @@ class RowResults:
         write_text_atomic(out / f"{metrics_name}.csv", table_csv(report))
         self._stack.close()  # every results file renamed under its final name
         self.finished = True
+
+    def finish(
+        self,
+        report: CalibrationReport,
+        gt_index: GroundTruth | str | Path,
+        iou_types: Sequence[str],
+        out: Path,
+        metrics_name: str,
+    ) -> None:
+        """Evaluate every row into `report.rows`, write the metrics (JSON + CSV), commit the results
+        (`finish_all` for one calibration)."""
+        finish_all([(self, report, out)], gt_index, iou_types, metrics_name)
+
+
+def finish_all(
+    calibrations: Sequence[tuple[RowResults, CalibrationReport, Path]],
+    gt_index: GroundTruth | str | Path,
+    iou_types: Sequence[str],
+    metrics_name: str,
+) -> None:
+    """`RowResults.finish` of several calibrations of one pass (they share the ground truth and the
+    extra cap), their rows evaluated together (`evaluate_rows`: forked workers when allowed). Every
+    file is completed first, then every row evaluated, and only then is anything committed."""
+    jobs = [results.complete() for results, _, _ in calibrations]
+    flat = [job for js in jobs for job in js]
+    metrics = evaluate_rows(gt_index, flat, iou_types, calibrations[0][0].max_dets) if flat else []
+    start = 0
+    for (results, report, out), js in zip(calibrations, jobs, strict=True):
+        results.commit(report, metrics[start : start + len(js)], out, metrics_name)
+        start += len(js)
 
 
 @contextmanager
