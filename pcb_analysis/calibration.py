@@ -8,8 +8,10 @@ Every statistic is ONE entry of the literal table `STATISTICS` (a `Statistic`: t
 float64 [R, K] rows, the builder of its operand, computed once per statistic, whether it reads the
 confusion statistics, a one-line description, and how the tools offer it). Every other list of
 statistic names (CLI choices, calibration rows, report order, study) is derived from the table;
-a new estimator is one function, one operand builder and one table entry. `ridge` l shrinks the
-matrix toward I, M_l = (1 - l) M + l I, for every matrix statistic.
+a new estimator is one function, one operand builder and one table entry (the regularised
+estimators' math lives in `pcb_analysis.estimators`; their parameters are keyword arguments of
+`calibrate`). For every matrix statistic `row_prior` a pulls row i toward e_i by its instance
+count, then `ridge` l shrinks the matrix toward I, M_l = (1 - l) M + l I.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from torch import Tensor
 from pcb_analysis.calibration_inputs import StatInputs, positive_floor, stat_inputs
 from pcb_analysis.calibration_inputs import ridge_matrix as ridge_matrix  # public here since before the split
 from pcb_analysis.dumps import DumpReader
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
+from pcb_analysis.estimators import (
+    clipped_linear,
+    diagshrink_operand,
+    ibu_operand,
+    iterative_unfolding,
+    tikhonov_operand,
+)
+from pcb_analysis.estimators import renormalise as _renormalise
 from pcb_analysis.stats import ClassStats
 
 logger = logging.getLogger(__name__)
@@ -36,13 +46,6 @@ _MIN_SCORE = 1e-12  # floor of a mean score s[j] (only a hand-made matrix can ha
 
 
 # ------------------------------------------------------------------------------ p -> p~
-
-
-def _renormalise(w: Tensor, fallback: Tensor) -> Tensor:
-    """Rows of w [R, K] scaled to sum 1; rows whose sum is <= 0 are replaced by `fallback`."""
-    total = w.sum(dim=1, keepdim=True)
-    ok = total > 0
-    return torch.where(ok, w / torch.where(ok, total, torch.ones_like(total)), fallback)
 
 
 def unchanged(p: Tensor, operand: Tensor | None = None) -> Tensor:
@@ -165,7 +168,8 @@ class Statistic:
     `StatInputs`; needs_matrix: reads the confusion statistics (M, or its diagonal s; the ridge
     applies); row: a parameter-free row of the calibration table (`pcbkit calibrate --stat`, the
     study, the report's order); default: evaluated when `pcbkit calibrate` is given no statistic;
-    label: its name in the study's tables (the paper's spelling)."""
+    label: its name in the study's tables (the paper's spelling); params: the names of its required
+    keyword parameters (a statistic with parameters is not a parameter-free row)."""
 
     transform: Callable[[Tensor, Any], Tensor]
     operand: Callable[[StatInputs], Tensor | None]
@@ -174,6 +178,7 @@ class Statistic:
     row: bool = True
     default: bool = False
     label: str = ""
+    params: tuple[str, ...] = ()
 
 
 STATISTICS: dict[str, Statistic] = {
@@ -186,6 +191,15 @@ STATISTICS: dict[str, Statistic] = {
                           "hand each predicted class's mass back by P(true | predicted)"),
     "norcal": Statistic(frequency_correction, _norcal_operand, False,
                         "divide by the training frequency^gamma (NorCal; --gamma, --tau)", row=False),
+    "cm-diagshrink": Statistic(clipped_linear, diagshrink_operand, True,
+                               "clip(p M_lam^-1, 0), off-diagonal shrunk by (1 - lam): lam=1 ms, lam=0 cm",
+                               row=False, params=("lam",)),
+    "cm-tikhonov": Statistic(clipped_linear, tikhonov_operand, True,
+                             "argmin ||x M - p||^2 + tau ||x - p/diag(M)||^2, clipped: tau=0 cm, tau->inf ms",
+                             row=False, params=("tau",)),
+    "ibu": Statistic(iterative_unfolding, ibu_operand, True,
+                     "k steps of iterative Bayesian unfolding from uniform (k=1 cm-bayes) or ms (k=0 ms)",
+                     row=False, params=("k", "start")),
 }
 """Statistic name -> `Statistic`, in the report's order. The one list of calibration statistics."""
 
@@ -214,7 +228,7 @@ class Calibrator:
 
     stat: str
     num_classes: int
-    operand: Tensor | None
+    operand: Any  # a Tensor, None, or an object with .to(device) (ibu)
 
     @classmethod
     def build(
@@ -226,16 +240,27 @@ class Calibrator:
         num_classes: int | None = None,
         freq: Tensor | None = None,
         gamma: float = 1.0,
+        row_prior: float = 0.0,
+        **params: Any,
     ) -> Calibrator:
         """Prepare `stat` from `stats` (a ClassStats, a row-normalised M [K, K], or a mean score s [K]).
 
-        `freq` (NorCal) defaults to the training image counts of `stats.categories`.
+        `freq` (NorCal) defaults to the training image counts of `stats.categories`; `row_prior` needs
+        a ClassStats with `instances`; `params` are the statistic's own (e.g. lam=0.5 for cm-diagshrink).
         """
         if stat not in STATISTICS:
             raise PcbkitError(
                 f"unknown calibration statistic {stat!r}; choose one of {', '.join(STATISTICS)}"
             )
-        inp = stat_inputs(stats, num_classes, ridge, freq, gamma)
+        wanted = STATISTICS[stat].params
+        unknown = sorted(set(params) - set(wanted))
+        missing = [n for n in wanted if n not in params]
+        if unknown or missing:
+            raise ApiMisuseError(
+                f"calibration {stat!r} takes the parameters ({', '.join(wanted) or 'none'}); "
+                + (f"unknown: {', '.join(unknown)}" if unknown else f"missing: {', '.join(missing)}")
+            )
+        inp = stat_inputs(stats, num_classes, ridge, freq, gamma, row_prior, params)
         k = num_classes if num_classes is not None else inp.num_classes
         if stat != "none" and not k:
             raise PcbkitError(f"calibration {stat!r} needs statistics (stats=...)")
@@ -319,16 +344,20 @@ def calibrate(
     freq: Tensor | None = None,
     gamma: float = 1.0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    row_prior: float = 0.0,
+    **params: Any,
 ) -> Tensor:
     """Calibrate probabilities q [R, K+1] (softmax over K+1, background last) -> q~ [R, K+1].
 
-    stat a key of `STATISTICS` ("none", "ms", "cm", "cm-bayes", "norcal"); `stats` a ClassStats, a
-    row-normalised confusion matrix [K, K] or (for "ms") a mean score [K]; `ridge` shrinks the
-    matrix toward I. The background column is returned unchanged and rows sum to 1. For many
-    batches with the same statistic build a `Calibrator` once instead (one matrix inverse).
+    stat a key of `STATISTICS` ("none", "ms", "cm", "cm-bayes", "norcal", "cm-diagshrink" (lam=),
+    "cm-tikhonov" (tau=), "ibu" (k=, start=)); `stats` a ClassStats, a row-normalised confusion
+    matrix [K, K] or (for "ms") a mean score [K]; `row_prior` a pulls each row toward I by its
+    instance count (ClassStats with `instances` only), then `ridge` shrinks the matrix toward I.
+    The background column is returned unchanged and rows sum to 1. For many batches with the same
+    statistic build a `Calibrator` once instead (one matrix inverse).
     """
     cal = Calibrator.build(stat, stats, ridge, num_classes=q.shape[1] - 1 if q.dim() == 2 else None,
-                           freq=freq, gamma=gamma)
+                           freq=freq, gamma=gamma, row_prior=row_prior, **params)
     return cal(q, chunk_rows=chunk_rows)
 
 
@@ -341,10 +370,12 @@ def calibrate_logits(
     freq: Tensor | None = None,
     gamma: float = 1.0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    row_prior: float = 0.0,
+    **params: Any,
 ) -> Tensor:
     """`calibrate` on raw logits [R, K+1] (e.g. a dump's): softmax over K+1 per chunk, then calibration."""
     cal = Calibrator.build(stat, stats, ridge, num_classes=logits.shape[1] - 1 if logits.dim() == 2 else None,
-                           freq=freq, gamma=gamma)
+                           freq=freq, gamma=gamma, row_prior=row_prior, **params)
     return cal.from_logits(logits, chunk_rows=chunk_rows)
 
 

@@ -11,6 +11,7 @@ import torch
 from pcb_analysis.calibration import (
     CALIBRATORS,
     OPERANDS,
+    ROW_STATISTICS,
     Calibrator,
     calibrate,
     calibrate_logits,
@@ -18,7 +19,7 @@ from pcb_analysis.calibration import (
     norcal,
 )
 from pcb_analysis.categories import CategorySpace
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.stats import ClassStats
 
 F64 = torch.float64
@@ -98,7 +99,9 @@ def test_hand_example_from_class_stats_and_mean_score_vector() -> None:
 
 
 def test_table_is_literal_and_complete() -> None:
-    assert list(CALIBRATORS) == ["none", "ms", "cm", "cm-bayes", "norcal"]
+    assert list(CALIBRATORS) == [
+        "none", "ms", "cm", "cm-bayes", "norcal", "cm-diagshrink", "cm-tikhonov", "ibu"
+    ]
     assert list(OPERANDS) == list(CALIBRATORS)
     with pytest.raises(PcbkitError, match="unknown calibration statistic 'cmx'"):
         calibrate(Q_HAND, "cmx", M_HAND)
@@ -327,3 +330,221 @@ def test_calibrate_dump_offline_improves_planted_confusion(tmp_path):
     acc = positive_accuracy(tmp_path / "dump", cals)
     assert acc["cm"]["r"] > acc["none"]["r"] + 0.3
     assert acc["none"]["f"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- regularised estimators
+# (docs/calibration.md §4). PARAMS: each estimator with one setting of its knob, for the properties.
+
+PARAMS = {
+    "cm-diagshrink": {"lam": 0.5},
+    "cm-tikhonov": {"tau": 0.1},
+    "ibu-uniform": {"k": 3, "start": "uniform"},
+    "ibu-ms": {"k": 3, "start": "ms"},
+}
+
+
+def _est(name: str) -> str:
+    return name.split("-ms")[0].split("-uniform")[0]
+
+
+def test_cm_diagshrink_hand_example() -> None:
+    # lam = 0.5 on M_HAND: M_l = diag(M) + 0.5 offdiag(M) = [[0.5, 0.25, 0], [0, 1, 0], [0, 0.125, 0.75]].
+    # Solve x M_l = y: y0 = 0.5 x0; y1 = 0.25 x0 + x1 + 0.125 x2; y2 = 0.75 x2, so
+    #   x0 = 2 y0, x2 = 4/3 y2, x1 = y1 - y0 / 2 - y2 / 6.
+    #   a: y = (0.2, 0.6, 0.2) -> x = (6/15, 0.6 - 0.1 - 1/30 = 7/15, 4/15), sum 17/15 -> (6/17, 7/17, 4/17)
+    #   b: y = (0.1, 0.1, 0.8) -> x = (3/15, 0.1 - 0.05 - 0.8/6 < 0 -> 0, 16/15) -> (3/19, 0, 16/19)
+    pt = torch.tensor([[6 / 17, 7 / 17, 4 / 17], [3 / 19, 0.0, 16 / 19]], dtype=F64)
+    want = torch.cat([0.5 * pt, torch.full((2, 1), 0.5, dtype=F64)], dim=1)
+    torch.testing.assert_close(calibrate(Q_HAND, "cm-diagshrink", M_HAND, lam=0.5), want, atol=1e-12, rtol=0)
+
+
+def test_cm_diagshrink_limits_are_cm_and_ms() -> None:
+    q = random_q(60, 6, seed=11)
+    m = random_confusion(6, seed=11)
+    torch.testing.assert_close(calibrate(q, "cm-diagshrink", m, lam=0.0), calibrate(q, "cm", m),
+                               atol=0, rtol=0)
+    torch.testing.assert_close(calibrate(q, "cm-diagshrink", m, lam=1.0), calibrate(q, "ms", m),
+                               atol=1e-15, rtol=1e-14)
+
+
+# Two-class example for cm-tikhonov and ibu: M2 = [[0.5, 0.5], [0, 1]], p = (0.4, 0.6), no background.
+M2 = torch.tensor([[0.5, 0.5], [0.0, 1.0]], dtype=F64)
+Q2 = torch.tensor([[0.4, 0.6, 0.0]], dtype=F64)
+
+
+def test_cm_tikhonov_hand_example() -> None:
+    # tau = 1, D = diag(0.5, 1), p D^-1 = (0.8, 0.6). x = (a, b): x M2 = (a/2, a/2 + b).
+    # d/da: (a/2 - 0.4)/2 + (a/2 + b - 0.6)/2 + (a - 0.8) = 0  ->  1.5 a + 0.5 b = 1.3
+    # d/db: (a/2 + b - 0.6) + (b - 0.6) = 0                  ->  0.5 a + 2 b = 1.2
+    # -> a = 8/11, b = 4.6/11 (both >= 0), renormalised: (8/12.6, 4.6/12.6) = (40/63, 23/63).
+    # Closed form: (M^T + D^-1) = [[2.5, 0], [0.5, 2]], (M M^T + I)^-1 = [[2, -0.5], [-0.5, 1.5]] / 2.75,
+    # product [[5, -1.25], [0, 2.75]] / 2.75; p times it = (2, 1.15) / 2.75 = (8/11, 4.6/11). Same.
+    out = calibrate(Q2, "cm-tikhonov", M2, tau=1.0)
+    torch.testing.assert_close(out, torch.tensor([[40 / 63, 23 / 63, 0.0]], dtype=F64), atol=1e-12, rtol=0)
+
+
+def test_cm_tikhonov_closed_form_is_the_least_squares_minimiser() -> None:
+    # The stacked least-squares problem: x [M, sqrt(tau) I] ~ [p, sqrt(tau) p D^-1], solved by lstsq.
+    from pcb_analysis.estimators import tikhonov_matrix
+
+    k, tau = 5, 0.3
+    m = random_confusion(k, seed=12)
+    p = torch.softmax(torch.randn(7, k, generator=torch.Generator().manual_seed(12), dtype=F64), 1)
+    a = torch.cat([m, tau**0.5 * torch.eye(k, dtype=F64)], dim=1)  # [K, 2K]
+    b = torch.cat([p, tau**0.5 * p / torch.diagonal(m)], dim=1)  # [R, 2K]
+    x = torch.linalg.lstsq(a.t(), b.t()).solution.t()
+    torch.testing.assert_close(p @ tikhonov_matrix(m, tau), x, atol=1e-12, rtol=0)
+
+
+def test_cm_tikhonov_limits_are_cm_and_ms() -> None:
+    q = random_q(60, 6, seed=13)
+    m = random_confusion(6, seed=13)
+    torch.testing.assert_close(calibrate(q, "cm-tikhonov", m, tau=0.0), calibrate(q, "cm", m), atol=0, rtol=0)
+    torch.testing.assert_close(calibrate(q, "cm-tikhonov", m, tau=1e-9), calibrate(q, "cm", m),
+                               atol=1e-6, rtol=0)
+    # W -> D^-1 with error O(1/tau): at tau = 1e8 within 1e-6 of ms
+    torch.testing.assert_close(calibrate(q, "cm-tikhonov", m, tau=1e8), calibrate(q, "ms", m),
+                               atol=1e-6, rtol=0)
+    far = (calibrate(q, "cm-tikhonov", m, tau=1.0) - calibrate(q, "ms", m)).abs().max()
+    assert far > 1e-3  # the tolerance above is not trivially met
+
+
+def test_ibu_hand_example_and_limits() -> None:
+    # uniform start x = (1/2, 1/2). Step 1: x M2 = (0.25, 0.75); p / (x M2) = (1.6, 0.8);
+    #   (ratio M2^T)_i = sum_j ratio_j M2[i, j] = (0.8 + 0.4, 0.8) = (1.2, 0.8); x * that = (0.6, 0.4).
+    #   cm-bayes: column sums (0.5, 1.5): p~0 = 0.4 + 0.6 * 0.5/1.5 = 0.6. Equal.
+    # Step 2: x M2 = (0.3, 0.7); ratio = (4/3, 6/7); ratio M2^T = (2/3 + 3/7, 6/7) = (23/21, 18/21);
+    #   x * that = (13.8/21, 7.2/21) = (23/35, 12/35) (sums to 1 already: sum_i x_i (r M^T)_i = sum_j p_j).
+    # ms start: s = (0.5, 1): (0.8, 0.6) / 1.4 = (4/7, 3/7).
+    def run(k: int, start: str) -> list[float]:
+        return calibrate(Q2, "ibu", M2, k=k, start=start)[0, :2].tolist()
+
+    assert run(1, "uniform") == pytest.approx([0.6, 0.4], abs=1e-12)
+    assert run(2, "uniform") == pytest.approx([23 / 35, 12 / 35], abs=1e-12)
+    assert run(0, "uniform") == pytest.approx([0.5, 0.5], abs=1e-12)
+    assert run(0, "ms") == pytest.approx([4 / 7, 3 / 7], abs=1e-12)
+    # many steps approach the interior maximum-likelihood solution p M2^-1 = (0.8, 0.2) (= cm here)
+    assert run(2000, "uniform") == pytest.approx([0.8, 0.2], abs=1e-3)
+    q = random_q(60, 6, seed=14)
+    m = random_confusion(6, seed=14)
+    torch.testing.assert_close(calibrate(q, "ibu", m, k=1, start="uniform"), calibrate(q, "cm-bayes", m),
+                               atol=1e-14, rtol=0)
+    torch.testing.assert_close(calibrate(q, "ibu", m, k=0, start="ms"), calibrate(q, "ms", m),
+                               atol=0, rtol=0)
+    torch.testing.assert_close(calibrate(Q_HAND, "ibu", M_HAND, k=1, start="uniform"), expected_q("cm-bayes"),
+                               atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_estimator_properties(name: str) -> None:
+    k = 8
+    q = random_q(200, k, seed=15)
+    q[0] = 0.0
+    q[0, k] = 1.0  # no foreground mass at all
+    m = random_confusion(k, seed=16)
+    out = calibrate(q, _est(name), m, **PARAMS[name])
+    torch.testing.assert_close(out.sum(1), torch.ones(200, dtype=F64), atol=1e-12, rtol=0)
+    assert torch.equal(out[:, k], q[:, k])
+    assert (out >= 0).all()
+    # identity M changes nothing
+    torch.testing.assert_close(calibrate(q, _est(name), torch.eye(k, dtype=F64), **PARAMS[name]), q,
+                               atol=1e-12, rtol=0)
+    # chunking does not change the result; float32 in, float32 out
+    torch.testing.assert_close(calibrate(q, _est(name), m, chunk_rows=7, **PARAMS[name]), out, atol=0, rtol=0)
+    assert calibrate(q.float(), _est(name), m, **PARAMS[name]).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["cm-diagshrink", "cm-tikhonov", "ibu-ms"])
+def test_diagonal_matrix_gives_ms(name: str) -> None:
+    # diagshrink: M_l = diag(s) whatever lam; tikhonov: x (D^2 + tau I) = p (D + tau D^-1)
+    # = p D^-1 (D^2 + tau I), so x = p D^-1; ibu from ms: x = c p/s -> x D = c p, the ratio is 1/c,
+    # (ratio D)_i / e_i = s_i / (c s_i) with efficiency e = row sums = s: every step keeps x
+    # (and from uniform one step gives p/s).
+    s = torch.tensor([0.9, 0.5, 0.2, 0.7], dtype=F64)
+    q = random_q(40, 4, seed=17)
+    out = calibrate(q, _est(name), torch.diag(s), **PARAMS[name])
+    torch.testing.assert_close(out, calibrate(q, "ms", s), atol=1e-14, rtol=1e-12)
+    if name == "ibu-ms":
+        torch.testing.assert_close(calibrate(q, "ibu", torch.diag(s), k=1, start="uniform"), out,
+                                   atol=1e-14, rtol=1e-12)
+
+
+def _planted() -> tuple[torch.Tensor, torch.Tensor, ClassStats]:
+    # the asymmetric chain of test_planted_asymmetric_confusion_recovered_by_cm, with noise on log p
+    k = 4
+    m_true = torch.tensor(
+        [[0.40, 0.55, 0.03, 0.02], [0.02, 0.40, 0.55, 0.03],
+         [0.02, 0.03, 0.90, 0.05], [0.02, 0.03, 0.05, 0.90]],
+        dtype=F64,
+    )
+    g = torch.Generator().manual_seed(18)
+    r = 4000
+    y = torch.randint(0, k, (r,), generator=g)
+    p_star = torch.softmax(
+        3.0 * torch.nn.functional.one_hot(y, k).to(F64) + 0.7 * torch.randn(r, k, generator=g, dtype=F64), 1
+    )
+    logp = torch.log(p_star @ m_true) + 0.1 * torch.randn(r, k, generator=g, dtype=F64)
+    logits = torch.cat([logp, torch.randn(r, 1, generator=g, dtype=F64)], dim=1)
+    return torch.softmax(logits, dim=1), y, ClassStats.zeros(k).update(logits, y)
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_planted_confusion_recovered_better_than_none(name: str) -> None:
+    q, y, st = _planted()
+    k = q.shape[1] - 1
+
+    def acc(out: torch.Tensor) -> float:
+        return float((out[:, :k].argmax(1) == y).double().mean())
+
+    base = acc(calibrate(q, "none", st))
+    got = acc(calibrate(q, _est(name), st, **PARAMS[name]))
+    assert got > base + 0.1, (base, got)
+
+
+def test_row_prior_hand_example_and_no_op() -> None:
+    # M_HAND with instance counts n = (1, 3, 0) and a = 1:
+    #   row 0: (1 * (0.5, 0.5, 0) + (1, 0, 0)) / 2 = (0.75, 0.25, 0); row 1 is e_1 already;
+    #   row 2: n = 0 -> e_2.
+    # cm on p_a = (0.2, 0.6, 0.2): x0 = 0.2 / 0.75 = 4/15, x1 = 0.6 - 0.25 x0 = 8/15, x2 = 0.2 = 3/15.
+    st = ClassStats.zeros(3)
+    z = torch.full((3, 4), -5.0, dtype=F64)
+    z[:, :3] = torch.log(M_HAND.clamp_min(1e-300))
+    st.update(z, torch.tensor([0, 1, 2]))
+    st.instances = torch.tensor([1, 3, 0])
+    out = calibrate(Q_HAND[:1], "cm", st, row_prior=1.0)
+    torch.testing.assert_close(out[0, :3], 0.5 * torch.tensor([4 / 15, 8 / 15, 3 / 15], dtype=F64),
+                               atol=1e-12, rtol=0)
+    m_prior = torch.tensor([[0.75, 0.25, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=F64)
+    q = random_q(30, 3, seed=19)
+    for stat, params in (("ms", {}), ("cm", {}), ("cm-bayes", {}), ("cm-diagshrink", {"lam": 0.3}),
+                         ("cm-tikhonov", {"tau": 0.2}), ("ibu", {"k": 2, "start": "ms"})):
+        torch.testing.assert_close(calibrate(q, stat, st, row_prior=1.0, **params),
+                                   calibrate(q, stat, m_prior, **params), atol=1e-12, rtol=0)
+        # a = 0 is a no-op
+        torch.testing.assert_close(calibrate(q, stat, st, row_prior=0.0, **params),
+                                   calibrate(q, stat, st, **params), atol=0, rtol=0)
+
+
+def test_estimator_misuse() -> None:
+    with pytest.raises(ApiMisuseError, match="missing: lam"):
+        calibrate(Q_HAND, "cm-diagshrink", M_HAND)
+    with pytest.raises(ApiMisuseError, match="unknown: tau"):
+        calibrate(Q_HAND, "cm-diagshrink", M_HAND, lam=0.5, tau=1.0)
+    with pytest.raises(ApiMisuseError, match="unknown: lam"):
+        calibrate(Q_HAND, "cm", M_HAND, lam=0.5)
+    with pytest.raises(ApiMisuseError, match=r"lam must be in \[0.0, 1.0\]"):
+        calibrate(Q_HAND, "cm-diagshrink", M_HAND, lam=1.5)
+    with pytest.raises(ApiMisuseError, match="tau must be in"):
+        calibrate(Q_HAND, "cm-tikhonov", M_HAND, tau=-1.0)
+    with pytest.raises(ApiMisuseError, match="k must be an int"):
+        calibrate(Q_HAND, "ibu", M_HAND, k=1.5, start="ms")
+    with pytest.raises(ApiMisuseError, match="start must be"):
+        calibrate(Q_HAND, "ibu", M_HAND, k=1, start="cm")
+    with pytest.raises(ApiMisuseError, match="instance counts"):
+        calibrate(Q_HAND, "cm", M_HAND, row_prior=1.0)  # a bare matrix has no instance counts
+    with pytest.raises(ApiMisuseError, match="instance counts"):
+        calibrate(Q_HAND, "cm", ClassStats.zeros(3), row_prior=1.0)
+    with pytest.raises(ApiMisuseError, match="row_prior"):
+        calibrate(Q_HAND, "cm", M_HAND, row_prior=-1.0)
+    # parameterised estimators are library-only: not parameter-free rows of the CLI / study
+    assert not {"cm-diagshrink", "cm-tikhonov", "ibu"} & set(ROW_STATISTICS)
