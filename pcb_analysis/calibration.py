@@ -30,10 +30,12 @@ from pcb_analysis.calibration_inputs import ridge_matrix as ridge_matrix  # publ
 from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.estimators import (
+    class_weight,
     clipped_linear,
     diagshrink_operand,
     ibu_operand,
     iterative_unfolding,
+    ms_eq_operand,
     tikhonov_operand,
 )
 from pcb_analysis.estimators import renormalise as _renormalise
@@ -200,6 +202,9 @@ STATISTICS: dict[str, Statistic] = {
     "ibu": Statistic(iterative_unfolding, ibu_operand, True,
                      "k steps of iterative Bayesian unfolding from uniform (k=1 cm-bayes) or ms (k=0 ms)",
                      row=False, params=("k", "start")),
+    "ms-eq": Statistic(class_weight, ms_eq_operand, False,
+                       "class weight equalising the mean renormalised score of the positives (fit_ms_eq)",
+                       row=False, params=("iterations", "eta")),
 }
 """Statistic name -> `Statistic`, in the report's order. The one list of calibration statistics."""
 

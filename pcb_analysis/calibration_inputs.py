@@ -38,6 +38,7 @@ class StatInputs:
     freq: Tensor | None = None
     gamma: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] | None = None  # ClassStats.extra (fits stored with the statistics: ms-eq)
 
 
 def positive_floor(x: Tensor) -> Tensor:
@@ -150,4 +151,5 @@ def stat_inputs(
         if k and freq.shape[0] != k:
             raise PcbkitError(f"freq has {freq.shape[0]} entries, K={k}")
     return StatInputs(num_classes=k, matrix=matrix, score=score, freq=freq, gamma=float(gamma),
-                      params=dict(params or {}))
+                      params=dict(params or {}),
+                      extra=stats.extra if isinstance(stats, ClassStats) else None)

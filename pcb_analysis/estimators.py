@@ -6,20 +6,30 @@ the validated `StatInputs` (matrix M [K, K] with row prior and ridge applied, it
 `cm-tikhonov` (tau) solves min ||x M - p||^2 + tau ||x - p D^-1||^2 in closed form, one matrix
 W = (M^T + tau D^-1)(M M^T + tau I)^-1; both then clip at 0 and renormalise like `cm`. `ibu`
 (k, start) runs k steps of iterative Bayesian unfolding per proposal from a uniform or `ms` start.
+`ms-eq` (iterations, eta) applies a class weight w, p~ ∝ w p, that `fit_ms_eq` fits on the
+positives of a dump and stores in `ClassStats.extra["ms_eq"]`.
 `pcb_analysis.calibration` holds the table and applies these in row chunks, keeping the background.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from pcb_analysis.calibration_inputs import StatInputs
+from pcb_analysis.class_sums import foreground_probs
+from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
+from pcb_analysis.stats import ClassStats
+
+logger = logging.getLogger(__name__)
 
 MIN_SCORE = 1e-12  # floor of a diagonal entry / mean score (only a hand-made matrix reaches 0)
 
@@ -160,3 +170,93 @@ def iterative_unfolding(p: Tensor, op: IbuOperand) -> Tensor:
         ratio = torch.where(ok, p / torch.where(ok, folded, torch.ones_like(folded)), torch.zeros_like(p))
         x = renormalise(x * (ratio @ m.t()) * op.inv_efficiency, p)
     return x
+
+
+# ------------------------------------------------------------------------------ ms-eq
+
+MS_EQ_KEY = "ms_eq"  # ClassStats.extra[MS_EQ_KEY]: list of {"iterations", "eta", "weights" [K]}
+
+
+def _positive_chunks(source: Any, k: int, chunk_rows: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """(p [r, K] float64, y [r]) of the positives (0 <= label < K) of a dump or of (logits, labels)."""
+    if isinstance(source, tuple):
+        logits, labels = source
+        chunks: Iterable[dict[str, Tensor]] = [{"logits": logits, "labels": labels}]
+    else:
+        reader = source if isinstance(source, DumpReader) else DumpReader(source)
+        chunks = reader.iter_chunks(rows=chunk_rows, columns=("logits", "labels"), as_torch=True)
+    for chunk in chunks:
+        logits = torch.as_tensor(chunk["logits"])
+        if logits.dim() != 2 or logits.shape[1] != k + 1:
+            raise PcbkitError(f"fit_ms_eq: logits must be [R, K+1] = [R, {k + 1}], got {list(logits.shape)}")
+        y = torch.as_tensor(chunk["labels"]).long()
+        pos = (y >= 0) & (y < k)
+        if bool(pos.any()):
+            yield foreground_probs(logits[pos].to(torch.float64), k), y[pos]
+
+
+def fit_ms_eq(
+    source: str | Path | DumpReader | tuple[Tensor, Tensor],
+    stats: ClassStats,
+    iterations: int,
+    eta: float,
+    *,
+    chunk_rows: int = 65536,
+) -> Tensor:
+    """Fit the `ms-eq` class weight w [K] on the positives of `source` (the dump `stats` was built
+    from, or (logits [N, K+1], labels [N])) and store it in `stats.extra["ms_eq"]` (saved with it).
+
+    w_0 = 1; each iteration: d_j = mean over class-j positives of (w p)_j / sum_k (w p)_k, and
+    w_j <- w_j (mean_k d_k / d_j)^eta over the classes with positives (others keep w_j = 1). One
+    pass over the positives per iteration; a class whose d_j is 0 is floored at 1e-12.
+    """
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ApiMisuseError(f"fit_ms_eq: iterations must be an int >= 0, got {iterations!r}")
+    eta_f = _finite_float(eta, "ms-eq", "eta", 0.0)
+    k = stats.num_classes
+    w = torch.ones(k, dtype=torch.float64)
+    for it in range(iterations):
+        d = torch.zeros(k, dtype=torch.float64)
+        n = torch.zeros(k, dtype=torch.float64)
+        for p, y in _positive_chunks(source, k, chunk_rows):
+            pw = renormalise(p * w, p)
+            d.index_add_(0, y, pw.gather(1, y[:, None])[:, 0])
+            n.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        has = n > 0
+        if not bool(has.any()):
+            raise PcbkitError("fit_ms_eq: the source has no positive proposals")
+        d = (d / n.clamp(min=1)).clamp(min=MIN_SCORE)
+        w = torch.where(has, w * (d[has].mean() / d).pow(eta_f), w)
+        logger.info("ms-eq iteration %d/%d: spread of d max/min %.3g", it + 1, iterations,
+                    float(d[has].max() / d[has].min()))
+    fits = [f for f in stats.extra.get(MS_EQ_KEY, []) if (f["iterations"], f["eta"]) != (iterations, eta_f)]
+    stats.extra[MS_EQ_KEY] = [*fits, {"iterations": iterations, "eta": eta_f, "weights": w.tolist()}]
+    return w
+
+
+def ms_eq_operand(inp: StatInputs) -> Tensor:
+    """The weight w [K] that `fit_ms_eq` stored for exactly these (iterations, eta)."""
+    iterations, eta = param(inp, "ms-eq", "iterations"), param(inp, "ms-eq", "eta")
+    fits = inp.extra.get(MS_EQ_KEY) if inp.extra is not None else None
+    if fits is None:
+        raise ApiMisuseError(
+            "calibration 'ms-eq' needs a ClassStats fitted on its positives: call "
+            "pcb_analysis.estimators.fit_ms_eq(dump, stats, iterations, eta) first"
+        )
+    for fit in fits:
+        if fit["iterations"] == iterations and fit["eta"] == float(eta):
+            w = torch.tensor(fit["weights"], dtype=torch.float64)
+            if w.shape != (inp.num_classes,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+                raise PcbkitError(
+                    f"ClassStats.extra['ms_eq']: weights must be [K] = [{inp.num_classes}], finite, >= 0"
+                )
+            return w
+    have = ", ".join(f"(iterations={f['iterations']}, eta={f['eta']})" for f in fits) or "none"
+    raise ApiMisuseError(
+        f"calibration 'ms-eq': no fit for iterations={iterations}, eta={eta} (fitted: {have}); call fit_ms_eq"
+    )
+
+
+def class_weight(p: Tensor, w: Tensor) -> Tensor:
+    """p~ ∝ w * p (rows with no mass keep p)."""
+    return renormalise(p * w, p)

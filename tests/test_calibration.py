@@ -100,7 +100,7 @@ def test_hand_example_from_class_stats_and_mean_score_vector() -> None:
 
 def test_table_is_literal_and_complete() -> None:
     assert list(CALIBRATORS) == [
-        "none", "ms", "cm", "cm-bayes", "norcal", "cm-diagshrink", "cm-tikhonov", "ibu"
+        "none", "ms", "cm", "cm-bayes", "norcal", "cm-diagshrink", "cm-tikhonov", "ibu", "ms-eq"
     ]
     assert list(OPERANDS) == list(CALIBRATORS)
     with pytest.raises(PcbkitError, match="unknown calibration statistic 'cmx'"):
@@ -548,3 +548,62 @@ def test_estimator_misuse() -> None:
         calibrate(Q_HAND, "cm", M_HAND, row_prior=-1.0)
     # parameterised estimators are library-only: not parameter-free rows of the CLI / study
     assert not {"cm-diagshrink", "cm-tikhonov", "ibu"} & set(ROW_STATISTICS)
+
+
+def test_ms_eq_hand_example_and_one_iteration_is_ms() -> None:
+    # Two classes, three positives (float64 logits = log p, so p is exact):
+    #   class 0: p = (0.6, 0.4) and (0.2, 0.8)  -> d_0 = (0.6 + 0.2) / 2 = 0.4
+    #   class 1: p = (0.5, 0.5)                 -> d_1 = 0.5
+    # iteration 1 (w = 1): mean d = 0.45; eta = 1: w = (0.45/0.4, 0.45/0.5) = (1.125, 0.9)
+    #   (∝ 1/d = 1/s: d_j is the mean score s_j, so one iteration with eta = 1 is ms).
+    # iteration 2: (w p) renormalised: (0.675, 0.36) -> 0.675/1.035 = 0.6522; (0.225, 0.72) -> 0.225/0.945
+    #   = 0.2381; d_0 = 0.44513; class 1: (0.5625, 0.45) -> 0.45/1.0125 = 0.44444 = d_1;
+    #   mean 0.44479; w_0 = 1.125 * 0.44479/0.44513, w_1 = 0.9 * 0.44479/0.44444.
+    from pcb_analysis.estimators import fit_ms_eq
+
+    p = torch.tensor([[0.6, 0.4], [0.2, 0.8], [0.5, 0.5]], dtype=F64)
+    y = torch.tensor([0, 0, 1])
+    logits = torch.cat([torch.log(p), torch.zeros(3, 1, dtype=F64)], dim=1)
+    st = ClassStats.zeros(2).update(logits, y)
+    w1 = fit_ms_eq((logits, y), st, iterations=1, eta=1.0)
+    torch.testing.assert_close(w1, torch.tensor([1.125, 0.9], dtype=F64), atol=1e-12, rtol=0)
+    d0 = (0.675 / 1.035 + 0.225 / 0.945) / 2
+    d1 = 0.45 / 1.0125
+    mean = (d0 + d1) / 2
+    w2 = fit_ms_eq((logits, y), st, iterations=2, eta=1.0)
+    torch.testing.assert_close(w2, torch.tensor([1.125 * mean / d0, 0.9 * mean / d1], dtype=F64),
+                               atol=1e-12, rtol=0)
+    q = random_q(30, 2, seed=20)
+    torch.testing.assert_close(calibrate(q, "ms-eq", st, iterations=1, eta=1.0), calibrate(q, "ms", st),
+                               atol=1e-14, rtol=0)
+    # both fits are kept (and saved with the statistics); a setting never fitted is refused
+    assert [(f["iterations"], f["eta"]) for f in st.extra["ms_eq"]] == [(1, 1.0), (2, 1.0)]
+    with pytest.raises(ApiMisuseError, match="no fit for iterations=10, eta=0.5"):
+        calibrate(q, "ms-eq", st, iterations=10, eta=0.5)
+    with pytest.raises(ApiMisuseError, match="fit_ms_eq"):
+        calibrate(q, "ms-eq", ClassStats.zeros(2), iterations=1, eta=1.0)
+    with pytest.raises(ApiMisuseError, match="fit_ms_eq"):
+        calibrate(q, "ms-eq", M2, iterations=1, eta=1.0)
+
+
+def test_ms_eq_properties_and_planted_confusion() -> None:
+    from pcb_analysis.estimators import fit_ms_eq
+
+    q, y, st = _planted()
+    k = q.shape[1] - 1
+    logits = torch.log(q)  # same foreground softmax as the planted logits
+    fit_ms_eq((logits, y), st, iterations=10, eta=0.5)
+    out = calibrate(q, "ms-eq", st, iterations=10, eta=0.5)
+    torch.testing.assert_close(out.sum(1), torch.ones(q.shape[0], dtype=F64), atol=1e-12, rtol=0)
+    assert torch.equal(out[:, k], q[:, k]) and (out >= 0).all()
+    none = float((q[:, :k].argmax(1) == y).double().mean())
+    got = float((out[:, :k].argmax(1) == y).double().mean())
+    assert got > none + 0.1, (none, got)
+    # positives whose mean scores already agree (symmetric p): w stays 1, ms-eq is a no-op
+    p = torch.tensor([[0.7, 0.3], [0.3, 0.7]], dtype=F64)
+    sym = torch.cat([torch.log(p), torch.zeros(2, 1, dtype=F64)], dim=1)
+    st2 = ClassStats.zeros(2).update(sym, torch.tensor([0, 1]))
+    torch.testing.assert_close(fit_ms_eq((sym, torch.tensor([0, 1])), st2, iterations=5, eta=1.0),
+                               torch.ones(2, dtype=F64), atol=1e-15, rtol=0)
+    q2 = random_q(20, 2, seed=21)
+    torch.testing.assert_close(calibrate(q2, "ms-eq", st2, iterations=5, eta=1.0), q2, atol=1e-15, rtol=0)
