@@ -8,7 +8,7 @@ diagonal of M_l). The row prior a >= 0 (applied before the ridge) pulls each row
 vector by the number n_i of ground-truth instances behind it, M_i <- (n_i M_i + a e_i) / (n_i + a);
 it needs a ClassStats with `instances`. Frequencies and priors [K] must be finite and
 non-negative, not all zero; a zero entry is raised to the smallest positive one. Used by
-`pcb_analysis.calibration` (docs/method.md §3, docs/calibration.md §1 and §4).
+`pcb_analysis.calibration` (docs/method.md §3, docs/calibration.md §1 and §6).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The regularised confusion-matrix estimators of the statistics table (docs/calibration.md §4).
+"""The regularised confusion-matrix estimators of the statistics table (docs/calibration.md §6).
 
 Each estimator is a map f(p [R, K] float64, operand) -> p~ [R, K] and an operand builder that reads
 the validated `StatInputs` (matrix M [K, K] with row prior and ridge applied, its parameters in
@@ -57,7 +57,7 @@ def need_matrix(inp: StatInputs, stat: str) -> Tensor:
 def param(inp: StatInputs, stat: str, name: str) -> Any:
     """A required parameter of `stat` (the table lists them; `Calibrator.build` checks the names)."""
     if name not in inp.params:
-        raise ApiMisuseError(f"calibration {stat!r} needs the parameter {name}= (see docs/calibration.md §4)")
+        raise ApiMisuseError(f"calibration {stat!r} needs the parameter {name}= (see docs/calibration.md §6)")
     return inp.params[name]
 
 

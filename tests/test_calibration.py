@@ -333,7 +333,7 @@ def test_calibrate_dump_offline_improves_planted_confusion(tmp_path):
 
 
 # ----------------------------------------------------------------------------- regularised estimators
-# (docs/calibration.md §4). PARAMS: each estimator with one setting of its knob, for the properties.
+# (docs/calibration.md §6). PARAMS: each estimator with one setting of its knob, for the properties.
 
 PARAMS = {
     "cm-diagshrink": {"lam": 0.5},
