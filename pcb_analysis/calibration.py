@@ -34,10 +34,12 @@ from pcb_analysis.estimators import (
     clipped_linear,
     diagshrink_operand,
     ibu_operand,
+    invert,
     iterative_unfolding,
     ms_eq_operand,
     tikhonov_operand,
 )
+from pcb_analysis.estimators import need_matrix as _need_matrix
 from pcb_analysis.estimators import renormalise as _renormalise
 from pcb_analysis.stats import ClassStats
 
@@ -102,14 +104,6 @@ def logit_adjust(logits: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:
 # ------------------------------------------------------------------------------ operands
 
 
-def _need_matrix(inp: StatInputs, stat: str) -> Tensor:
-    if inp.matrix is None:
-        raise PcbkitError(
-            f"calibration {stat!r} needs a confusion matrix: pass a ClassStats or a [K, K] matrix"
-        )
-    return inp.matrix
-
-
 def _no_operand(inp: StatInputs) -> None:
     return None
 
@@ -123,18 +117,7 @@ def _mean_score_operand(inp: StatInputs) -> Tensor:
 
 
 def _inverse_operand(inp: StatInputs) -> Tensor:
-    m = _need_matrix(inp, "cm")
-    try:
-        inv = torch.linalg.inv(m)
-    except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
-        raise PcbkitError(
-            f"cm: the confusion matrix is singular ({err}); use a ridge > 0 (e.g. 0.01)"
-        ) from err
-    if not bool(torch.isfinite(inv).all()):
-        raise PcbkitError(
-            "cm: the inverse of the confusion matrix is not finite; use a ridge > 0 (e.g. 0.01)"
-        )
-    return inv
+    return invert(_need_matrix(inp, "cm"), "cm")
 
 
 def _bayes_operand(inp: StatInputs) -> Tensor:
@@ -234,6 +217,7 @@ class Calibrator:
     stat: str
     num_classes: int
     operand: Any  # a Tensor, None, or an object with .to(device) (ibu)
+    params: tuple[tuple[str, Any], ...] = ()  # the estimator's parameters (provenance), sorted
 
     @classmethod
     def build(
@@ -269,12 +253,13 @@ class Calibrator:
         k = num_classes if num_classes is not None else inp.num_classes
         if stat != "none" and not k:
             raise PcbkitError(f"calibration {stat!r} needs statistics (stats=...)")
-        return cls(stat=stat, num_classes=int(k), operand=STATISTICS[stat].operand(inp))
+        return cls(stat=stat, num_classes=int(k), operand=STATISTICS[stat].operand(inp),
+                   params=tuple(sorted(params.items())))
 
     def to(self, device: torch.device | str) -> Calibrator:
         """A copy whose operand lives on `device` (move once, then calibrate many batches there)."""
         op = self.operand.to(device) if self.operand is not None else None
-        return Calibrator(self.stat, self.num_classes, op)
+        return Calibrator(self.stat, self.num_classes, op, self.params)
 
     def foreground(self, p: Tensor) -> Tensor:
         """f(p): p [R, K] foreground distributions -> p~ [R, K] float64 (no chunking)."""

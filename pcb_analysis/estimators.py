@@ -76,9 +76,13 @@ def invert(m: Tensor, stat: str) -> Tensor:
     try:
         inv = torch.linalg.inv(m)
     except RuntimeError as err:  # torch.linalg.LinAlgError is a RuntimeError
-        raise PcbkitError(f"{stat}: the matrix is singular ({err}); use a ridge > 0 (e.g. 0.01)") from err
+        raise PcbkitError(
+            f"{stat}: the confusion matrix is singular ({err}); use a ridge > 0 (e.g. 0.01)"
+        ) from err
     if not bool(torch.isfinite(inv).all()):
-        raise PcbkitError(f"{stat}: the inverse of the matrix is not finite; use a ridge > 0 (e.g. 0.01)")
+        raise PcbkitError(
+            f"{stat}: the inverse of the confusion matrix is not finite; use a ridge > 0 (e.g. 0.01)"
+        )
     return inv
 
 

@@ -607,3 +607,18 @@ def test_ms_eq_properties_and_planted_confusion() -> None:
                                torch.ones(2, dtype=F64), atol=1e-15, rtol=0)
     q2 = random_q(20, 2, seed=21)
     torch.testing.assert_close(calibrate(q2, "ms-eq", st2, iterations=5, eta=1.0), q2, atol=1e-15, rtol=0)
+
+
+def test_prepared_estimators_move_and_ms_eq_fit_survives_save_load(tmp_path) -> None:
+    from pcb_analysis.estimators import fit_ms_eq
+
+    q, y, st = _planted()
+    for stat, params in (("ibu", {"k": 2, "start": "uniform"}), ("cm-tikhonov", {"tau": 0.5})):
+        cal = Calibrator.build(stat, st, **params).to("cpu")  # the ibu operand is not a bare tensor
+        assert cal.params == tuple(sorted(params.items()))
+        torch.testing.assert_close(cal(q), calibrate(q, stat, st, **params), atol=0, rtol=0)
+    fit_ms_eq((torch.log(q), y), st, iterations=3, eta=0.5)
+    st.save(tmp_path / "s.npz")
+    back = ClassStats.load(tmp_path / "s.npz")
+    torch.testing.assert_close(calibrate(q, "ms-eq", back, iterations=3, eta=0.5),
+                               calibrate(q, "ms-eq", st, iterations=3, eta=0.5), atol=0, rtol=0)
