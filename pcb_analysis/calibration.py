@@ -30,6 +30,7 @@ from pcb_analysis.calibration_inputs import ridge_matrix as ridge_matrix  # publ
 from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.estimators import (
+    BACKGROUND_MODES,
     class_weight,
     clipped_linear,
     diagshrink_operand,
@@ -37,7 +38,11 @@ from pcb_analysis.estimators import (
     invert,
     iterative_unfolding,
     ms_eq_operand,
+    raw_clipped_linear,
+    raw_linear,
+    raw_scale,
     tikhonov_operand,
+    with_background,
 )
 from pcb_analysis.estimators import need_matrix as _need_matrix
 from pcb_analysis.estimators import renormalise as _renormalise
@@ -154,7 +159,8 @@ class Statistic:
     applies); row: a parameter-free row of the calibration table (`pcbkit calibrate --stat`, the
     study, the report's order); default: evaluated when `pcbkit calibrate` is given no statistic;
     label: its name in the study's tables (the paper's spelling); params: the names of its required
-    keyword parameters (a statistic with parameters is not a parameter-free row)."""
+    keyword parameters (a statistic with parameters is not a parameter-free row); raw: the map before
+    its renormalisation (background="norcal"; None: the transform's output, which sums to 1)."""
 
     transform: Callable[[Tensor, Any], Tensor]
     operand: Callable[[StatInputs], Tensor | None]
@@ -164,30 +170,34 @@ class Statistic:
     default: bool = False
     label: str = ""
     params: tuple[str, ...] = ()
+    raw: Callable[[Tensor, Any], Tensor] | None = None
 
 
 STATISTICS: dict[str, Statistic] = {
     "none": Statistic(unchanged, _no_operand, False, "the model's own scores", default=True),
     "ms": Statistic(mean_score_correction, _mean_score_operand, True,
-                    "divide by the class's mean score s = diag(M)", default=True, label="MS"),
+                    "divide by the class's mean score s = diag(M)", default=True, label="MS",
+                    raw=raw_scale),
     "cm": Statistic(confusion_inverse, _inverse_operand, True,
-                    "undo the confusion channel: clip(p M^-1, 0), renormalised", default=True, label="CM"),
+                    "undo the confusion channel: clip(p M^-1, 0), renormalised", default=True, label="CM",
+                    raw=raw_clipped_linear),
     "cm-bayes": Statistic(confusion_bayes, _bayes_operand, True,
-                          "hand each predicted class's mass back by P(true | predicted)"),
+                          "hand each predicted class's mass back by P(true | predicted)", raw=raw_linear),
     "norcal": Statistic(frequency_correction, _norcal_operand, False,
-                        "divide by the training frequency^gamma (NorCal; --gamma, --tau)", row=False),
+                        "divide by the training frequency^gamma (NorCal; --gamma, --tau)", row=False,
+                        raw=raw_scale),
     "cm-diagshrink": Statistic(clipped_linear, diagshrink_operand, True,
                                "clip(p M_lam^-1, 0), off-diagonal shrunk by (1 - lam): lam=1 ms, lam=0 cm",
-                               row=False, params=("lam",)),
+                               row=False, params=("lam",), raw=raw_clipped_linear),
     "cm-tikhonov": Statistic(clipped_linear, tikhonov_operand, True,
                              "argmin ||x M - p||^2 + tau ||x - p/diag(M)||^2, clipped: tau=0 cm, tau->inf ms",
-                             row=False, params=("tau",)),
+                             row=False, params=("tau",), raw=raw_clipped_linear),
     "ibu": Statistic(iterative_unfolding, ibu_operand, True,
                      "k steps of iterative Bayesian unfolding from uniform (k=1 cm-bayes) or ms (k=0 ms)",
                      row=False, params=("k", "start")),
     "ms-eq": Statistic(class_weight, ms_eq_operand, False,
                        "class weight equalising the mean renormalised score of the positives (fit_ms_eq)",
-                       row=False, params=("iterations", "eta")),
+                       row=False, params=("iterations", "eta"), raw=raw_scale),
 }
 """Statistic name -> `Statistic`, in the report's order. The one list of calibration statistics."""
 
@@ -218,6 +228,7 @@ class Calibrator:
     num_classes: int
     operand: Any  # a Tensor, None, or an object with .to(device) (ibu)
     params: tuple[tuple[str, Any], ...] = ()  # the estimator's parameters (provenance), sorted
+    background: str = "keep"  # "keep" (q~[K] = q[K]) or "norcal" (renormalised over K+1)
 
     @classmethod
     def build(
@@ -230,6 +241,7 @@ class Calibrator:
         freq: Tensor | None = None,
         gamma: float = 1.0,
         row_prior: float = 0.0,
+        background: str = "keep",
         **params: Any,
     ) -> Calibrator:
         """Prepare `stat` from `stats` (a ClassStats, a row-normalised M [K, K], or a mean score s [K]).
@@ -241,6 +253,8 @@ class Calibrator:
             raise PcbkitError(
                 f"unknown calibration statistic {stat!r}; choose one of {', '.join(STATISTICS)}"
             )
+        if background not in BACKGROUND_MODES:
+            raise ApiMisuseError(f"background must be 'keep' or 'norcal', got {background!r}")
         wanted = STATISTICS[stat].params
         unknown = sorted(set(params) - set(wanted))
         missing = [n for n in wanted if n not in params]
@@ -254,12 +268,12 @@ class Calibrator:
         if stat != "none" and not k:
             raise PcbkitError(f"calibration {stat!r} needs statistics (stats=...)")
         return cls(stat=stat, num_classes=int(k), operand=STATISTICS[stat].operand(inp),
-                   params=tuple(sorted(params.items())))
+                   params=tuple(sorted(params.items())), background=background)
 
     def to(self, device: torch.device | str) -> Calibrator:
         """A copy whose operand lives on `device` (move once, then calibrate many batches there)."""
         op = self.operand.to(device) if self.operand is not None else None
-        return Calibrator(self.stat, self.num_classes, op, self.params)
+        return Calibrator(self.stat, self.num_classes, op, self.params, self.background)
 
     def foreground(self, p: Tensor) -> Tensor:
         """f(p): p [R, K] foreground distributions -> p~ [R, K] float64 (no chunking)."""
@@ -270,15 +284,18 @@ class Calibrator:
         """One chunk: q [r, K+1] (any float dtype) -> q~ [r, K+1] float64."""
         q = q.to(torch.float64)
         k = q.shape[1] - 1
-        bg = q[:, k:]
         fg = q[:, :k]
         mass = fg.sum(dim=1, keepdim=True)
         has = mass > 0
         uniform = torch.full_like(fg, 1.0 / k)
         # q[K] = 1 (no foreground mass): uniform p
         p = torch.where(has, fg / torch.where(has, mass, torch.ones_like(mass)), uniform)
-        pt = self.foreground(p)
-        return torch.cat([(1.0 - bg).clamp(min=0.0) * pt, bg], dim=1)
+        raw = STATISTICS[self.stat].raw
+        if self.background == "keep" or raw is None:
+            return with_background(q, self.foreground(p), self.background)
+        op = self.operand.to(p.device) if self.operand is not None else None
+        u = raw(p, op)
+        return with_background(q, torch.where(u.sum(dim=1, keepdim=True) > 0, u, p), self.background)
 
     def __call__(self, q: Tensor, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> Tensor:
         """q [R, K+1] probabilities (background last) -> q~ [R, K+1] (float32, float64 for float64 q)."""
@@ -335,6 +352,7 @@ def calibrate(
     gamma: float = 1.0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     row_prior: float = 0.0,
+    background: str = "keep",
     **params: Any,
 ) -> Tensor:
     """Calibrate probabilities q [R, K+1] (softmax over K+1, background last) -> q~ [R, K+1].
@@ -343,11 +361,13 @@ def calibrate(
     "cm-tikhonov" (tau=), "ibu" (k=, start=)); `stats` a ClassStats, a row-normalised confusion
     matrix [K, K] or (for "ms") a mean score [K]; `row_prior` a pulls each row toward I by its
     instance count (ClassStats with `instances` only), then `ridge` shrinks the matrix toward I.
-    The background column is returned unchanged and rows sum to 1. For many batches with the same
-    statistic build a `Calibrator` once instead (one matrix inverse).
+    `background="norcal"` renormalises the unnormalised foreground map with q[K] over K+1 instead
+    (docs/calibration.md §6); by default the background column is returned unchanged. Rows sum to
+    1. For many batches with one statistic build a `Calibrator` once instead (one matrix inverse).
     """
     cal = Calibrator.build(stat, stats, ridge, num_classes=q.shape[1] - 1 if q.dim() == 2 else None,
-                           freq=freq, gamma=gamma, row_prior=row_prior, **params)
+                           freq=freq, gamma=gamma, row_prior=row_prior,
+                           background=background, **params)
     return cal(q, chunk_rows=chunk_rows)
 
 
@@ -361,11 +381,13 @@ def calibrate_logits(
     gamma: float = 1.0,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     row_prior: float = 0.0,
+    background: str = "keep",
     **params: Any,
 ) -> Tensor:
     """`calibrate` on raw logits [R, K+1] (e.g. a dump's): softmax over K+1 per chunk, then calibration."""
     cal = Calibrator.build(stat, stats, ridge, num_classes=logits.shape[1] - 1 if logits.dim() == 2 else None,
-                           freq=freq, gamma=gamma, row_prior=row_prior, **params)
+                           freq=freq, gamma=gamma, row_prior=row_prior,
+                           background=background, **params)
     return cal.from_logits(logits, chunk_rows=chunk_rows)
 
 

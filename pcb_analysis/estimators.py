@@ -46,6 +46,37 @@ def clipped_linear(p: Tensor, op: Tensor) -> Tensor:
     return renormalise((p @ op).clamp_(min=0.0), p)
 
 
+def raw_scale(p: Tensor, w: Tensor) -> Tensor:
+    """p * w before renormalisation (`ms`, `norcal`, `ms-eq`): the foreground for background="norcal"."""
+    return p * w
+
+
+def raw_linear(p: Tensor, op: Tensor) -> Tensor:
+    """p W before renormalisation (`cm-bayes`)."""
+    return p @ op
+
+
+def raw_clipped_linear(p: Tensor, op: Tensor) -> Tensor:
+    """clip(p W, 0) before renormalisation (`cm`, `cm-diagshrink`, `cm-tikhonov`)."""
+    return (p @ op).clamp_(min=0.0)
+
+
+BACKGROUND_MODES = ("keep", "norcal")
+
+
+def with_background(q: Tensor, u: Tensor, mode: str) -> Tensor:
+    """q [r, K+1] and the estimator's foreground u [r, K] (p~ for "keep", the unnormalised map for
+    "norcal") -> q~. keep: q~[:K] = (1 - q[K]) p~, q~[K] = q[K]. norcal: q~ ∝ ((1 - q[K]) u, q[K]),
+    renormalised over K+1 (rows whose u has no mass use p)."""
+    k = q.shape[1] - 1
+    bg = q[:, k:]
+    fg = (1.0 - bg).clamp(min=0.0) * u
+    if mode == "keep":
+        return torch.cat([fg, bg], dim=1)
+    out = torch.cat([fg, bg], dim=1)
+    return out / out.sum(dim=1, keepdim=True).clamp(min=torch.finfo(out.dtype).tiny)
+
+
 def need_matrix(inp: StatInputs, stat: str) -> Tensor:
     if inp.matrix is None:
         raise PcbkitError(

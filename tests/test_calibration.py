@@ -622,3 +622,31 @@ def test_prepared_estimators_move_and_ms_eq_fit_survives_save_load(tmp_path) -> 
     back = ClassStats.load(tmp_path / "s.npz")
     torch.testing.assert_close(calibrate(q, "ms-eq", back, iterations=3, eta=0.5),
                                calibrate(q, "ms-eq", st, iterations=3, eta=0.5), atol=0, rtol=0)
+
+
+def test_background_norcal_switch() -> None:
+    # ms on q_a = (0.1, 0.3, 0.1 | 0.5), s = (0.5, 1, 0.75): the foreground scaled, background not,
+    # renormalised over K+1: (0.2, 0.3, 2/15, 0.5) / (34/30) = (6, 9, 4, 15) / 34.
+    out = calibrate(Q_HAND[:1], "ms", M_HAND, background="norcal")
+    torch.testing.assert_close(out[0], torch.tensor([6, 9, 4, 15], dtype=F64) / 34, atol=1e-12, rtol=0)
+    # NorCal with its own background rule is the K+1 softmax of the logit-adjusted logits
+    k = 5
+    z = torch.randn(40, k + 1, generator=torch.Generator().manual_seed(22), dtype=F64)
+    prior = torch.tensor([50.0, 20.0, 5.0, 2.0, 1.0], dtype=F64)
+    torch.testing.assert_close(
+        calibrate(torch.softmax(z, 1), "norcal", freq=prior, gamma=0.7, background="norcal"),
+        torch.softmax(logit_adjust(z, prior, tau=0.7), 1), atol=1e-12, rtol=0,
+    )
+    # maps whose output already sums to 1 (none, cm-bayes, ibu) are the same under both rules;
+    # every rule gives rows that sum to 1 and non-negative entries
+    q = random_q(50, 6, seed=23)
+    m = random_confusion(6, seed=23)
+    for stat, params in (("none", {}), ("cm-bayes", {}), ("ibu", {"k": 2, "start": "ms"})):
+        torch.testing.assert_close(calibrate(q, stat, m, background="norcal", **params),
+                                   calibrate(q, stat, m, **params), atol=1e-12, rtol=0)
+    for stat, params in (("ms", {}), ("cm", {}), ("cm-tikhonov", {"tau": 0.1})):
+        out = calibrate(q, stat, m, background="norcal", **params)
+        torch.testing.assert_close(out.sum(1), torch.ones(50, dtype=F64), atol=1e-12, rtol=0)
+        assert (out >= 0).all()
+    with pytest.raises(ApiMisuseError, match="background must be"):
+        calibrate(q, "ms", m, background="drop")
