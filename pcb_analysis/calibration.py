@@ -37,6 +37,7 @@ from pcb_analysis.estimators import (
     ibu_operand,
     invert,
     iterative_unfolding,
+    loce_score,
     ms_eq_operand,
     raw_clipped_linear,
     raw_linear,
@@ -114,7 +115,10 @@ def _no_operand(inp: StatInputs) -> None:
 
 
 def _mean_score_operand(inp: StatInputs) -> Tensor:
-    s = inp.score if inp.score is not None else torch.diagonal(_need_matrix(inp, "ms"))
+    if inp.ms_source == "loce":
+        s = loce_score(inp)
+    else:
+        s = inp.score if inp.score is not None else torch.diagonal(_need_matrix(inp, "ms"))
     if bool((s < _MIN_SCORE).any()):
         logger.warning("ms: %d mean score(s) below %g floored (no positive mass on the true class)",
                        int((s < _MIN_SCORE).sum()), _MIN_SCORE)
@@ -242,6 +246,7 @@ class Calibrator:
         gamma: float = 1.0,
         row_prior: float = 0.0,
         background: str = "keep",
+        ms_source: str = "diagonal",
         **params: Any,
     ) -> Calibrator:
         """Prepare `stat` from `stats` (a ClassStats, a row-normalised M [K, K], or a mean score s [K]).
@@ -255,6 +260,10 @@ class Calibrator:
             )
         if background not in BACKGROUND_MODES:
             raise ApiMisuseError(f"background must be 'keep' or 'norcal', got {background!r}")
+        if ms_source not in ("diagonal", "loce") or (ms_source == "loce" and stat != "ms"):
+            raise ApiMisuseError(
+                f"ms_source must be 'diagonal' or 'loce' (ms only), got {ms_source!r} for {stat!r}"
+            )
         wanted = STATISTICS[stat].params
         unknown = sorted(set(params) - set(wanted))
         missing = [n for n in wanted if n not in params]
@@ -263,7 +272,7 @@ class Calibrator:
                 f"calibration {stat!r} takes the parameters ({', '.join(wanted) or 'none'}); "
                 + (f"unknown: {', '.join(unknown)}" if unknown else f"missing: {', '.join(missing)}")
             )
-        inp = stat_inputs(stats, num_classes, ridge, freq, gamma, row_prior, params)
+        inp = stat_inputs(stats, num_classes, ridge, freq, gamma, row_prior, params, ms_source)
         k = num_classes if num_classes is not None else inp.num_classes
         if stat != "none" and not k:
             raise PcbkitError(f"calibration {stat!r} needs statistics (stats=...)")
@@ -353,6 +362,7 @@ def calibrate(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     row_prior: float = 0.0,
     background: str = "keep",
+    ms_source: str = "diagonal",
     **params: Any,
 ) -> Tensor:
     """Calibrate probabilities q [R, K+1] (softmax over K+1, background last) -> q~ [R, K+1].
@@ -367,7 +377,7 @@ def calibrate(
     """
     cal = Calibrator.build(stat, stats, ridge, num_classes=q.shape[1] - 1 if q.dim() == 2 else None,
                            freq=freq, gamma=gamma, row_prior=row_prior,
-                           background=background, **params)
+                           background=background, ms_source=ms_source, **params)
     return cal(q, chunk_rows=chunk_rows)
 
 
@@ -382,12 +392,13 @@ def calibrate_logits(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     row_prior: float = 0.0,
     background: str = "keep",
+    ms_source: str = "diagonal",
     **params: Any,
 ) -> Tensor:
     """`calibrate` on raw logits [R, K+1] (e.g. a dump's): softmax over K+1 per chunk, then calibration."""
     cal = Calibrator.build(stat, stats, ridge, num_classes=logits.shape[1] - 1 if logits.dim() == 2 else None,
                            freq=freq, gamma=gamma, row_prior=row_prior,
-                           background=background, **params)
+                           background=background, ms_source=ms_source, **params)
     return cal.from_logits(logits, chunk_rows=chunk_rows)
 
 

@@ -39,6 +39,7 @@ class StatInputs:
     gamma: float = 1.0
     params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] | None = None  # ClassStats.extra (fits stored with the statistics: ms-eq)
+    ms_source: str = "diagonal"  # ms's mean score: "diagonal" of M or "loce" (K+1 softmax, fitted)
 
 
 def positive_floor(x: Tensor) -> Tensor:
@@ -119,6 +120,7 @@ def stat_inputs(
     gamma: float,
     row_prior: float = 0.0,
     params: dict[str, Any] | None = None,
+    ms_source: str = "diagonal",
 ) -> StatInputs:
     """Validate `stats` against K and turn it into operand-builder inputs (row prior, then ridge)."""
     lam = check_ridge(ridge)
@@ -152,4 +154,4 @@ def stat_inputs(
             raise PcbkitError(f"freq has {freq.shape[0]} entries, K={k}")
     return StatInputs(num_classes=k, matrix=matrix, score=score, freq=freq, gamma=float(gamma),
                       params=dict(params or {}),
-                      extra=stats.extra if isinstance(stats, ClassStats) else None)
+                      extra=stats.extra if isinstance(stats, ClassStats) else None, ms_source=ms_source)

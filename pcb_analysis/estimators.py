@@ -213,7 +213,7 @@ MS_EQ_KEY = "ms_eq"  # ClassStats.extra[MS_EQ_KEY]: list of {"iterations", "eta"
 
 
 def _positive_chunks(source: Any, k: int, chunk_rows: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """(p [r, K] float64, y [r]) of the positives (0 <= label < K) of a dump or of (logits, labels)."""
+    """(logits [r, K+1] float64, y [r]) of the positives (0 <= label < K) of a dump or (logits, labels)."""
     if isinstance(source, tuple):
         logits, labels = source
         chunks: Iterable[dict[str, Tensor]] = [{"logits": logits, "labels": labels}]
@@ -227,7 +227,13 @@ def _positive_chunks(source: Any, k: int, chunk_rows: int) -> Iterator[tuple[Ten
         y = torch.as_tensor(chunk["labels"]).long()
         pos = (y >= 0) & (y < k)
         if bool(pos.any()):
-            yield foreground_probs(logits[pos].to(torch.float64), k), y[pos]
+            yield logits[pos].to(torch.float64), y[pos]
+
+
+def _check_counts(n: Tensor, stats: ClassStats, what: str) -> None:
+    if not torch.equal(n.to(torch.int64), stats.n.to(torch.int64).cpu()):
+        raise PcbkitError(f"{what}: the source's positives per class differ from the statistics' n "
+                          "(fit on the dump the statistics were built from)")
 
 
 def fit_ms_eq(
@@ -253,10 +259,12 @@ def fit_ms_eq(
     for it in range(iterations):
         d = torch.zeros(k, dtype=torch.float64)
         n = torch.zeros(k, dtype=torch.float64)
-        for p, y in _positive_chunks(source, k, chunk_rows):
+        for z, y in _positive_chunks(source, k, chunk_rows):
+            p = foreground_probs(z, k)
             pw = renormalise(p * w, p)
             d.index_add_(0, y, pw.gather(1, y[:, None])[:, 0])
             n.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+        _check_counts(n, stats, "fit_ms_eq")
         has = n > 0
         if not bool(has.any()):
             raise PcbkitError("fit_ms_eq: the source has no positive proposals")
@@ -295,3 +303,40 @@ def ms_eq_operand(inp: StatInputs) -> Tensor:
 def class_weight(p: Tensor, w: Tensor) -> Tensor:
     """p~ ∝ w * p (rows with no mass keep p)."""
     return renormalise(p * w, p)
+
+
+# ------------------------------------------------------------------------------ ms_source="loce"
+
+LOCE_KEY = "loce_score"  # ClassStats.extra[LOCE_KEY]: s [K], mean K+1-softmax score of the positives
+
+
+def fit_loce_score(
+    source: str | Path | DumpReader | tuple[Tensor, Tensor], stats: ClassStats, *, chunk_rows: int = 65536
+) -> Tensor:
+    """LOCE's mean score s_j = mean over class-j positives of softmax(z over K+1)_j (classes without
+    positives: 1), from the dump `stats` was built from; stored in `stats.extra["loce_score"]`."""
+    k = stats.num_classes
+    total = torch.zeros(k, dtype=torch.float64)
+    n = torch.zeros(k, dtype=torch.float64)
+    for z, y in _positive_chunks(source, k, chunk_rows):
+        q = torch.softmax(z, dim=1)
+        total.index_add_(0, y, q.gather(1, y[:, None])[:, 0])
+        n.index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+    _check_counts(n, stats, "fit_loce_score")
+    s = torch.where(n > 0, total / n.clamp(min=1), torch.ones_like(total))
+    stats.extra[LOCE_KEY] = s.tolist()
+    return s
+
+
+def loce_score(inp: StatInputs) -> Tensor:
+    """The stored LOCE mean score [K], or ApiMisuseError naming `fit_loce_score`."""
+    stored = inp.extra.get(LOCE_KEY) if inp.extra is not None else None
+    if stored is None:
+        raise ApiMisuseError(
+            "ms_source='loce' needs a ClassStats carrying LOCE's mean score: call "
+            "pcb_analysis.estimators.fit_loce_score(dump, stats) first"
+        )
+    s = torch.tensor(stored, dtype=torch.float64)
+    if s.shape != (inp.num_classes,) or not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise PcbkitError(f"ClassStats.extra['loce_score'] must be [K] = [{inp.num_classes}], finite, >= 0")
+    return s

@@ -650,3 +650,30 @@ def test_background_norcal_switch() -> None:
         assert (out >= 0).all()
     with pytest.raises(ApiMisuseError, match="background must be"):
         calibrate(q, "ms", m, background="drop")
+
+
+def test_ms_source_loce() -> None:
+    # Two classes, positives (logits over K+1 = 3, background last):
+    #   class 0: z = (log 0.6, log 0.2, log 0.2) -> softmax over K+1 (0.6, 0.2, 0.2): q_0 = 0.6
+    #            z = (log 0.3, log 0.3, log 0.4) -> q_0 = 0.3                          s_0 = 0.45
+    #   class 1: z = (log 0.1, log 0.5, log 0.4) -> q_1 = 0.5                          s_1 = 0.5
+    # (the foreground-only diagonal is (0.75 + 0.5) / 2 = 0.625 and 0.5 / 0.6 = 5/6 instead)
+    from pcb_analysis.estimators import fit_loce_score
+
+    q_pos = torch.tensor([[0.6, 0.2, 0.2], [0.3, 0.3, 0.4], [0.1, 0.5, 0.4]], dtype=F64)
+    y = torch.tensor([0, 0, 1])
+    z = torch.log(q_pos)
+    st = ClassStats.zeros(2).update(z, y)
+    s = fit_loce_score((z, y), st)
+    torch.testing.assert_close(s, torch.tensor([0.45, 0.5], dtype=F64), atol=1e-12, rtol=0)
+    q = random_q(20, 2, seed=24)
+    torch.testing.assert_close(calibrate(q, "ms", st, ms_source="loce"), calibrate(q, "ms", s),
+                               atol=1e-14, rtol=0)
+    torch.testing.assert_close(calibrate(q, "ms", st, ms_source="diagonal"), calibrate(q, "ms", st),
+                               atol=0, rtol=0)
+    with pytest.raises(ApiMisuseError, match="fit_loce_score"):
+        calibrate(q, "ms", ClassStats.zeros(2).update(z, y), ms_source="loce")
+    with pytest.raises(ApiMisuseError, match="ms only"):
+        calibrate(q, "cm", st, ms_source="loce")
+    with pytest.raises(PcbkitError, match="differ from the statistics"):
+        fit_loce_score((z[:2], y[:2]), st)
