@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pcb_analysis.calibration_inputs import StatInputs, positive_floor, stat_inputs
+from pcb_analysis.calibration_inputs import StatInputs, stat_inputs
 from pcb_analysis.calibration_inputs import ridge_matrix as ridge_matrix  # public here since before the split
 from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
@@ -34,18 +34,22 @@ from pcb_analysis.estimators import (
     class_weight,
     clipped_linear,
     diagshrink_operand,
+    frequency_correction,
     ibu_operand,
     invert,
     iterative_unfolding,
     loce_score,
     ms_eq_operand,
+    norcal_operand,
     raw_clipped_linear,
     raw_linear,
     raw_scale,
     tikhonov_operand,
     with_background,
 )
+from pcb_analysis.estimators import logit_adjust as logit_adjust  # public here since before the split
 from pcb_analysis.estimators import need_matrix as _need_matrix
+from pcb_analysis.estimators import norcal as norcal  # public here since before the split
 from pcb_analysis.estimators import renormalise as _renormalise
 from pcb_analysis.stats import ClassStats
 
@@ -80,33 +84,6 @@ def confusion_bayes(p: Tensor, redistribution: Tensor) -> Tensor:
     return _renormalise(p @ redistribution, p)
 
 
-def frequency_correction(p: Tensor, weight: Tensor) -> Tensor:
-    """`norcal`: p~[j] ∝ p[j] * w[j] with w = freq^-gamma (operand w [K])."""
-    return _renormalise(p * weight, p)
-
-
-def norcal(p: Tensor, freq: Tensor, gamma: float = 1.0) -> Tensor:
-    """NorCal (Pan et al., NeurIPS 2021) on foreground probabilities p [R, K]:
-    p~[j] ∝ p[j] / freq[j]^gamma."""
-    return frequency_correction(p.to(torch.float64), _frequency_weight(freq, gamma).to(p.device))
-
-
-def logit_adjust(logits: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:
-    """Logit adjustment (Menon et al., ICLR 2021) of the foreground logits: z[:K] - tau * log(prior).
-
-    logits [R, K+1] -> new [R, K+1]; the background logit is unchanged. The foreground-only softmax
-    of the result equals `norcal(p, prior, gamma=tau)`; unlike `calibrate`, a softmax over all K+1
-    adjusted logits also moves the background probability.
-    """
-    k = logits.shape[1] - 1
-    if prior.shape != (k,):
-        raise PcbkitError(f"logit_adjust: prior must be [K] = [{k}], got {list(prior.shape)}")
-    log_prior = torch.log(positive_floor(prior.to(torch.float64))).to(logits.device)
-    out = logits.to(torch.promote_types(logits.dtype, torch.float32)).clone()
-    out[:, :k] -= float(tau) * log_prior.to(out.dtype)
-    return out
-
-
 # ------------------------------------------------------------------------------ operands
 
 
@@ -138,17 +115,6 @@ def _bayes_operand(inp: StatInputs) -> Tensor:
         eye = torch.eye(inp.num_classes, dtype=m.dtype, device=m.device)
         post = torch.where(empty[None, :], eye, post)
     return post.t().contiguous()  # D[j, i], so that p~ = p @ D
-
-
-def _frequency_weight(freq: Tensor, gamma: float) -> Tensor:
-    return positive_floor(freq.to(torch.float64)).pow(-float(gamma))
-
-
-def _norcal_operand(inp: StatInputs) -> Tensor:
-    if inp.freq is None:
-        raise PcbkitError("calibration 'norcal' needs class frequencies: pass freq= or a ClassStats whose "
-                          "category space has training image counts")
-    return _frequency_weight(inp.freq, inp.gamma)
 
 
 # ------------------------------------------------------------------------------ the table
@@ -187,7 +153,7 @@ STATISTICS: dict[str, Statistic] = {
                     raw=raw_clipped_linear),
     "cm-bayes": Statistic(confusion_bayes, _bayes_operand, True,
                           "hand each predicted class's mass back by P(true | predicted)", raw=raw_linear),
-    "norcal": Statistic(frequency_correction, _norcal_operand, False,
+    "norcal": Statistic(frequency_correction, norcal_operand, False,
                         "divide by the training frequency^gamma (NorCal; --gamma, --tau)", row=False,
                         raw=raw_scale),
     "cm-diagshrink": Statistic(clipped_linear, diagshrink_operand, True,

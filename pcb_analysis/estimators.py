@@ -7,8 +7,9 @@ the validated `StatInputs` (matrix M [K, K] with row prior and ridge applied, it
 W = (M^T + tau D^-1)(M M^T + tau I)^-1; both then clip at 0 and renormalise like `cm`. `ibu`
 (k, start) runs k steps of iterative Bayesian unfolding per proposal from a uniform or `ms` start.
 `ms-eq` (iterations, eta) applies a class weight w, p~ ∝ w p, that `fit_ms_eq` fits on the
-positives of a dump and stores in `ClassStats.extra["ms_eq"]`.
-`pcb_analysis.calibration` holds the table and applies these in row chunks, keeping the background.
+positives of a dump and stores in `ClassStats.extra["ms_eq"]`; `fit_loce_score` fits LOCE's mean
+score (ms_source="loce"). The frequency maps (NorCal, logit adjustment) live here too, re-exported
+by `pcb_analysis.calibration`, which holds the table and applies all maps in row chunks.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pcb_analysis.calibration_inputs import StatInputs
+from pcb_analysis.calibration_inputs import StatInputs, positive_floor
 from pcb_analysis.class_sums import foreground_probs
 from pcb_analysis.dumps import DumpReader
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
@@ -115,6 +116,47 @@ def invert(m: Tensor, stat: str) -> Tensor:
             f"{stat}: the inverse of the confusion matrix is not finite; use a ridge > 0 (e.g. 0.01)"
         )
     return inv
+
+
+# ------------------------------------------------------------------------------ NorCal, logit adjustment
+
+
+def frequency_correction(p: Tensor, weight: Tensor) -> Tensor:
+    """`norcal`: p~[j] ∝ p[j] * w[j] with w = freq^-gamma (operand w [K])."""
+    return renormalise(p * weight, p)
+
+
+def norcal(p: Tensor, freq: Tensor, gamma: float = 1.0) -> Tensor:
+    """NorCal (Pan et al., NeurIPS 2021) on foreground probabilities p [R, K]:
+    p~[j] ∝ p[j] / freq[j]^gamma."""
+    return frequency_correction(p.to(torch.float64), frequency_weight(freq, gamma).to(p.device))
+
+
+def logit_adjust(logits: Tensor, prior: Tensor, tau: float = 1.0) -> Tensor:
+    """Logit adjustment (Menon et al., ICLR 2021) of the foreground logits: z[:K] - tau * log(prior).
+
+    logits [R, K+1] -> new [R, K+1]; the background logit is unchanged. The foreground-only softmax
+    of the result equals `norcal(p, prior, gamma=tau)`; unlike `calibrate`, a softmax over all K+1
+    adjusted logits also moves the background probability.
+    """
+    k = logits.shape[1] - 1
+    if prior.shape != (k,):
+        raise PcbkitError(f"logit_adjust: prior must be [K] = [{k}], got {list(prior.shape)}")
+    log_prior = torch.log(positive_floor(prior.to(torch.float64))).to(logits.device)
+    out = logits.to(torch.promote_types(logits.dtype, torch.float32)).clone()
+    out[:, :k] -= float(tau) * log_prior.to(out.dtype)
+    return out
+
+
+def frequency_weight(freq: Tensor, gamma: float) -> Tensor:
+    return positive_floor(freq.to(torch.float64)).pow(-float(gamma))
+
+
+def norcal_operand(inp: StatInputs) -> Tensor:
+    if inp.freq is None:
+        raise PcbkitError("calibration 'norcal' needs class frequencies: pass freq= or a ClassStats whose "
+                          "category space has training image counts")
+    return frequency_weight(inp.freq, inp.gamma)
 
 
 # ------------------------------------------------------------------------------ cm-diagshrink
