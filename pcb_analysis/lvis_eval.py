@@ -8,6 +8,8 @@ ranges, greedy matching order, 101-point precision) are listed in docs/evaluatio
 and recall [T, C, A] with T = 10 IoU thresholds, R = 101 recall points, C categories, A = 4 area
 ranges; -1 where a category has no ground truth. Ground truth: `pcb_analysis.lvis_gt`;
 detections: `pcb_analysis.lvis_results`; both re-exported here. Speed notes: docs/evaluation.md §5.
+Bootstrap over images (`evaluate_resamples`, `bootstrap`, `compare`): pcb_analysis.bootstrap,
+re-exported here lazily (module __getattr__), on the matching of `match_detections`; §6.
 """
 
 from __future__ import annotations
@@ -42,16 +44,20 @@ __all__ = [
     "Detections",
     "EvalResult",
     "GroundTruth",
+    "Matches",
     "cap_per_category",
     "cap_per_image",
     "default_workers",
+    "det_flags",
     "evaluate",
     "evaluate_full",
     "gc_paused",
     "load_ground_truth",
     "load_results",
     "lvis_equivalent_cap",
+    "match_detections",
     "nan_to_none",
+    "summarize",
 ]
 
 log = logging.getLogger(__name__)
@@ -274,15 +280,7 @@ def _accumulate(
     for a in range(A):
         num_gt[:, a] = np.bincount(gt.ann_cat[g_ok[:, a]], minlength=C)
 
-    # Ignore flags of detections: matched to an ignored gt, or unmatched and (out of the area range
-    # or of a not-exhaustive category in that image).
-    d_key = dets.img * C + dets.cat
-    nel = np.isin(d_key, gt.nel_keys)
-    out_rng = (det_area[:, None] < lo[None, :]) | (det_area[:, None] > hi[None, :])  # [D, A]
-    unmatched_ig = (out_rng | nel[:, None])[:, None, :] & ~matched  # [D, T, A]
-    ignored = matched_ig | unmatched_ig
-    tps = matched & ~ignored
-    fps = ~matched & ~ignored
+    tps, fps = det_flags(gt, dets, det_area, matched, matched_ig)
 
     # lvis-api's order per category: score descending, ties by image then by in-image order.
     o = np.lexsort((dets.order, dets.img, -dets.score, dets.cat))
@@ -316,7 +314,23 @@ def _accumulate(
     return precision, recall
 
 
-def _summarize(precision: np.ndarray, recall: np.ndarray, gt: GroundTruth, max_dets: int) -> dict[str, float]:
+def det_flags(
+    gt: GroundTruth, dets: Detections, det_area: np.ndarray, matched: np.ndarray, matched_ig: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(true positive [D, T, A], false positive [D, T, A]) flags; a detection that is neither is
+    ignored: matched to an ignored gt, or unmatched and (out of the area range or of a
+    not-exhaustive category in its image)."""
+    lo = np.array([r[0] for r in AREA_RNGS])
+    hi = np.array([r[1] for r in AREA_RNGS])
+    d_key = dets.img * gt.num_cats + dets.cat
+    nel = np.isin(d_key, gt.nel_keys)
+    out_rng = (det_area[:, None] < lo[None, :]) | (det_area[:, None] > hi[None, :])  # [D, A]
+    unmatched_ig = (out_rng | nel[:, None])[:, None, :] & ~matched  # [D, T, A]
+    ignored = matched_ig | unmatched_ig
+    return matched & ~ignored, ~matched & ~ignored
+
+
+def summarize(precision: np.ndarray, recall: np.ndarray, gt: GroundTruth, max_dets: int) -> dict[str, float]:
     def mean(s: np.ndarray) -> float:
         v = s[s > -1]
         return float(np.mean(v)) if v.size else -1.0
@@ -404,6 +418,51 @@ def _evaluate(
     fixed_per_class: int,
     workers: int | None,
 ) -> EvalResult:
+    m = _match(gt, results, iou_type, max_dets, fixed, fixed_per_class, workers)
+    precision, recall = _accumulate(m.gt, m.dets, m.det_area, m.matched, m.matched_ig)
+    return EvalResult(summarize(precision, recall, m.gt, m.max_dets), precision, recall, iou_type)
+
+
+@dataclass(frozen=True)
+class Matches:
+    """The per-detection matching of one evaluation (computed once; pcb_analysis.bootstrap
+    re-accumulates it per resample). `dets` are filtered, capped and sorted by (image, category,
+    -score, file order); matched / matched_ig are [D, T, A]."""
+
+    gt: GroundTruth
+    dets: Detections
+    det_area: np.ndarray
+    matched: np.ndarray
+    matched_ig: np.ndarray
+    max_dets: int
+
+
+def match_detections(
+    gt: str | Path | dict[str, Any] | GroundTruth,
+    results: str | Path | list[dict[str, Any]] | Detections,
+    iou_type: str = "segm",
+    *,
+    max_dets: int = MAX_DETS,
+    workers: int | None = None,
+) -> Matches:
+    """The matching stage of `evaluate` alone (IoUs and greedy matching per image and category)."""
+    if iou_type not in IOU_TYPES:
+        raise PcbkitError(f"iou_type must be one of {', '.join(IOU_TYPES)}, not {iou_type!r}")
+    if max_dets == 0 or max_dets < -1:
+        raise ApiMisuseError(f"match_detections: max_dets must be >= 1, or -1 for no cap (got {max_dets})")
+    with gc_paused():
+        return _match(gt, results, iou_type, max_dets, False, FIXED_AP_PER_CLASS, workers)
+
+
+def _match(
+    gt: str | Path | dict[str, Any] | GroundTruth,
+    results: str | Path | list[dict[str, Any]] | Detections,
+    iou_type: str,
+    max_dets: int,
+    fixed: bool,
+    fixed_per_class: int,
+    workers: int | None,
+) -> Matches:
     index = load_ground_truth(gt)
     dets = results if isinstance(results, Detections) else load_results(results, index, iou_type)
     if fixed:
@@ -432,8 +491,7 @@ def _evaluate(
     if iou_type == "segm":
         index.rles()  # build once in the parent so forked workers share it
     matched, matched_ig = _run_matching(work, default_workers() if workers is None else workers)
-    precision, recall = _accumulate(index, dets, det_area, matched, matched_ig)
-    return EvalResult(_summarize(precision, recall, index, max_dets), precision, recall, iou_type)
+    return Matches(index, dets, det_area, matched, matched_ig, max_dets)
 
 
 def _det_areas(dets: Detections, gt: GroundTruth, iou_type: str) -> np.ndarray:
@@ -470,3 +528,15 @@ def evaluate(
 def nan_to_none(metrics: dict[str, float]) -> dict[str, float | None]:
     """JSON-friendly copy: NaN becomes None."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+
+
+_BOOTSTRAP_NAMES = ("bootstrap", "compare", "evaluate_resamples")
+
+
+def __getattr__(name: str) -> Any:
+    """Re-exports of pcb_analysis.bootstrap (lazy: that module imports this one)."""
+    if name in _BOOTSTRAP_NAMES:
+        import pcb_analysis.bootstrap as boot  # lazy: a top-level import would be circular
+
+        return getattr(boot, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
