@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from pcb_analysis.bootstrap import percentile_interval
 from pcb_analysis.errors import ApiMisuseError
 from pcb_analysis.eval_cases import make_case
 from pcb_analysis.lvis_compat import reference_evaluate
 from pcb_analysis.lvis_eval import bootstrap, compare, evaluate, evaluate_resamples
+from pcbkit.cli import cli as main
 
 
 def _materialise(gt: dict, results: list, resample: list[int]) -> tuple[dict, list]:
@@ -130,3 +133,21 @@ def test_unknown_image_id_is_refused():
     case = make_case(seed=0, num_images=6)
     with pytest.raises(ApiMisuseError, match="image id 5"):
         evaluate_resamples(case.gt, case.results, "bbox", [[5]])
+
+
+def test_cli_bootstrap_and_compare(tmp_path):
+    case = make_case(seed=0, num_images=12)
+    (tmp_path / "gt.json").write_text(json.dumps(case.gt))
+    (tmp_path / "a.json").write_text(json.dumps(case.results))
+    args = ["evaluate", "--gt", str(tmp_path / "gt.json"), "--results", str(tmp_path / "a.json"),
+            "--iou-type", "bbox", "--bootstrap", "10", "--compare", str(tmp_path / "a.json")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    full = evaluate(case.gt, case.results, "bbox")
+    b = bootstrap(case.gt, case.results, "bbox", n=10)
+    ap_line = [ln for ln in r.output.splitlines() if ln.strip().startswith("AP ")]
+    assert ap_line[0].split() == ["AP", "0.00", "[0.00,", "0.00]"]  # compare with itself
+    assert ap_line[1].split() == ["AP", f"{100 * full['AP']:.2f}", f"[{100 * b['AP'][1]:.2f},",
+                                  f"{100 * b['AP'][2]:.2f}]"]
+    bad = CliRunner().invoke(main, args[:-4] + ["--bootstrap", "0"])
+    assert bad.exit_code != 0 and "--bootstrap must be >= 1" in str(bad.exception)
