@@ -16,6 +16,11 @@ and that time is counted.
     python bench/eval_speed.py                       # full size (several minutes, mostly lvis-api)
     python bench/eval_speed.py --size tiny           # a seconds-long check that every path runs
     python bench/eval_speed.py --images 200          # quick look (other sizes override the preset)
+    python bench/eval_speed.py --bootstrap 200       # bootstrap cost: 200 resamples / one evaluation
+
+With --bootstrap N, one fresh process per IoU type times one pcbkit evaluation and then
+`bootstrap(n=N)` (matching once, N re-accumulations) side by side, and prints their ratio
+(issue 12's target: <= 5x for 200 resamples); lvis-api is not run then.
 """
 
 from __future__ import annotations
@@ -91,9 +96,19 @@ def fce_evaluate(gt_path: str, res_path: str, iou_type: str) -> dict[str, float]
     return {ours: float(stats[theirs]) for ours, theirs in FCE_KEYS.items()}
 
 
-def child(impl: str, iou_type: str, case_dir: Path, workers: int) -> None:
+def child(impl: str, iou_type: str, case_dir: Path, workers: int, n_boot: int) -> None:
     gt, res = str(case_dir / "gt.json"), str(case_dir / "results.json")
     t0 = time.perf_counter()
+    if impl == "bootstrap":
+        from pcb_analysis.lvis_eval import bootstrap, evaluate
+
+        metrics = evaluate(gt, res, iou_type, workers=workers)
+        t_eval = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        intervals = bootstrap(gt, res, iou_type, n=n_boot, workers=workers)
+        t_boot = time.perf_counter() - t1
+        print(json.dumps({"eval": t_eval, "boot": t_boot, "metrics": metrics, "intervals": intervals}))
+        return
     if impl == "lvis-api":
         from pcb_analysis.lvis_compat import reference_evaluate
 
@@ -135,9 +150,9 @@ def ensure_case(case_dir: Path, images: int, cats: int, dets: int, seed: int) ->
     )
 
 
-def run_child(impl: str, iou_type: str, case_dir: Path, workers: int) -> dict[str, Any]:
+def run_child(impl: str, iou_type: str, case_dir: Path, workers: int, n_boot: int = 0) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child", impl, "--iou-type", iou_type, "--workdir", str(case_dir)]
-    cmd += ["--workers", str(workers)]
+    cmd += ["--workers", str(workers), "--bootstrap", str(n_boot)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -162,7 +177,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2, help="pcbkit worker processes for the parallel run")
     ap.add_argument("--iou-types", default="bbox,segm")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/pcbkit-bench-eval"))
-    ap.add_argument("--child", choices=["lvis-api", "pcbkit", "faster-coco-eval"], help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--bootstrap", type=int, default=0, metavar="N",
+        help="time bootstrap(n=N) against one evaluation instead of the evaluator comparison",
+    )
+    ap.add_argument(
+        "--child", choices=["lvis-api", "pcbkit", "faster-coco-eval", "bootstrap"], help=argparse.SUPPRESS
+    )
     ap.add_argument("--iou-type", help=argparse.SUPPRESS)
     args = ap.parse_args()
     for key, value in SIZES[args.size].items():
@@ -174,10 +195,13 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     if args.child:  # --workdir is the case folder itself here
-        child(args.child, args.iou_type, args.workdir, args.workers)
+        child(args.child, args.iou_type, args.workdir, args.workers, args.bootstrap)
         return
     case_dir = args.workdir / f"{args.images}img_{args.cats}cat_{args.dets}det_seed{args.seed}"
     ensure_case(case_dir, args.images, args.cats, args.dets, args.seed)
+    if args.bootstrap > 0:
+        bench_bootstrap(args, case_dir)
+        return
     with_fce = fce_installed()
     rows: list[tuple[str, str, str]] = []
     for iou_type in args.iou_types.split(","):
@@ -207,6 +231,23 @@ def main() -> None:
         "\nspeed-up = lvis-api time / this evaluator's time, same files, each in a fresh process, one run"
         " each.\nmax |dAP| = largest metric difference (AP, AP50/75, APs/m/l, APr/c/f, AR@300 and its"
         " areas)\nagainst lvis-api; for faster-coco-eval against pcbkit x1."
+    )
+
+
+def bench_bootstrap(args: argparse.Namespace, case_dir: Path) -> None:
+    boot_head = f"bootstrap({args.bootstrap}) s"
+    print(f"{'iou':<5} {'evaluate s':>10} {boot_head:>18} {'ratio':>7}   AP [95% interval]")
+    for iou_type in args.iou_types.split(","):
+        r = run_child("bootstrap", iou_type, case_dir, args.workers, args.bootstrap)
+        v, lo, hi = r["intervals"]["AP"]
+        print(
+            f"{iou_type:<5} {r['eval']:10.2f} {r['boot']:18.2f} {r['boot'] / r['eval']:6.2f}x"
+            f"   {v:.4f} [{lo:.4f}, {hi:.4f}]",
+            flush=True,
+        )
+    print(
+        f"\nboth in one fresh process, {args.workers} worker(s), one run each; bootstrap includes its own"
+        " matching pass."
     )
 
 
