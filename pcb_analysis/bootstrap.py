@@ -22,19 +22,18 @@ from typing import Any
 import numpy as np
 
 from pcb_analysis.errors import ApiMisuseError
-from pcb_analysis.lvis_eval import (
+from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
+from pcb_analysis.lvis_json import gc_paused
+from pcb_analysis.lvis_protocol import (
     AREA_RNGS,
     IOU_THRS,
     MAX_DETS,
     REC_THRS,
     Matches,
     det_flags,
-    gc_paused,
-    load_ground_truth,
     match_detections,
     summarize,
 )
-from pcb_analysis.lvis_gt import GroundTruth
 
 GtArg = str | Path | dict[str, Any] | GroundTruth
 ResultsArg = str | Path | list[dict[str, Any]]
