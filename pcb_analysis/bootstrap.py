@@ -51,6 +51,12 @@ class _Prepared:
     run_img: np.ndarray
     run_cat: np.ndarray
     g_ok: np.ndarray  # [N_ann, A] non-ignored ground truth per area range
+    fp_base: np.ndarray  # [D, A] bool: the majority false-positive flag over thresholds
+    tp_ptr: np.ndarray  # CSR by element: its true positives' (threshold, area) codes t * A + a
+    tp_ta: np.ndarray
+    x_ptr: np.ndarray  # CSR by element: codes where the false-positive flag differs from fp_base
+    x_ta: np.ndarray
+    x_sign: np.ndarray  # +1: a false positive fp_base misses; -1: fp_base counts one that is not
 
 
 def _prepare(m: Matches) -> _Prepared:
@@ -68,7 +74,36 @@ def _prepare(m: Matches) -> _Prepared:
     gt = m.gt
     area = gt.ann_area[:, None]
     g_ok = ~gt.ann_ignore[:, None] & (area >= lo[None, :]) & (area <= hi[None, :])
-    return _Prepared(m, tps[o], fps[o], run_start, run_len, img[run_start], cat[run_start], g_ok)
+    tps, fps = tps[o], fps[o]
+    D, T, A = tps.shape
+    fp_base = 2 * fps.sum(axis=1) > T
+    tp_e, tp_ta = np.nonzero(tps.reshape(D, T * A))
+    diff = fps != fp_base[:, None, :]
+    x_e, x_ta = np.nonzero(diff.reshape(D, T * A))
+    x_sign = np.where(fps.reshape(D, T * A)[x_e, x_ta], 1.0, -1.0)
+    return _Prepared(
+        m, tps, fps, run_start, run_len, img[run_start], cat[run_start], g_ok, fp_base,
+        _csr_ptr(tp_e, D), tp_ta.astype(np.int16), _csr_ptr(x_e, D), x_ta.astype(np.int16), x_sign,
+    )
+
+
+def _csr_ptr(rows: np.ndarray, n: int) -> np.ndarray:
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n), out=ptr[1:])
+    return ptr
+
+
+def _expand(
+    ptr: np.ndarray, codes: np.ndarray, elem: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The CSR entries of each point's element, sorted by (code, point): (point, code, entry)."""
+    cnt = (ptr[1:] - ptr[:-1])[elem]
+    pt = np.repeat(np.arange(elem.shape[0]), cnt)
+    first = np.cumsum(cnt) - cnt
+    entry = ptr[:-1][elem][pt] + (np.arange(pt.shape[0]) - first[pt])
+    ta = codes[entry]
+    by = np.argsort(ta, kind="stable")  # points stay in order within a code
+    return pt[by], ta[by].astype(np.int64), entry[by]
 
 
 def _weights(gt: GroundTruth, resample: Any) -> np.ndarray:
@@ -86,8 +121,6 @@ def _metrics(p: _Prepared, w: np.ndarray) -> dict[str, float]:
     gt = p.m.gt
     C = gt.num_cats
     T, R, A = len(IOU_THRS), len(REC_THRS), len(AREA_RNGS)
-    precision = -np.ones((T, R, C, A))
-    recall = -np.ones((T, C, A))
     ann_w = w[gt.ann_img]
     num_gt = np.zeros((C, A), dtype=np.int64)
     for a in range(A):
@@ -105,33 +138,52 @@ def _metrics(p: _Prepared, w: np.ndarray) -> dict[str, float]:
     elem = p.run_start[run_of] + within % p.run_len[run_of]
     weight = pt_w[run_of].astype(np.float64)
     pt_cat = p.run_cat[run_of]
-    starts = np.searchsorted(pt_cat, np.arange(C), side="left")
-    ends = np.searchsorted(pt_cat, np.arange(C), side="right")
-    eps = np.spacing(1)
-    for c in np.flatnonzero(num_gt.any(axis=1)):
-        e = elem[starts[c] : ends[c]]
-        nd = e.shape[0]
-        if nd == 0:
-            for a in np.flatnonzero(num_gt[c] > 0):
-                precision[:, :, c, a] = 0.0
-                recall[:, c, a] = 0.0
-            continue
-        wc = weight[starts[c] : ends[c], None, None]
-        tp_all = np.cumsum(p.tps[e] * wc, axis=0)  # [nd, T, A]
-        fp_all = np.cumsum(p.fps[e] * wc, axis=0)
-        for a in np.flatnonzero(num_gt[c] > 0):
-            ng = float(num_gt[c, a])
-            tp, fp = tp_all[:, :, a].T, fp_all[:, :, a].T
-            rc = tp / ng
-            pr = tp / (fp + tp + eps)
-            pr = np.maximum.accumulate(pr[:, ::-1], axis=1)[:, ::-1]
-            recall[:, c, a] = rc[:, -1]
-            for t in range(T):
-                ins = np.searchsorted(rc[t], REC_THRS, side="left")
-                inside = ins < nd
-                row = np.zeros(R)
-                row[inside] = pr[t, ins[inside]]
-                precision[t, :, c, a] = row
+    n_pt = elem.shape[0]
+    cat_first = np.searchsorted(pt_cat, np.arange(C), side="left")
+    # Weighted false positives up to each point: fp_base's running sum plus the exceptions'.
+    base = np.zeros((n_pt + 1, A))
+    np.cumsum(p.fp_base[elem] * weight[:, None], axis=0, out=base[1:])
+    x_pt, x_ta, x_entry = _expand(p.x_ptr, p.x_ta, elem)
+    x_key = x_ta * n_pt + x_pt
+    x_cum = np.zeros(x_pt.shape[0] + 1)
+    np.cumsum(p.x_sign[x_entry] * weight[x_pt], out=x_cum[1:])
+    # True positives, sorted by (threshold, area, category, point): the groups of the accumulation.
+    t_pt, t_ta, _ = _expand(p.tp_ptr, p.tp_ta, elem)
+    t_cat = pt_cat[t_pt]
+    t_a = t_ta % A
+    lo_pt = cat_first[t_cat]
+    fp = base[t_pt + 1, t_a] - base[lo_pt, t_a]
+    fp += x_cum[np.searchsorted(x_key, t_ta * n_pt + t_pt, side="right")]
+    fp -= x_cum[np.searchsorted(x_key, t_ta * n_pt + lo_pt, side="left")]
+    group = t_ta * C + t_cat  # (t * A + a) * C + c
+    w_cum = np.cumsum(weight[t_pt])
+    g_new = np.ones(group.shape[0], dtype=bool)
+    g_new[1:] = group[1:] != group[:-1]
+    g_first = np.flatnonzero(g_new)
+    before = (w_cum - weight[t_pt])[g_first]
+    tp = w_cum - np.repeat(before, np.diff(np.append(g_first, group.shape[0])))
+    ng = num_gt[t_cat, t_a].astype(np.float64)
+    rc = tp / ng
+    pr = tp / (fp + tp + np.spacing(1))
+    # Precision at recall threshold k: the best precision among true positives with recall >= it.
+    n_thr = np.searchsorted(REC_THRS, rc, side="right")  # thresholds this point reaches
+    key = group * (R + 1) + n_thr
+    k_new = np.ones(key.shape[0], dtype=bool)
+    k_new[1:] = key[1:] != key[:-1]
+    k_first = np.flatnonzero(k_new)
+    best = np.zeros((T * A * C) * (R + 1))
+    if k_first.size:
+        best[key[k_first]] = np.maximum.reduceat(pr, k_first)
+    best = best.reshape(T, A, C, R + 1)
+    env = np.maximum.accumulate(best[..., ::-1], axis=3)[..., ::-1][..., 1:]  # [T, A, C, R]
+    rec = np.zeros(T * A * C)
+    if g_first.size:
+        last = np.append(g_first[1:], group.shape[0]) - 1
+        rec[group[last]] = rc[last]
+    rec = rec.reshape(T, A, C)
+    has = (num_gt > 0).T  # [A, C]
+    precision = np.where(has[None, :, :, None], env, -1.0).transpose(0, 3, 2, 1)
+    recall = np.where(has[None], rec, -1.0).transpose(0, 2, 1)
     return summarize(precision, recall, gt, p.m.max_dets)
 
 
