@@ -171,18 +171,20 @@ def _metrics(p: _Prepared, w: np.ndarray) -> dict[str, float]:
     k_new = np.ones(key.shape[0], dtype=bool)
     k_new[1:] = key[1:] != key[:-1]
     k_first = np.flatnonzero(k_new)
-    best = np.zeros((T * A * C) * (R + 1))
+    # Row R - n of `best`: the best precision reaching exactly n thresholds; a running max down the
+    # rows gives, in row R - 1 - k, the best among those reaching more than k (contiguous rows).
+    G = T * A * C
+    best = np.zeros((R + 1, G))
     if k_first.size:
-        best[key[k_first]] = np.maximum.reduceat(pr, k_first)
-    best = best.reshape(T, A, C, R + 1)
-    env = np.maximum.accumulate(best[..., ::-1], axis=3)[..., ::-1][..., 1:]  # [T, A, C, R]
+        best[R - n_thr[k_first], group[k_first]] = np.maximum.reduceat(pr, k_first)
+    env = np.maximum.accumulate(best, axis=0)[R - 1 :: -1].reshape(R, T, A, C)
     rec = np.zeros(T * A * C)
     if g_first.size:
         last = np.append(g_first[1:], group.shape[0]) - 1
         rec[group[last]] = rc[last]
     rec = rec.reshape(T, A, C)
     has = (num_gt > 0).T  # [A, C]
-    precision = np.where(has[None, :, :, None], env, -1.0).transpose(0, 3, 2, 1)
+    precision = np.where(has[None, None], env, -1.0).transpose(1, 0, 3, 2)
     recall = np.where(has[None], rec, -1.0).transpose(0, 2, 1)
     return summarize(precision, recall, gt, p.m.max_dets)
 

@@ -10,11 +10,22 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pcb_analysis.bootstrap import percentile_interval
+from pcb_analysis.bootstrap import _metrics, _prepare, _weights, percentile_interval
 from pcb_analysis.errors import ApiMisuseError
 from pcb_analysis.eval_cases import make_case
 from pcb_analysis.lvis_compat import reference_evaluate
-from pcb_analysis.lvis_eval import bootstrap, compare, evaluate, evaluate_resamples
+from pcb_analysis.lvis_eval import (
+    AREA_RNGS,
+    IOU_THRS,
+    REC_THRS,
+    bootstrap,
+    compare,
+    evaluate,
+    evaluate_resamples,
+    load_ground_truth,
+    match_detections,
+    summarize,
+)
 from pcbkit.cli import cli as main
 
 
@@ -151,3 +162,61 @@ def test_cli_bootstrap_and_compare(tmp_path):
                                   f"{100 * b['AP'][2]:.2f}]"]
     bad = CliRunner().invoke(main, args[:-4] + ["--bootstrap", "0"])
     assert bad.exit_code != 0 and "--bootstrap must be >= 1" in str(bad.exception)
+
+
+def _loop_metrics(p, w: np.ndarray) -> dict[str, float]:
+    """The former per-category accumulation (running sums over every point), kept as a reference."""
+    gt = p.m.gt
+    C = gt.num_cats
+    T, R, A = len(IOU_THRS), len(REC_THRS), len(AREA_RNGS)
+    precision = -np.ones((T, R, C, A))
+    recall = -np.ones((T, C, A))
+    ann_w = w[gt.ann_img]
+    num_gt = np.zeros((C, A), dtype=np.int64)
+    for a in range(A):
+        num_gt[:, a] = np.bincount(gt.ann_cat[p.g_ok[:, a]], weights=ann_w[p.g_ok[:, a]], minlength=C)
+    rw = w[p.run_img]
+    single = p.run_len == 1
+    n_pts = np.where(single, (rw > 0).astype(np.int64), p.run_len * rw)
+    run_of = np.repeat(np.arange(n_pts.shape[0]), n_pts)
+    within = np.arange(run_of.shape[0]) - (np.cumsum(n_pts) - n_pts)[run_of]
+    elem = p.run_start[run_of] + within % p.run_len[run_of]
+    weight = np.where(single, rw, 1)[run_of].astype(np.float64)
+    pt_cat = p.run_cat[run_of]
+    for c in np.flatnonzero(num_gt.any(axis=1)):
+        sel = pt_cat == c
+        e, wc = elem[sel], weight[sel][:, None, None]
+        tp_all = np.cumsum(p.tps[e] * wc, axis=0)
+        fp_all = np.cumsum(p.fps[e] * wc, axis=0)
+        for a in np.flatnonzero(num_gt[c] > 0):
+            precision[:, :, c, a] = 0.0
+            recall[:, c, a] = 0.0
+            if e.shape[0] == 0:
+                continue
+            tp, fp = tp_all[:, :, a].T, fp_all[:, :, a].T
+            rc = tp / float(num_gt[c, a])
+            pr = np.maximum.accumulate((tp / (fp + tp + np.spacing(1)))[:, ::-1], axis=1)[:, ::-1]
+            recall[:, c, a] = rc[:, -1]
+            for t in range(T):
+                ins = np.searchsorted(rc[t], REC_THRS, side="left")
+                ok = ins < e.shape[0]
+                precision[t, np.flatnonzero(ok), c, a] = pr[t, ins[ok]]
+    return summarize(precision, recall, gt, p.m.max_dets)
+
+
+@pytest.mark.parametrize("coarse", [False, True])
+def test_vectorised_accumulation_equals_the_running_sums(coarse):
+    case = make_case(seed=4, num_images=40, num_cats=15, dets_per_image=25, with_masks=False)
+    res = [dict(d, score=round(d["score"], 1)) for d in case.results] if coarse else case.results
+    index = load_ground_truth(case.gt)
+    prep = _prepare(match_detections(index, res, "bbox"))
+    assert prep.run_len.max() > (1 if coarse else 0)  # tied runs in one image when coarse
+    ids = index.img_ids
+    rng = np.random.default_rng(11)
+    draws = [ids, ids[:3], np.repeat(ids[:5], 4)] + [rng.choice(ids, size=ids.shape[0]) for _ in range(5)]
+    for r in draws:
+        w = _weights(index, r)
+        got, ref = _metrics(prep, w), _loop_metrics(prep, w)
+        assert set(got) == set(ref)
+        assert max(abs(got[k] - ref[k]) for k in ref) <= 1e-12, (r, got, ref)
+    assert _metrics(prep, np.zeros(ids.shape[0], dtype=np.int64))["AP"] == -1.0  # empty resample
