@@ -171,21 +171,26 @@ def _metrics(p: _Prepared, w: np.ndarray) -> dict[str, float]:
     k_new = np.ones(key.shape[0], dtype=bool)
     k_new[1:] = key[1:] != key[:-1]
     k_first = np.flatnonzero(k_new)
-    # Row R - n of `best`: the best precision reaching exactly n thresholds; a running max down the
-    # rows gives, in row R - 1 - k, the best among those reaching more than k (contiguous rows).
+    # Only groups with a true positive get non-zero values; they are the columns of `best`. Row
+    # R - n: the best precision reaching exactly n thresholds; a running max down the rows gives, in
+    # row R - 1 - k, the best among those reaching more than k (contiguous rows).
     G = T * A * C
-    best = np.zeros((R + 1, G))
+    g_ids = group[g_first]
+    col = np.repeat(np.arange(g_first.shape[0]), np.diff(np.append(g_first, group.shape[0])))
+    best = np.zeros((R + 1, g_first.shape[0]))
     if k_first.size:
-        best[R - n_thr[k_first], group[k_first]] = np.maximum.reduceat(pr, k_first)
-    env = np.maximum.accumulate(best, axis=0)[R - 1 :: -1].reshape(R, T, A, C)
-    rec = np.zeros(T * A * C)
+        best[R - n_thr[k_first], col[k_first]] = np.maximum.reduceat(pr, k_first)
+    env = np.maximum.accumulate(best, axis=0)[R - 1 :: -1]  # [R, groups with a TP]
+    has = (num_gt > 0).T  # [A, C]
+    prec = np.empty((T, A, C, R))
+    prec[...] = np.where(has, 0.0, -1.0)[None, :, :, None]
+    prec.reshape(G, R)[g_ids] = env.T
+    rec = np.where(has[None], 0.0, -1.0).repeat(T, axis=0).reshape(G)
     if g_first.size:
         last = np.append(g_first[1:], group.shape[0]) - 1
         rec[group[last]] = rc[last]
-    rec = rec.reshape(T, A, C)
-    has = (num_gt > 0).T  # [A, C]
-    precision = np.where(has[None, None], env, -1.0).transpose(1, 0, 3, 2)
-    recall = np.where(has[None], rec, -1.0).transpose(0, 2, 1)
+    precision = prec.transpose(0, 3, 2, 1)  # [T, R, C, A]
+    recall = rec.reshape(T, A, C).transpose(0, 2, 1)
     return summarize(precision, recall, gt, p.m.max_dets)
 
 
