@@ -4,7 +4,7 @@ A resample is a multiset of image ids (repeats allowed). Its metrics are defined
 the materialised split: every repeat of an image is a copy with a new id placed right after the
 original in id order, with its annotations and detections duplicated. Matching is per (image,
 category), so the matching of `evaluate` is computed once (`match_detections`) and each resample
-only re-accumulates it with image multiplicities as weights: ground-truth counts, detection
+only re-accumulates its true positives with image multiplicities as weights: ground-truth counts, detection
 records and the federated rules all follow the multiset; categories without ground truth in a
 resample get -1, as lvis-api gives them. `bootstrap` gives each metric (value, low, high): the
 full-data value and a 95% percentile interval; `compare` the paired difference b - a on the same
@@ -44,7 +44,7 @@ class _Prepared:
     """What every resample re-uses: flags in accumulation order and the tie runs."""
 
     m: Matches
-    tps: np.ndarray  # [D, T, A] bool, in accumulation order
+    tps: np.ndarray  # [D, T, A] bool, in accumulation order (the tests' running-sum reference)
     fps: np.ndarray
     run_start: np.ndarray  # runs of equal (category, score, image) in accumulation order
     run_len: np.ndarray
