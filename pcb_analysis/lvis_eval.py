@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pcb_analysis.bootstrap import bootstrap, compare, evaluate_resamples
-from pcb_analysis.errors import ApiMisuseError, PcbkitError
+from pcb_analysis.errors import ApiMisuseError
 from pcb_analysis.lvis_gt import FREQ_LABELS, GroundTruth, load_ground_truth
 from pcb_analysis.lvis_json import gc_paused
 from pcb_analysis.lvis_protocol import (
@@ -36,6 +36,7 @@ from pcb_analysis.lvis_protocol import (
     REC_THRS,
     Matches,
     accumulate,
+    check_eval_args,
     default_workers,
     det_flags,
     match_all,
@@ -106,10 +107,7 @@ def evaluate_full(
     workers: int | None = None,
 ) -> EvalResult:
     """Evaluate like lvis-api; `fixed=True` gives fixed AP (10,000 per class, no per-image cap)."""
-    if iou_type not in IOU_TYPES:
-        raise PcbkitError(f"iou_type must be one of {', '.join(IOU_TYPES)}, not {iou_type!r}")
-    if max_dets == 0 or max_dets < -1:
-        raise ApiMisuseError(f"evaluate: max_dets must be >= 1, or -1 for no cap (got {max_dets})")
+    check_eval_args(iou_type, max_dets, "evaluate")
     with gc_paused():
         return _evaluate(gt, results, iou_type, max_dets, fixed, fixed_per_class, workers)
 

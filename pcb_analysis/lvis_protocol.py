@@ -11,7 +11,6 @@ purpose: docs/evaluation.md §1; speed notes: §5.
 
 from __future__ import annotations
 
-import logging
 import multiprocessing as mp
 import os
 import sys
@@ -27,8 +26,6 @@ from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.lvis_gt import FREQ_LABELS, GroundTruth, load_ground_truth, to_rle
 from pcb_analysis.lvis_json import gc_paused
 from pcb_analysis.lvis_results import Detections, cap_per_category, cap_per_image, load_results, select
-
-log = logging.getLogger(__name__)
 
 IOU_TYPES = ("segm", "bbox")
 # Built exactly as lvis-api builds them (linspace, not arange) so that threshold look-ups agree.
@@ -354,6 +351,14 @@ class Matches:
     max_dets: int
 
 
+def check_eval_args(iou_type: str, max_dets: int, caller: str) -> None:
+    """The arguments every evaluation entry point checks: a known IoU type, a cap >= 1 or -1."""
+    if iou_type not in IOU_TYPES:
+        raise PcbkitError(f"iou_type must be one of {', '.join(IOU_TYPES)}, not {iou_type!r}")
+    if max_dets == 0 or max_dets < -1:
+        raise ApiMisuseError(f"{caller}: max_dets must be >= 1, or -1 for no cap (got {max_dets})")
+
+
 def match_detections(
     gt: str | Path | dict[str, Any] | GroundTruth,
     results: str | Path | list[dict[str, Any]] | Detections,
@@ -363,10 +368,7 @@ def match_detections(
     workers: int | None = None,
 ) -> Matches:
     """The matching stage of `evaluate` alone (IoUs and greedy matching per image and category)."""
-    if iou_type not in IOU_TYPES:
-        raise PcbkitError(f"iou_type must be one of {', '.join(IOU_TYPES)}, not {iou_type!r}")
-    if max_dets == 0 or max_dets < -1:
-        raise ApiMisuseError(f"match_detections: max_dets must be >= 1, or -1 for no cap (got {max_dets})")
+    check_eval_args(iou_type, max_dets, "match_detections")
     with gc_paused():
         return match_all(gt, results, iou_type, max_dets, False, FIXED_AP_PER_CLASS, workers)
 
