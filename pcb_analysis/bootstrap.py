@@ -34,6 +34,7 @@ from pcb_analysis.lvis_protocol import (
     match_detections,
     summarize,
 )
+from pcb_analysis.lvis_results import Detections
 
 GtArg = str | Path | dict[str, Any] | GroundTruth
 ResultsArg = str | Path | list[dict[str, Any]]
@@ -44,8 +45,7 @@ class _Prepared:
     """What every resample re-uses: flags in accumulation order and the tie runs."""
 
     m: Matches
-    tps: np.ndarray  # [D, T, A] bool, in accumulation order (the tests' running-sum reference)
-    fps: np.ndarray
+    order: np.ndarray  # accumulation order of m.dets (`accumulation_order`)
     run_start: np.ndarray  # runs of equal (category, score, image) in accumulation order
     run_len: np.ndarray
     run_img: np.ndarray
@@ -59,11 +59,15 @@ class _Prepared:
     x_sign: np.ndarray  # +1: a false positive fp_base misses; -1: fp_base counts one that is not
 
 
+def accumulation_order(d: Detections) -> np.ndarray:
+    """lvis-api's order per category: score descending, ties by image then in-image order."""
+    return np.lexsort((d.order, d.img, -d.score, d.cat))
+
+
 def _prepare(m: Matches) -> _Prepared:
     tps, fps = det_flags(m.gt, m.dets, m.det_area, m.matched, m.matched_ig)
     d = m.dets
-    # lvis-api's order per category: score descending, ties by image then in-image order.
-    o = np.lexsort((d.order, d.img, -d.score, d.cat))
+    o = accumulation_order(d)
     cat, score, img = d.cat[o], d.score[o], d.img[o]
     new = np.ones(o.shape[0], dtype=bool)
     new[1:] = (cat[1:] != cat[:-1]) | (score[1:] != score[:-1]) | (img[1:] != img[:-1])
@@ -82,7 +86,7 @@ def _prepare(m: Matches) -> _Prepared:
     x_e, x_ta = np.nonzero(diff.reshape(D, T * A))
     x_sign = np.where(fps.reshape(D, T * A)[x_e, x_ta], 1.0, -1.0)
     return _Prepared(
-        m, tps, fps, run_start, run_len, img[run_start], cat[run_start], g_ok, fp_base,
+        m, o, run_start, run_len, img[run_start], cat[run_start], g_ok, fp_base,
         _csr_ptr(tp_e, D), tp_ta.astype(np.int16), _csr_ptr(x_e, D), x_ta.astype(np.int16), x_sign,
     )
 

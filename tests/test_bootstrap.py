@@ -20,6 +20,7 @@ from pcb_analysis.lvis_eval import (
     REC_THRS,
     bootstrap,
     compare,
+    det_flags,
     evaluate,
     evaluate_resamples,
     load_ground_truth,
@@ -175,6 +176,8 @@ def _loop_metrics(p, w: np.ndarray) -> dict[str, float]:
     num_gt = np.zeros((C, A), dtype=np.int64)
     for a in range(A):
         num_gt[:, a] = np.bincount(gt.ann_cat[p.g_ok[:, a]], weights=ann_w[p.g_ok[:, a]], minlength=C)
+    tps, fps = det_flags(gt, p.m.dets, p.m.det_area, p.m.matched, p.m.matched_ig)
+    tps, fps = tps[p.order], fps[p.order]
     rw = w[p.run_img]
     single = p.run_len == 1
     n_pts = np.where(single, (rw > 0).astype(np.int64), p.run_len * rw)
@@ -186,8 +189,8 @@ def _loop_metrics(p, w: np.ndarray) -> dict[str, float]:
     for c in np.flatnonzero(num_gt.any(axis=1)):
         sel = pt_cat == c
         e, wc = elem[sel], weight[sel][:, None, None]
-        tp_all = np.cumsum(p.tps[e] * wc, axis=0)
-        fp_all = np.cumsum(p.fps[e] * wc, axis=0)
+        tp_all = np.cumsum(tps[e] * wc, axis=0)
+        fp_all = np.cumsum(fps[e] * wc, axis=0)
         for a in np.flatnonzero(num_gt[c] > 0):
             precision[:, :, c, a] = 0.0
             recall[:, c, a] = 0.0
