@@ -118,13 +118,14 @@ def ground_truth_for_images(gt: str | Path, image_ids: Sequence[int] | None = No
     """The ground-truth index of `gt`, restricted to `image_ids` when they are a strict subset of
     the file's images (e.g. --max-images): images never run must not count as misses.
 
-    None: every image of the file (the file is not read a second time to check)."""
+    None: every image of the file."""
+    full = load_ground_truth(gt)  # cached per file: the usual whole-split case parses it once
     if image_ids is None:
-        return load_ground_truth(gt)
-    data = load_lvis_json(gt)
+        return full
     wanted = {int(i) for i in image_ids}
-    if wanted == {int(im["id"]) for im in data["images"]}:
-        return load_ground_truth(gt)
+    if wanted == {int(i) for i in full.img_ids}:
+        return full
+    data = load_lvis_json(gt)
     sub = dict(data)
     sub["images"] = [im for im in data["images"] if int(im["id"]) in wanted]
     sub["annotations"] = [a for a in data["annotations"] if int(a["image_id"]) in wanted]
