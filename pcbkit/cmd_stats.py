@@ -1,5 +1,6 @@
 """`pcbkit stats`: stream a logit dump into class statistics (S, n, H -> confusion matrix, mean score),
-then print the regime diagnostics (docs/statistics.md §4; sums stored in the statistics file)."""
+then print the regime diagnostics (docs/statistics.md §4; sums stored in the statistics file). With
+--split-folds F, also the out-of-fold statistics of F seeded image folds (docs/statistics.md §5)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ import click
     "--threads", type=click.IntRange(min=0), default=0,
     help="torch intra-op threads (0: torch's default).",
 )
+@click.option(
+    "--split-folds", "split_folds", type=click.IntRange(min=2), default=None,
+    help="Also write OUT-stem.fold<i>of<F>.npz, i = 1..F: the statistics of every image EXCEPT fold i "
+    "(folds: a seeded hash of the image id), for `pcbkit calibrate --cross-fit`. One more dump pass.",
+)
+@click.option(
+    "--fold-seed", type=click.IntRange(min=0), default=0, show_default=True,
+    help="Seed of the image-to-fold hash (with --split-folds).",
+)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def stats_cmd(
     dump_dir: str,
@@ -57,6 +67,8 @@ def stats_cmd(
     chunk_rows: int,
     allow_partial: bool,
     threads: int,
+    split_folds: int | None,
+    fold_seed: int,
     no_progress: bool,
 ) -> None:
     """Accumulate S, n, H over the dump's positive proposals and save them with provenance.
@@ -70,6 +82,7 @@ def stats_cmd(
     import torch
 
     from pcb_analysis.dumps import DumpReader
+    from pcb_analysis.folds import fold_statistics, write_fold_statistics
     from pcb_analysis.regime import diagnose, stats_from_dump
 
     if threads:
@@ -78,8 +91,16 @@ def stats_cmd(
     reader = DumpReader(dump_dir, allow_unfinished=allow_partial)
     st = stats_from_dump(reader, gt=gt, clip_mass=not no_clip_mass, clip_rows=clip_rows or None,
                          progress=not no_progress, chunk_rows=chunk_rows, split=split_name)
+    folds = []
+    if split_folds is not None:  # computed before anything is written: a bad dump leaves no file
+        folds = fold_statistics(reader, split_folds, fold_seed, gt=gt, progress=not no_progress,
+                                chunk_rows=chunk_rows, split=split_name)
     elapsed = time.perf_counter() - t0
     st.save(out)  # atomic: an existing good OUT survives any failure before this point or during it
+    for path, fold in zip(write_fold_statistics(out, folds), folds, strict=True):
+        info = fold.extra["fold"]
+        click.echo(f"wrote {path}: every image except fold {info['fold']} of {info['folds']} "
+                   f"({info['images']} images, {int(fold.n.sum()):,} positives; seed {info['seed']})")
     for line in st.summary_lines(reader.num_rows):
         click.echo(line)
     for line in diagnose(st).lines():

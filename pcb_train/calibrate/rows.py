@@ -4,6 +4,7 @@ A row is one score transform q [R, K+1] -> q~ [R, K+1] (background last, kept; d
 with a display name and a file-safe slug:
 
     none, ms, cm, cm-bayes   the parameter-free statistics of `pcb_analysis.calibration.STATISTICS`
+    stat(knob=v)             one grid point of a knob sweep (`sweeps`: cm-diagshrink(lambda=0.5), ...)
     norcal(gamma)            p~[j] ∝ p[j] / n_img[j]^gamma, n_img = training IMAGE counts
     logit-adj(tau)           z[:K] - tau * log(prior), prior = training INSTANCE counts
 
@@ -16,7 +17,6 @@ paper's upper bound, Table 1) or of the training split (Table 4's train-set matr
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,12 +30,22 @@ from pcb_analysis.calibration import DEFAULT_STATISTICS, ROW_STATISTICS, Calibra
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps import MANIFEST_NAME
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.estimators import MS_EQ_KEY, fit_ms_eq
 from pcb_analysis.stats import ClassStats
 from pcb_train.backends import ScoreTransform, identity
+from pcb_train.calibrate.sweeps import (
+    DEFAULT_IBU_START,
+    DEFAULT_MS_EQ_ITERATIONS,
+    SWEEP_STATISTICS,
+    Grid,
+    KnobRow,
+    grid_rows,
+    parse_values,
+)
 from pcb_train.data import load_lvis_json
 
-STAT_CHOICES: tuple[str, ...] = ROW_STATISTICS
-"""`--stat` choices: the parameter-free rows of the statistics table."""
+STAT_CHOICES: tuple[str, ...] = (*ROW_STATISTICS, *SWEEP_STATISTICS)
+"""`--stat` choices: the parameter-free rows of the statistics table, and the estimators swept by --grid."""
 DEFAULT_STATS: tuple[str, ...] = DEFAULT_STATISTICS
 """Rows evaluated when neither --stat, --gamma nor --tau is given."""
 UPPER_BOUND = "upper bound (same split, Table 1)"
@@ -49,8 +59,9 @@ class StatRow:
     name: str
     slug: str
     transform: ScoreTransform
-    family: str  # a parameter-free statistic's name | "norcal" | "logit-adj"
-    param: float | None = None
+    family: str  # the statistic (estimator) name | "norcal" | "logit-adj"
+    param: float | None = None  # the knob's value (None: a parameter-free row)
+    knob: str | None = None  # "lambda", "tau", "k", "eta", "a" (sweeps), "gamma" (norcal), "tau" (logit-adj)
 
 
 def _num(x: float) -> str:
@@ -59,22 +70,9 @@ def _num(x: float) -> str:
 
 
 def parse_grid(text: str | None, option: str) -> tuple[float, ...]:
-    """'0,0.5,1' -> (0.0, 0.5, 1.0); None or '' -> (). Values must be finite and >= 0."""
-    if not text:
-        return ()
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        try:
-            v = float(part)
-        except ValueError:
-            raise PcbkitError(f"{option}: {part!r} is not a number (expected e.g. 0,0.5,1)") from None
-        if not math.isfinite(v) or v < 0:
-            raise PcbkitError(f"{option}: values must be finite and >= 0 (got {part})")
-        out.append(v)
-    return tuple(dict.fromkeys(out))
+    """'0,0.5,1' -> (0.0, 0.5, 1.0); None -> (). Values must be finite and >= 0; a list without any
+    value (',,', '') is an error (`sweeps.parse_values`)."""
+    return parse_values(text, option)
 
 
 def select_stats(names: Sequence[str], gammas: Sequence[float], taus: Sequence[float]) -> tuple[str, ...]:
@@ -114,6 +112,34 @@ def tau_prior(gt: str | Path, taus: Sequence[float], categories: CategorySpace) 
     return instance_prior(load_lvis_json(gt)["categories"], categories, gt)
 
 
+def _ensure_ms_eq_fit(stats: ClassStats, iterations: int, eta: float) -> None:
+    """Fit ms-eq's class weight on the positives of the dump `stats` was read from, unless stored."""
+    fits = stats.extra.get(MS_EQ_KEY, [])
+    if any(f["iterations"] == iterations and f["eta"] == float(eta) for f in fits):
+        return
+    source = Path(stats.source) if stats.source else None
+    if source is None or not (source / MANIFEST_NAME).is_file():
+        raise PcbkitError(
+            f"--grid eta (ms-eq) fits a class weight on the statistics' positives, but their dump "
+            f"{stats.source or '(none recorded)'} is not readable here"
+        )
+    if "fold" in stats.extra:
+        raise PcbkitError("--grid eta (ms-eq) is not available with fold statistics (its fit reads the "
+                          "positives of all the dump's images)")
+    fit_ms_eq(source, stats, iterations, float(eta))
+
+
+def _knob_row(stats: ClassStats, kr: KnobRow, ridge: float, device: torch.device | str) -> StatRow:
+    build = dict(kr.build)
+    if kr.stat == "ms-eq":
+        _ensure_ms_eq_fit(stats, int(build["iterations"]), float(build["eta"]))
+    if float(build.get("row_prior", 0.0)) > 0 and stats.instances is None:
+        raise PcbkitError("--grid a: the row prior needs ground-truth instance counts in the statistics "
+                          "(write them with `pcbkit stats --gt`)")
+    cal = Calibrator.build(kr.stat, stats, ridge, **build).to(device)
+    return StatRow(kr.name, kr.slug, cal, kr.stat, kr.value, kr.knob)
+
+
 def build_rows(
     stats: ClassStats,
     stat_names: Sequence[str],
@@ -123,22 +149,34 @@ def build_rows(
     taus: Sequence[float] = (),
     prior: Tensor | None = None,
     device: torch.device | str = "cpu",
+    grids: Sequence[Grid] = (),
+    ibu_start: str = DEFAULT_IBU_START,
+    ms_eq_iterations: int = DEFAULT_MS_EQ_ITERATIONS,
 ) -> list[StatRow]:
     """The table's rows, each calibrator prepared once (M^-1 computed once) and moved to `device` once.
 
-    `none` is the backend's identity transform (the model's own scores, bit for bit). norcal rows
-    use the training image counts of `stats.categories`; logit-adj rows use `prior` (instances).
+    Order: the parameter-free statistics of `stat_names`, the knob sweeps (`grids`, one row per value,
+    `sweeps.grid_rows`), norcal(gamma), logit-adj(tau). `none` is the backend's identity transform
+    (the model's own scores, bit for bit). norcal rows use the training image counts of
+    `stats.categories`; logit-adj rows use `prior` (instances). ms-eq rows fit their class weight on
+    the statistics' dump when `stats` has no stored fit (`_ensure_ms_eq_fit`).
     """
     rows: list[StatRow] = []
     k = stats.num_classes
-    for name in dict.fromkeys(stat_names):
+    names = tuple(dict.fromkeys(stat_names))
+    for name in names:
         if name not in STAT_CHOICES:
             raise PcbkitError(f"--stat: unknown statistic {name!r}; choose from {', '.join(STAT_CHOICES)}")
+    knob_rows = grid_rows(names, grids, ibu_start, ms_eq_iterations)
+    for name in names:
+        if name in SWEEP_STATISTICS:
+            continue  # its rows are the grid's
         if name == "none":
             rows.append(StatRow("none", "none", identity, "none"))
             continue
         cal = Calibrator.build(name, stats, ridge).to(device)
         rows.append(StatRow(name, name, cal, name))
+    rows += [_knob_row(stats, kr, ridge, device) for kr in knob_rows]
     if gammas:
         image_counts = stats.categories.image_count if stats.categories is not None else ()
         if not any(image_counts):
@@ -149,13 +187,13 @@ def build_rows(
         freq = torch.tensor(image_counts, dtype=torch.float64)
         for g in gammas:
             cal = Calibrator.build("norcal", None, num_classes=k, freq=freq, gamma=g).to(device)
-            rows.append(StatRow(f"norcal({_num(g)})", f"norcal-g{_num(g)}", cal, "norcal", g))
+            rows.append(StatRow(f"norcal({_num(g)})", f"norcal-g{_num(g)}", cal, "norcal", g, "gamma"))
     if taus:
         if prior is None:
             raise PcbkitError("--tau (logit adjustment) needs the training instance counts of the categories")
         for t in taus:
             cal = Calibrator.build("norcal", None, num_classes=k, freq=prior, gamma=t).to(device)
-            rows.append(StatRow(f"logit-adj({_num(t)})", f"logit-adj-t{_num(t)}", cal, "logit-adj", t))
+            rows.append(StatRow(f"logit-adj({_num(t)})", f"logit-adj-t{_num(t)}", cal, "logit-adj", t, "tau"))
     if not rows:
         raise PcbkitError("nothing to evaluate: give --stat, --gamma or --tau")
     return rows
