@@ -17,14 +17,18 @@ def _statistics_table() -> Any:
 
 
 class _StatisticChoice(click.Choice):
-    """`--stat`'s choices: the parameter-free rows of the statistics table, read when first needed."""
+    """`--stat`'s choices: the parameter-free rows of the statistics table and the swept estimators,
+    read when first needed."""
 
     def __init__(self) -> None:
         super().__init__(())
 
     @property  # type: ignore[override]
     def choices(self) -> tuple[str, ...]:
-        return tuple(_statistics_table().ROW_STATISTICS)
+        # lazy, like the table: pcb_train.calibrate imports torch
+        from pcb_train.calibrate.rows import STAT_CHOICES
+
+        return STAT_CHOICES
 
     @choices.setter
     def choices(self, value: Any) -> None:  # click.Choice.__init__ assigns it; the table decides
@@ -50,7 +54,20 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 
 @click.command("calibrate")
 @click.option("--stat", "stat_names", multiple=True, type=_StatisticChoice(), cls=_TableHelpOption,
-              help="Statistic to evaluate (repeatable). Default: {defaults} (without --gamma/--tau).")
+              help="Statistic to evaluate (repeatable). Default: {defaults} (without --gamma/--tau). "
+                   "cm-diagshrink, cm-tikhonov, ibu, ms-eq need their --grid.")
+@click.option("--grid", "grid_texts", multiple=True, metavar="KNOB=V1,V2,...",
+              help="Sweep a knob, one row per value (repeatable): lambda (cm-diagshrink, [0,1]), tau "
+                   "(cm-tikhonov, >=0), k (ibu, int >=0), eta (ms-eq, >=0), a (row prior of every "
+                   "selected matrix statistic, >=0). E.g. --stat cm-diagshrink --grid lambda=0,0.5,1.")
+@click.option("--ibu-start", type=click.Choice(["ms", "uniform"]), default="ms", show_default=True,
+              help="ibu's start in a k sweep (from ms, k=0 is the ms row; uniform refuses k=0).")
+@click.option("--ms-eq-iterations", type=click.IntRange(min=1), default=10, show_default=True,
+              help="ms-eq's iterations in an eta sweep (fitted on the statistics' dump).")
+@click.option("--cross-fit", is_flag=True,
+              help="Cross-fitted protocol: calibrate each image of fold i with the statistics of the other "
+                   "folds, read from STATS-stem.fold<i>of<F>.npz (`pcbkit stats --split-folds F`); one "
+                   "results file per row, evaluated once.")
 @click.option("--stats", "stats_path", required=True, type=FILE,
               help="Statistics file from `pcbkit stats` (.npz).")
 @click.option("--checkpoint", type=FILE, default=None, help="pcbkit checkpoint (in-model mode).")
@@ -87,6 +104,10 @@ FOLDER = click.Path(file_okay=False, path_type=Path)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def calibrate_cmd(
     stat_names: tuple[str, ...],
+    grid_texts: tuple[str, ...],
+    ibu_start: str,
+    ms_eq_iterations: int,
+    cross_fit: bool,
     stats_path: Path,
     checkpoint: Path | None,
     config_path: Path | None,
@@ -113,20 +134,24 @@ def calibrate_cmd(
     2021). All statistics share ONE inference pass.
 
     Statistics of the evaluated split give the paper's upper bound (Table 1); those of the
-    training split the train-set matrix (Table 4); the output records which. With --dump no model
-    is run: box AP from a dump, the same post-processing.
+    training split the train-set matrix (Table 4); the output records which (`protocol`);
+    --cross-fit calibrates each image with statistics that never saw it. --grid sweeps an
+    estimator's knob, one row per value. With --dump no model is run: box AP from a dump, the same
+    post-processing.
     """
     # lazy: the library imports torch, which `pcbkit --help` must not pay for
     from pcb_train.calibrate import (
         CalibrateConfig,
         format_report_table,
         parse_grid,
+        parse_grids,
         run_calibration,
         select_stats,
     )
 
     gammas = parse_grid(gamma_text, "--gamma")
     taus = parse_grid(tau_text, "--tau")
+    grids = parse_grids(grid_texts)
     cfg = CalibrateConfig(
         stats=stats_path,
         gt=gt,
@@ -147,6 +172,10 @@ def calibrate_cmd(
         progress=not no_progress,
         fixed_ap=not no_fixed_ap,
         max_dets=max_dets,
+        grids=grids,
+        ibu_start=ibu_start,
+        ms_eq_iterations=ms_eq_iterations,
+        cross_fit=cross_fit,
     )
     report = run_calibration(cfg)
     if as_json:

@@ -5,9 +5,10 @@ Every row of the table is a transform q -> q~ that keeps the background (docs/me
 applied BEFORE the standard post-processing (`pcb_train.backends.select_detections`). Two
 modes share that post-processing: in-model (`calibrate_model(s)`, `model`: one backbone pass for
 every statistic, mask and box AP) and offline (`calibrate_from_dump`, `offline`: box AP from a
-dump). Rows (`rows`): the statistics table of `pcb_analysis.calibration`, norcal(gamma),
-logit-adj(tau). Standard AP and fixed AP (docs/calibration.md §3); results and metrics per row
-(`results`, `report`); where the statistics come from is recorded (docs/calibration.md §4).
+dump). Rows (`rows`): the statistics table of `pcb_analysis.calibration`, knob sweeps (`sweeps`,
+§7), norcal(gamma), logit-adj(tau). Standard AP and fixed AP (docs/calibration.md §3); results and
+metrics per row (`results`, `report`); where the statistics come from and the protocol (in-sample,
+train, cross-fitted: `protocols`) are recorded (docs/calibration.md §4, §8).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pcb_train.calibrate.offline import (
     postprocess_records,
 )
 from pcb_train.calibrate.options import SHARED_PASS_FIELDS, CalibrateConfig
+from pcb_train.calibrate.protocols import PROTOCOLS, CrossFit, calibration_rows, load_cross_fit, protocol_of
 from pcb_train.calibrate.report import (
     DUMP_COLUMNS,
     MODEL_COLUMNS,
@@ -43,9 +45,32 @@ from pcb_train.calibrate.rows import (
     statistics_relation,
     tau_prior,
 )
+from pcb_train.calibrate.sweeps import (
+    DEFAULT_IBU_START,
+    DEFAULT_MS_EQ_ITERATIONS,
+    KNOBS,
+    SWEEP_STATISTICS,
+    Grid,
+    KnobRow,
+    grid_rows,
+    parse_grids,
+)
 
 __all__ = [
+    "DEFAULT_IBU_START",
+    "DEFAULT_MS_EQ_ITERATIONS",
     "DEFAULT_STATS",
+    "KNOBS",
+    "PROTOCOLS",
+    "SWEEP_STATISTICS",
+    "CrossFit",
+    "Grid",
+    "KnobRow",
+    "calibration_rows",
+    "grid_rows",
+    "load_cross_fit",
+    "parse_grids",
+    "protocol_of",
     "DUMP_COLUMNS",
     "MASK_THRESHOLD",
     "MODEL_COLUMNS",

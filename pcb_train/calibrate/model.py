@@ -6,7 +6,9 @@ kept), then the standard post-processing runs (score > 1e-4, class-wise NMS 0.5,
 and masks are predicted for the calibrated detections. With fixed AP the post-processing is
 uncapped and sorted by score, so the standard results are each image's first 300 and all of them
 feed the per-class top-10,000 (docs/calibration.md §3); detections that can no longer enter a top
-(nor the first 300) get no mask. LVIS results per row, mask and box AP.
+(nor the first 300) get no mask. LVIS results per row, mask and box AP. Cross-fitted calibrations
+(`protocols`) run the images fold by fold, each fold with its out-of-fold statistics' transforms: still
+one pass, every image once.
 Inputs are all checked (statistics, split, config, checkpoint) before anything is written.
 """
 
@@ -25,9 +27,10 @@ from torch import Tensor
 from pcb_analysis.errors import ApiMisuseError, PcbkitError, input_error
 from pcb_train.backends import DetectionFilter, detections_to_lvis
 from pcb_train.calibrate.options import SHARED_PASS_FIELDS, CalibrateConfig
+from pcb_train.calibrate.protocols import CrossFit, calibration_rows, group_by_fold
 from pcb_train.calibrate.report import CalibrationReport
 from pcb_train.calibrate.results import RowResults, check_max_dets, finish_all, open_row_results
-from pcb_train.calibrate.rows import StatRow, build_rows, load_statistics, statistics_relation, tau_prior
+from pcb_train.calibrate.rows import StatRow, load_statistics
 from pcb_train.distributed import resolve_device
 from pcb_train.inference import ground_truth_for_images, iter_batches, load_detector, open_split
 from pcb_train.provenance import provenance
@@ -42,6 +45,14 @@ class _Job:
     cfg: CalibrateConfig
     rows: list[StatRow]
     report: CalibrationReport
+    cross: CrossFit | None = None
+
+    def transforms(self, fold: int | None) -> dict[str, Any]:
+        """{slug: transform} for the images of `fold` (None: not cross-fitted)."""
+        if self.cross is None:
+            return {row.slug: row.transform for row in self.rows}
+        assert fold is not None
+        return self.cross.transforms(fold)
 
 
 def written_only(bars: Callable[[str], Tensor | None], cap: int) -> DetectionFilter:
@@ -75,6 +86,26 @@ def _bars_of(
         return torch.tensor([tops[slug].bar(c) for c in cat_ids], dtype=torch.float64)
 
     return bars
+
+
+def _run_batches(
+    batches: Any, backend: Any, transforms: dict[str, Any], names: dict[tuple[int, str], str],
+    outputs: Sequence[RowResults], categories: Any, cap: int, uncapped: bool,
+    keys: dict[str, tuple[int, str]],
+) -> None:
+    """Infer every batch under `transforms` ({name: fn}) and stream each row's entries to its results."""
+    for images, targets in batches:
+        # with fixed AP: uncapped detections (sorted by score), the capped ones are their prefix
+        dets = backend.infer(
+            images, transforms, mask_threshold=MASK_THRESHOLD,
+            detections_per_image=-1 if uncapped else None, compact_masks=True,
+            keep=written_only(_bars_of(outputs, keys, categories.ids), cap) if uncapped else None,
+        )
+        caches: list[dict[int, dict[str, Any]]] = [{} for _ in images]  # one RLE per mask, per image
+        for (j, slug), name in names.items():
+            for d, t, cache in zip(dets[name], targets, caches, strict=True):
+                entries = detections_to_lvis(d, int(t["image_id"]), categories, cache, MASK_THRESHOLD)
+                outputs[j].add_image(slug, entries, cap)
 
 
 def calibrate_model(cfg: CalibrateConfig) -> CalibrationReport:
@@ -120,16 +151,18 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
     prov = provenance(info, backend.config, first.config)
     jobs: list[_Job] = []
     for c, stats in zip(cfgs, loaded, strict=True):
-        rows = build_rows(stats, c.stat, ridge=c.ridge, gammas=c.gammas, taus=c.taus,
-                          prior=tau_prior(c.gt, c.taus, categories), device=device)
-        relation = {"file": str(c.stats), "ridge": c.ridge, **statistics_relation(stats, split, c.gt)}
+        rows, cross, relation = calibration_rows(c, stats, categories, split, device)
         report = CalibrationReport(mode="model", split=split, gt=str(c.gt), statistics=relation,
                                    images=len(dataset), provenance=prov)
-        jobs.append(_Job(c, rows, report))
+        jobs.append(_Job(c, rows, report, cross))
+    crosses = {(j.cross.folds, j.cross.seed): j.cross for j in jobs if j.cross is not None}
+    if len(crosses) > 1:
+        raise PcbkitError("cross-fitted calibrations sharing one pass must use the same folds (F, seed); "
+                          f"got {sorted(crosses)}")
+    groups = group_by_fold(dataset.image_ids, next(iter(crosses.values()), None))
     ran = dataset.image_ids if first.max_images is not None else None  # None: the whole file
     gt_index = ground_truth_for_images(first.gt, ran)
-    transforms = {(j, row.slug): row.transform for j, job in enumerate(jobs) for row in job.rows}
-    names = {key: f"{key[0]}:{key[1]}" for key in transforms}
+    names = {(j, row.slug): f"{j}:{row.slug}" for j, job in enumerate(jobs) for row in job.rows}
     keys = {name: key for key, name in names.items()}
     cap = int(backend.config.detections_per_image)
     check_max_dets(first.max_dets, cap)
@@ -140,20 +173,13 @@ def calibrate_models(cfgs: Sequence[CalibrateConfig]) -> list[CalibrationReport]
                                               max_dets=job.cfg.max_dets))
             for job in jobs
         ]
-        batches = iter_batches(dataset, range(len(dataset)), first.batch_size, first.num_workers,
-                               device=device, progress=first.progress, desc=f"calibrate {split}")
-        for images, targets in batches:
-            # with fixed AP: uncapped detections (sorted by score), the capped ones are their prefix
-            dets = backend.infer(
-                images, {names[k]: fn for k, fn in transforms.items()}, mask_threshold=MASK_THRESHOLD,
-                detections_per_image=-1 if uncapped else None, compact_masks=True,
-                keep=written_only(_bars_of(outputs, keys, categories.ids), cap) if uncapped else None,
-            )
-            caches: list[dict[int, dict[str, Any]]] = [{} for _ in images]  # one RLE per mask, per image
-            for (j, slug), name in names.items():
-                for d, t, cache in zip(dets[name], targets, caches, strict=True):
-                    entries = detections_to_lvis(d, int(t["image_id"]), categories, cache, MASK_THRESHOLD)
-                    outputs[j].add_image(slug, entries, cap)
+        for fold, positions in groups:
+            transforms = {names[(j, slug)]: fn for j, job in enumerate(jobs)
+                          for slug, fn in job.transforms(fold).items()}
+            desc = f"calibrate {split}" + (f", fold {fold}" if fold is not None else "")
+            batches = iter_batches(dataset, positions, first.batch_size, first.num_workers,
+                                   device=device, progress=first.progress, desc=desc)
+            _run_batches(batches, backend, transforms, names, outputs, categories, cap, uncapped, keys)
         seconds = time.perf_counter() - t0
         for job in jobs:
             job.report.seconds = seconds

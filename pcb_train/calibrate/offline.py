@@ -6,7 +6,8 @@ own softmax, each row's transform, then the SAME `select_detections` the model's
 the stored boxes [r, K, 4] (original pixels). Box AP only (a dump has no masks). On the same
 model, split and batching the detections equal the in-model ones whenever the logits are
 float16-representable; otherwise only the dump's float16 rounding of the logits differs
-(docs/calibration.md §3). Memory: one chunk of dump rows plus one image.
+(docs/calibration.md §3). Cross-fitted (`cfg.cross_fit`): each image takes the rows of its fold's
+out-of-fold statistics (`protocols`). Memory: one chunk of dump rows plus one image.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from pcb_train.backends import (
     softmax_probabilities,
 )
 from pcb_train.calibrate.options import CalibrateConfig
+from pcb_train.calibrate.protocols import calibration_rows
 from pcb_train.calibrate.report import CalibrationReport
 from pcb_train.calibrate.results import check_max_dets, open_row_results
-from pcb_train.calibrate.rows import build_rows, load_statistics, statistics_relation, tau_prior
+from pcb_train.calibrate.rows import load_statistics
 from pcb_train.config import ModelConfig
 from pcb_train.data import load_lvis_json
 from pcb_train.inference import ground_truth_for_images
@@ -148,9 +150,8 @@ def calibrate_from_dump(cfg: CalibrateConfig) -> CalibrationReport:
     per_image = int(model.get("detections_per_image", defaults.detections_per_image))
     check_max_dets(cfg.max_dets, per_image)
     probabilities = class_probabilities_for(str(model.get("backend", "torchvision")))
-    rows = build_rows(stats, cfg.stat, ridge=cfg.ridge, gammas=cfg.gammas, taus=cfg.taus,
-                      prior=tau_prior(cfg.gt, cfg.taus, categories))
     split = cfg.split or reader.split
+    rows, cross, relation = calibration_rows(cfg, stats, categories, split)
     dump_ids = [int(i) for i in reader.image_ids().tolist()]
     gt_ids = [int(im["id"]) for im in load_lvis_json(cfg.gt)["images"]]
     unknown = sorted(set(dump_ids) - set(gt_ids))
@@ -159,7 +160,6 @@ def calibrate_from_dump(cfg: CalibrateConfig) -> CalibrationReport:
     if not dump_ids:
         raise input_error(manifest, "the dump holds no image")
     gt_index = ground_truth_for_images(cfg.gt, dump_ids)
-    relation = {"file": str(cfg.stats), "ridge": cfg.ridge, **statistics_relation(stats, split, cfg.gt)}
     report = CalibrationReport(
         mode="dump",
         split=split,
@@ -170,6 +170,7 @@ def calibrate_from_dump(cfg: CalibrateConfig) -> CalibrationReport:
     )
     k = reader.num_classes
     transforms = {row.slug: row.transform for row in rows}
+    by_fold = {f: cross.transforms(f) for f in range(1, cross.folds + 1)} if cross is not None else {}
     with open_row_results(cfg.out, split, rows, fixed_ap=cfg.fixed_ap, suffix="-offline",
                           max_dets=cfg.max_dets) as results:
         desc = f"calibrate {split} (dump)"
@@ -178,7 +179,7 @@ def calibrate_from_dump(cfg: CalibrateConfig) -> CalibrationReport:
                 dets = postprocess_records(
                     logits.float(),
                     regressed.reshape(-1, k, 4),
-                    transforms,
+                    by_fold[cross.fold_of(image_id)] if cross is not None else transforms,
                     probabilities,
                     score_thresh=score_thresh,
                     nms_thresh=nms_thresh,

@@ -3,7 +3,9 @@
 In-model mode (the default) needs --checkpoint, --config and --images and runs the model over the
 split; offline mode (`dump` set) replays a full dump with per-class boxes and takes none of those
 (nor --max-images). Several in-model calibrations may share one inference pass when they agree on
-everything but the statistics and the output (`SHARED_PASS_FIELDS`).
+everything but the statistics and the output (`SHARED_PASS_FIELDS`). Knob sweeps (`grids`, with
+`ibu_start` and `ms_eq_iterations` fixed) and cross-fitting (`cross_fit`: the fold files beside `stats`)
+are per calibration (docs/calibration.md §7, §8).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pathlib import Path
 
 from pcb_analysis.errors import PcbkitError
 from pcb_train.calibrate.rows import DEFAULT_STATS
+from pcb_train.calibrate.sweeps import DEFAULT_IBU_START, DEFAULT_MS_EQ_ITERATIONS, Grid, check_sweep
 
 SHARED_PASS_FIELDS = ("checkpoint", "config", "gt", "images", "split", "max_images", "batch_size", "device",
                       "num_workers", "fixed_ap", "max_dets")
@@ -44,8 +47,13 @@ class CalibrateConfig:
     # also evaluate standard AP at this per-image cap (<= the detector's; e.g. the LVIS-equivalent
     # round(300 K / 1230)), from the same results files; 300 adds nothing
     max_dets: int = 300
+    grids: tuple[Grid, ...] = ()  # knob sweeps (`sweeps.parse_grids`)
+    ibu_start: str = DEFAULT_IBU_START  # ibu's start in a k sweep
+    ms_eq_iterations: int = DEFAULT_MS_EQ_ITERATIONS  # ms-eq's iterations in an eta sweep
+    cross_fit: bool = False  # calibrate each image with the statistics of the other folds
 
     def __post_init__(self) -> None:
+        check_sweep(self.stat, self.grids, self.ibu_start, self.ms_eq_iterations)
         if self.batch_size < 1:
             raise PcbkitError(f"--batch-size must be >= 1 (got {self.batch_size})")
         if self.max_dets < 1:

@@ -1,10 +1,12 @@
 """The evaluated calibration table: one entry per row, where its statistics came from, and its text.
 
-A row entry: {"stat", "family", "param", "results", "detections", "fixed_results",
-"fixed_detections", "metrics": {"segm" | "bbox" [+ "_fixed" | "@N"]: {"AP", "APr", ...}}}, metrics as
-fractions in [0, 1] (NaN / -1 when undefined; None in JSON). In-model reports carry mask and box
-AP, offline ones box AP only. `format_report_table` prints AP in percent, `table_csv` keeps the
-fractions. `metrics.json` is `CalibrationReport.to_dict()`.
+A row entry: {"stat", "family", "param", "knob", "value", "protocol", "results", "detections",
+"fixed_results", "fixed_detections", "metrics": {"segm" | "bbox" [+ "_fixed" | "@N"]: {"AP", "APr", ...}}},
+metrics as fractions in [0, 1] (NaN / -1 when undefined; None in JSON). family: the estimator
+(`cm-diagshrink`, ..., `norcal`, `logit-adj`); knob/value: the swept parameter and its value (None for
+a parameter-free row; value = param); protocol: in-sample | train | other-split | cross-fitted.
+In-model reports carry mask and box AP, offline ones box AP only. `format_report_table` prints AP in
+percent, `table_csv` keeps the fractions. `metrics.json` is `CalibrationReport.to_dict()`.
 """
 
 from __future__ import annotations
@@ -104,11 +106,15 @@ def table_csv(report: CalibrationReport) -> str:
     cols = _columns(report)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["stat", *(h for h, _, _ in cols), "detections", "results", "statistics"])
+    w.writerow(["stat", *(h for h, _, _ in cols), "detections", "results", "statistics", "family", "knob",
+                "value", "protocol"])
     for r in report.rows:
         vals = []
         for _, key, metric in cols:
             v = _value(r, key, metric)
             vals.append("" if math.isnan(v) or v < 0 else repr(v))
-        w.writerow([r["stat"], *vals, r["detections"], r["results"], report.statistics.get("relation")])
+        value = r.get("value")
+        w.writerow([r["stat"], *vals, r["detections"], r["results"], report.statistics.get("relation"),
+                    r.get("family"), r.get("knob") or "", "" if value is None else repr(float(value)),
+                    r.get("protocol") or ""])
     return buf.getvalue()
