@@ -8,6 +8,7 @@ skipped by the selections). Every function takes plain arrays plus a `CategorySp
 - views.py: one figure each (`plot_block`, `plot_zoom`, `plot_overview`, `plot_difference`,
   `plot_diagonal`); heatmap.py: their drawing blocks (the only place matplotlib is imported, lazily).
 - pairs.py: `top_confused_pairs` / `write_top_pairs_csv`; render.py: `render_views` draws a set of views.
+- sweep.py: `sweep_series` / `plot_sweep`, AP against a calibration knob (metrics rows of `pcbkit calibrate`).
 - from_stats.py (not imported here: it needs torch): matrices read from statistics files.
 """
 
@@ -24,11 +25,12 @@ from pcb_analysis.plots.selection import (
     select_block,
     select_head_tail,
 )
+from pcb_analysis.plots.sweep import SweepSeries, plot_sweep, sweep_series
 from pcb_analysis.plots.views import plot_block, plot_diagonal, plot_difference, plot_overview, plot_zoom
 
 __all__ = [
     "BUCKET_COLOURS", "BUCKET_NAMES", "FORMATS", "LOG2_FLOOR", "MAX_ANNOTATED", "MAX_NAMED", "PAIR_COLUMNS",
-    "SELECTIONS", "VIEWS", "Matrix", "RenderedViews", "Selection", "asymmetric_mass", "check_figure_path",
+    "SELECTIONS", "VIEWS", "Matrix", "SweepSeries", "plot_sweep", "sweep_series", "RenderedViews", "Selection", "asymmetric_mass", "check_figure_path",
     "frequency_order", "output_paths", "plot_block", "plot_diagonal", "plot_difference", "plot_overview",
     "plot_zoom", "render_views", "resolve_classes", "select_block", "select_head_tail", "top_confused_pairs",
     "write_top_pairs_csv",
