@@ -30,7 +30,8 @@ from pcb_analysis.plots.views import plot_block, plot_diagonal, plot_difference,
 
 __all__ = [
     "BUCKET_COLOURS", "BUCKET_NAMES", "FORMATS", "LOG2_FLOOR", "MAX_ANNOTATED", "MAX_NAMED", "PAIR_COLUMNS",
-    "SELECTIONS", "VIEWS", "Matrix", "SweepSeries", "plot_sweep", "sweep_series", "RenderedViews", "Selection", "asymmetric_mass", "check_figure_path",
+    "SELECTIONS", "VIEWS", "Matrix", "SweepSeries", "plot_sweep", "sweep_series",
+    "RenderedViews", "Selection", "asymmetric_mass", "check_figure_path",
     "frequency_order", "output_paths", "plot_block", "plot_diagonal", "plot_difference", "plot_overview",
     "plot_zoom", "render_views", "resolve_classes", "select_block", "select_head_tail", "top_confused_pairs",
     "write_top_pairs_csv",
