@@ -144,8 +144,8 @@ def test_ms_eq_grid_without_a_readable_dump_is_one_line_error() -> None:
 
 def _row(stat: str, family: str, knob: str | None, value: float | None, ap: float, apr: float | None,
          protocol: str = "in-sample") -> dict:
-    return {"stat": stat, "family": family, "knob": knob, "value": value, "param": value, "protocol": protocol,
-            "metrics": {"bbox": {"AP": ap, "APr": apr, "APf": ap / 2}}}
+    return {"stat": stat, "family": family, "knob": knob, "value": value, "param": value,
+            "protocol": protocol, "metrics": {"bbox": {"AP": ap, "APr": apr, "APf": ap / 2}}}
 
 
 ROWS = [
@@ -164,7 +164,8 @@ def test_sweep_series_sorts_by_value_and_reads_references() -> None:
     assert s.key == "bbox" and list(s.lines) == ["cm-diagshrink"]
     xs, ys = s.lines["cm-diagshrink"]
     assert xs == (0.0, 0.5, 1.0)
-    assert ys["AP"] == (0.25, 0.31, 0.32) and ys["APr"] == (0.15, 0.18, 0.20) and ys["APf"] == (0.125, 0.155, 0.16)
+    assert ys["AP"] == (0.25, 0.31, 0.32) and ys["APr"] == (0.15, 0.18, 0.20)
+    assert ys["APf"] == (0.125, 0.155, 0.16)
     assert s.references["none"] == {"AP": 0.30, "APr": 0.10, "APf": 0.15}
     assert math.isnan(s.references["cm"]["APr"])  # undefined metrics stay NaN
     assert sweep_series(ROWS, "gamma", marks=("ms", "absent")).references.keys() == {"ms"}
