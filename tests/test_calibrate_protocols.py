@@ -133,6 +133,9 @@ def test_train_statistics_are_the_train_protocol(world: dict[str, Path], tmp_pat
     st.save(tmp_path / "train.npz")
     rep = offline(world, tmp_path / "train.npz", tmp_path / "out", stat=("cm",))
     assert rep["statistics"]["protocol"] == "train" and rep["rows"][0]["protocol"] == "train"
+    identical_folds(tmp_path / "train.npz", tmp_path / "train.npz")
+    with pytest.raises(PcbkitError, match="--cross-fit needs statistics of the evaluated split 'val'"):
+        offline(world, tmp_path / "train.npz", tmp_path / "out2", stat=("cm",), cross_fit=True)
 
 
 def test_cross_fit_bad_input(

@@ -122,9 +122,12 @@ def calibration_rows(
                           device=device, grids=cfg.grids, ibu_start=cfg.ibu_start,
                           ms_eq_iterations=cfg.ms_eq_iterations)
 
+    relation = statistics_relation(stats, split, cfg.gt)
+    if cfg.cross_fit and relation["relation"] != "same-split":
+        raise input_error(cfg.stats, f"--cross-fit needs statistics of the evaluated split {split!r}; "
+                                     f"these are {relation['relation']} ({relation['label']})")
     cross = load_cross_fit(cfg.stats, stats, categories, cfg.gt, build) if cfg.cross_fit else None
     rows = list(cross.rows[0]) if cross is not None else build(stats)
-    relation = statistics_relation(stats, split, cfg.gt)
     record = {"file": str(cfg.stats), "ridge": cfg.ridge, **relation,
               "protocol": protocol_of(relation["relation"], cfg.cross_fit),
               "cross_fit": cross.record() if cross is not None else None}
