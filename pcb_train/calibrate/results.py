@@ -30,7 +30,7 @@ from pcb_train.calibrate.rows import StatRow
 logger = logging.getLogger(__name__)
 
 # Bumped whenever the results or metrics a calibration writes change meaning (cached study steps rerun).
-RESULTS_PROTOCOL = "2: fixed AP on uncapped per-class top-10,000 results"
+RESULTS_PROTOCOL = "3: fixed AP on uncapped per-class top-10,000 results; rows carry knob, value, protocol"
 
 
 def check_max_dets(max_dets: int, cap: int) -> None:
