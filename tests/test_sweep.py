@@ -169,6 +169,10 @@ def test_sweep_series_sorts_by_value_and_reads_references() -> None:
     assert s.references["none"] == {"AP": 0.30, "APr": 0.10, "APf": 0.15}
     assert math.isnan(s.references["cm"]["APr"])  # undefined metrics stay NaN
     assert sweep_series(ROWS, "gamma", marks=("ms", "absent")).references.keys() == {"ms"}
+    tau = [*ROWS, _row("logit-adj(1)", "logit-adj", "tau", 1.0, 0.2, 0.1),
+           _row("cm-tikhonov(tau=1)", "cm-tikhonov", "tau", 1.0, 0.3, 0.1)]
+    assert list(sweep_series(tau, "tau").lines) == ["logit-adj", "cm-tikhonov"]
+    assert list(sweep_series(tau, "tau", family="cm-tikhonov").lines) == ["cm-tikhonov"]
     with pytest.raises(PcbkitError, match="no row of knob 'tau'"):
         sweep_series(ROWS, "tau")
     with pytest.raises(PcbkitError, match="values repeated"):

@@ -50,19 +50,23 @@ def _default_key(rows: Sequence[Mapping[str, Any]]) -> str:
 def sweep_series(
     rows: Sequence[Mapping[str, Any]], knob: str, *, metrics: Sequence[str] = ("AP", "APr", "APf"),
     marks: Sequence[str] = ("none", "ms", "cm"), key: str | None = None, protocol: str | None = None,
+    family: str | None = None,
 ) -> SweepSeries:
     """The series of `knob` in metrics rows: per family (e.g. "cm-diagshrink"), values sorted ascending.
 
     `key` the evaluation ("segm", "bbox", "segm_fixed", ...; default segm when present, else bbox);
-    `protocol` keeps only rows of that protocol; marks missing from the rows are left out. No row of
-    the knob is an error."""
+    `protocol` keeps only rows of that protocol, `family` only that estimator's grid rows (e.g. "tau"
+    is the knob of both cm-tikhonov and logit-adj); marks missing from the rows are left out. No row
+    of the knob is an error."""
     if protocol is not None:
         rows = [r for r in rows if r.get("protocol") == protocol]
     key = key or _default_key(rows)
-    mine = [r for r in rows if r.get("knob") == knob and r.get("value") is not None]
+    mine = [r for r in rows if r.get("knob") == knob and r.get("value") is not None
+            and (family is None or r.get("family") == family)]
     if not mine:
-        raise PcbkitError(f"sweep: no row of knob {knob!r} (rows of knobs: "
-                          f"{sorted({str(r.get('knob')) for r in rows if r.get('knob')}) or 'none'})")
+        where = f" in family {family!r}" if family else ""
+        knobs = sorted({str(r.get("knob")) for r in rows if r.get("knob")}) or "none"
+        raise PcbkitError(f"sweep: no row of knob {knob!r}{where} (rows of knobs: {knobs})")
     lines: dict[str, tuple[tuple[float, ...], dict[str, tuple[float, ...]]]] = {}
     for family in dict.fromkeys(str(r.get("family")) for r in mine):
         fam = sorted((r for r in mine if str(r.get("family")) == family), key=lambda r: float(r["value"]))
@@ -85,12 +89,13 @@ _MARK_STYLES = {"none": "#7f7f7f", "ms": "#2ca02c", "cm": "#d62728"}
 def plot_sweep(
     rows: Sequence[Mapping[str, Any]], knob: str, out_path: str | Path, *,
     metrics: Sequence[str] = ("AP", "APr", "APf"), marks: Sequence[str] = ("none", "ms", "cm"),
-    key: str | None = None, protocol: str | None = None, title: str | None = None, dpi: int = 120,
+    key: str | None = None, protocol: str | None = None, family: str | None = None,
+    title: str | None = None, dpi: int = 120,
 ) -> Path:
     """One panel per metric (percent) against `knob`, a line per estimator family, the `marks` rows as
     dashed horizontal lines; a log-scaled x axis when every value is > 0 and they span > 2 decades."""
     out = check_figure_path(out_path)
-    s = sweep_series(rows, knob, metrics=metrics, marks=marks, key=key, protocol=protocol)
+    s = sweep_series(rows, knob, metrics=metrics, marks=marks, key=key, protocol=protocol, family=family)
     mpl = _matplotlib()
     fig = mpl.figure.Figure(figsize=(3.6 * len(s.metrics), 3.2), constrained_layout=True)
     axes = fig.subplots(1, len(s.metrics), squeeze=False)[0]
