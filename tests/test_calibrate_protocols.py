@@ -160,3 +160,25 @@ def test_cross_fit_bad_input(
     with pytest.raises(PcbkitError, match="says fold 2 of 2, the file name fold 1 of 2"):
         offline(world, stats, out, cross_fit=True)
     assert not out.exists()
+
+
+def test_cli_cross_fitted_sweep_offline(
+    world: dict[str, Path], tmp_path: Path, run_pcbkit: Callable[[list[str]], tuple[int, str, str]]
+) -> None:
+    stats = tmp_path / "val.npz"
+    code, out, err = run_pcbkit(["stats", "--dump", str(world["dump"]), "--out", str(stats), "--no-progress",
+                                 "--no-clip-mass", "--split-folds", "2", "--fold-seed", "1"])
+    assert code == 0, err
+    res = tmp_path / "res"
+    code, out, err = run_pcbkit(["calibrate", "--dump", str(world["dump"]), "--stats", str(stats), "--gt",
+                                 str(world["gt"]), "--out", str(res), "--no-progress", "--cross-fit",
+                                 "--stat", "ms", "--stat", "cm-diagshrink", "--grid", "lambda=0,1"])
+    assert code == 0, err
+    assert "cross-fitted: each image calibrated with the statistics of the other 1 fold(s) of 2" in out
+    assert [ln.split()[0] for ln in out.splitlines()[2:5]] == [
+        "ms", "cm-diagshrink(lambda=0)", "cm-diagshrink(lambda=1)"]
+    metrics = json.loads((res / "metrics-offline.json").read_text())
+    assert metrics["statistics"]["cross_fit"]["files"] == [str(fold_path(stats, i, 2)) for i in (1, 2)]
+    by = {r["stat"]: r for r in metrics["rows"]}
+    shrunk = (res / by["cm-diagshrink(lambda=1)"]["results"]).read_bytes()
+    assert (res / by["ms"]["results"]).read_bytes() == shrunk  # cross-fitted too, lambda = 1 is ms
