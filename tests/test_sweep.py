@@ -127,6 +127,9 @@ def test_grid_rows_apply_the_estimator_with_the_knob_value() -> None:
     assert torch.equal(by["cm-diagshrink(lambda=1)"].transform(q), by["ms"].transform(q))
     assert torch.equal(by["cm-diagshrink(lambda=0)"].transform(q), by["cm"].transform(q))
     assert torch.equal(by["ibu(k=0)"].transform(q), by["ms"].transform(q))
+    # from a uniform start one ibu step is cm-bayes (same map, other arithmetic: close, not equal)
+    uniform = build_rows(st, ["cm-bayes", "ibu"], grids=parse_grids(["k=1"]), ibu_start="uniform")
+    torch.testing.assert_close(uniform[1].transform(q), uniform[0].transform(q), rtol=1e-12, atol=1e-14)
     # the row prior needs instance counts
     st.instances = None
     with pytest.raises(PcbkitError, match="--grid a: the row prior needs ground-truth instance counts"):
