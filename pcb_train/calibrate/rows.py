@@ -117,15 +117,15 @@ def _ensure_ms_eq_fit(stats: ClassStats, iterations: int, eta: float) -> None:
     fits = stats.extra.get(MS_EQ_KEY, [])
     if any(f["iterations"] == iterations and f["eta"] == float(eta) for f in fits):
         return
+    if "fold" in stats.extra:
+        raise PcbkitError("--grid eta (ms-eq) is not available with fold statistics (its fit reads the "
+                          "positives of all the dump's images)")
     source = Path(stats.source) if stats.source else None
     if source is None or not (source / MANIFEST_NAME).is_file():
         raise PcbkitError(
             f"--grid eta (ms-eq) fits a class weight on the statistics' positives, but their dump "
             f"{stats.source or '(none recorded)'} is not readable here"
         )
-    if "fold" in stats.extra:
-        raise PcbkitError("--grid eta (ms-eq) is not available with fold statistics (its fit reads the "
-                          "positives of all the dump's images)")
     fit_ms_eq(source, stats, iterations, float(eta))
 
 
