@@ -137,12 +137,20 @@ def plot_confusion_cmd(
     # heavy imports (numpy, torch, matplotlib) only once the options are valid
     from pcb_analysis import plots
     from pcb_analysis.plots.from_stats import load_matrices
+    from pcb_analysis.regime_line import stats_regime_text
 
     paths = plots.output_paths(views, stats_path, out)
     loaded = load_matrices(stats_path, categories_json, compare_path)
     k = loaded.categories.num_classes
     if "block" in views and class_names is None and n_classes is not None and n_classes > k:
         raise PcbkitError(f"--classes {n_classes}: larger than the number of classes K={k}")
+    # the regime of each statistics file as a second title line (docs/statistics.md §4)
+    given = loaded.categories if categories_json is not None else None
+    regime = stats_regime_text(stats_path, given, sigma=False)
+    subtitles = {v: regime for v in views if v != "difference"}
+    if loaded.other is not None and compare_path is not None:
+        other = stats_regime_text(compare_path, given, sigma=False)
+        subtitles["difference"] = f"{loaded.main.label}: {regime}\n{loaded.other.label}: {other}"
     done = plots.render_views(
         paths,
         loaded.main,
@@ -156,6 +164,7 @@ def plot_confusion_cmd(
         pairs_csv=pairs_csv,
         n_pairs=n_pairs,
         source=stats_path,
+        subtitles=subtitles,
     )
     if "block" in views:
         chosen = "given" if class_names is not None else how

@@ -78,6 +78,7 @@ def render_views(
     pairs_csv: Path | None = None,
     n_pairs: int = 50,
     titles: Mapping[str, str] | None = None,
+    subtitles: Mapping[str, str] | None = None,
     dpi: int = 200,
     source: str | Path = "confusion matrix",
 ) -> RenderedViews:
@@ -89,7 +90,8 @@ def render_views(
       Without image counts in `categories` it is an error (prefixed with `source`) when it is the
       only view, else it is skipped with a warning.
     - difference: needs `difference` = (a, b); draws a - b labelled with their labels.
-    `titles` overrides a view's default title; `dpi` applies to every figure.
+    `titles` overrides a view's default title; `subtitles` adds a second title line to a view (e.g.
+    the statistics' regime, `pcb_analysis.regime_line`); `dpi` applies to every figure.
     """
     unknown = [v for v in paths if v not in VIEWS]
     if unknown:
@@ -120,17 +122,22 @@ def render_views(
     written: list[Path] = []
     for view, path in paths.items():
         title = titles.get(view)
+        sub = (subtitles or {}).get(view)
         if view == "block":
             written.append(
-                plot_block(cm, categories, classes, path, log2=log2, title=title, empty=empty, dpi=dpi)
+                plot_block(cm, categories, classes, path, log2=log2, title=title, subtitle=sub, empty=empty,
+                           dpi=dpi)
             )
         elif view == "overview":
-            written.append(plot_overview(cm, categories, path, title=title, empty=empty, dpi=dpi))
+            written.append(plot_overview(cm, categories, path, title=title, subtitle=sub, empty=empty,
+                                         dpi=dpi))
         elif view == "diagonal":
             ms = np.diagonal(cm) if mean_score is None else mean_score
-            written.append(plot_diagonal(ms, categories, path, title=title, empty=empty, dpi=dpi))
+            written.append(plot_diagonal(ms, categories, path, title=title, subtitle=sub, empty=empty,
+                                         dpi=dpi))
         elif view == "head-tail":
-            written.append(plot_zoom(cm, categories, path, log2=log2, title=title, empty=empty, dpi=dpi))
+            written.append(plot_zoom(cm, categories, path, log2=log2, title=title, subtitle=sub, empty=empty,
+                                     dpi=dpi))
         elif view == "difference":
             assert difference is not None
             a, b = difference
@@ -142,6 +149,7 @@ def render_views(
                     path,
                     labels=(a.label, b.label),
                     title=title,
+                    subtitle=sub,
                     empty_a=a.empty,
                     empty_b=b.empty,
                     dpi=dpi,

@@ -39,6 +39,11 @@ from pcb_analysis.plots.heatmap import (
 from pcb_analysis.plots.selection import asymmetric_mass, frequency_order, resolve_classes, select_head_tail
 
 
+def with_subtitle(title: str, subtitle: str | None) -> str:
+    """`title`, with `subtitle` (e.g. the statistics' regime line) on a second line when given."""
+    return f"{title}\n{subtitle}" if subtitle else title
+
+
 def plot_block(
     cm: np.ndarray,
     categories: CategorySpace,
@@ -48,6 +53,7 @@ def plot_block(
     log2: bool = True,
     floor: float = LOG2_FLOOR,
     title: str | None = None,
+    subtitle: str | None = None,
     empty: np.ndarray | None = None,
     dpi: int = 200,
 ) -> Path:
@@ -67,7 +73,8 @@ def plot_block(
             f"asymmetric mass $\\sum_{{i<j}}|M_{{ij}} - M_{{ji}}|$ = {asymmetric_mass(m, idx):.3g}"
         )
     path = check_figure_path(out)
-    fig = draw_heatmap(m, categories, idx, idx, log2=log2, floor=floor, title=title, empty=mask)
+    fig = draw_heatmap(m, categories, idx, idx, log2=log2, floor=floor,
+                       title=with_subtitle(title, subtitle), empty=mask)
     return save_figure(fig, path, dpi)
 
 
@@ -83,6 +90,7 @@ def plot_zoom(
     log2: bool = True,
     floor: float = LOG2_FLOOR,
     title: str | None = None,
+    subtitle: str | None = None,
     empty: np.ndarray | None = None,
     dpi: int = 200,
 ) -> Path:
@@ -103,7 +111,8 @@ def plot_zoom(
         else:
             title = f"Confusion slice: {len(r_idx)} ground-truth x {len(c_idx)} predicted classes"
     path = check_figure_path(out)
-    fig = draw_heatmap(m, categories, r_idx, c_idx, log2=log2, floor=floor, title=title, empty=mask)
+    fig = draw_heatmap(m, categories, r_idx, c_idx, log2=log2, floor=floor,
+                       title=with_subtitle(title, subtitle), empty=mask)
     return save_figure(fig, path, dpi)
 
 
@@ -115,6 +124,7 @@ def plot_overview(
     *,
     floor: float = LOG2_FLOOR,
     title: str | None = None,
+    subtitle: str | None = None,
     empty: np.ndarray | None = None,
     dpi: int = 200,
 ) -> Path:
@@ -144,10 +154,13 @@ def plot_overview(
     ax.set_xlabel("predicted class j (same order)", fontsize=9)
     n_empty = int(mask.sum())
     ax.set_title(
-        title
-        or (
-            f"Confusion matrix, K={categories.num_classes}"
-            + (f" ({n_empty} classes without positives in grey)" if n_empty else "")
+        with_subtitle(
+            title
+            or (
+                f"Confusion matrix, K={categories.num_classes}"
+                + (f" ({n_empty} classes without positives in grey)" if n_empty else "")
+            ),
+            subtitle,
         ),
         fontsize=11,
     )
@@ -163,6 +176,7 @@ def plot_difference(
     labels: tuple[str, str] = ("train", "val"),
     linthresh: float = 2.0**-12,
     title: str | None = None,
+    subtitle: str | None = None,
     empty_a: np.ndarray | None = None,
     empty_b: np.ndarray | None = None,
     dpi: int = 200,
@@ -204,10 +218,13 @@ def plot_difference(
         f"mean diagonal difference {diag.mean():+.3f}" if diag.size else "no class with positives in both"
     )
     ax.set_title(
-        title
-        or (
-            f"Confusion difference {labels[0]} - {labels[1]}, K={k}; red = higher in "
-            f"{labels[0]}, blue = higher in {labels[1]}; {summary}"
+        with_subtitle(
+            title
+            or (
+                f"Confusion difference {labels[0]} - {labels[1]}, K={k}; red = higher in "
+                f"{labels[0]}, blue = higher in {labels[1]}; {summary}"
+            ),
+            subtitle,
         ),
         fontsize=10,
     )
@@ -220,6 +237,7 @@ def plot_diagonal(
     out: str | Path,
     *,
     title: str | None = None,
+    subtitle: str | None = None,
     empty: np.ndarray | None = None,
     dpi: int = 200,
 ) -> Path:
@@ -275,10 +293,13 @@ def plot_diagonal(
         ax.legend(fontsize=8, loc="upper left", title="bucket (dashed: bucket mean)", title_fontsize=8)
     left_out = int((~placed).sum())
     ax.set_title(
-        title
-        or (
-            f"Mean score vs training frequency, K={k}"
-            + (f" ({left_out} classes without positives or image count left out)" if left_out else "")
+        with_subtitle(
+            title
+            or (
+                f"Mean score vs training frequency, K={k}"
+                + (f" ({left_out} classes without positives or image count left out)" if left_out else "")
+            ),
+            subtitle,
         ),
         fontsize=10,
     )
