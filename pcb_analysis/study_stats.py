@@ -34,6 +34,19 @@ def _defined(v: Any) -> bool:
     return v is not None and not (isinstance(v, float) and math.isnan(v)) and v >= 0
 
 
+def pct(v: float | None) -> str:
+    """A metric fraction as a percentage with one decimal; '-' when undefined."""
+    if not _defined(v):
+        return "-"
+    return f"{100.0 * v:.1f}"  # type: ignore[operator]
+
+
+def mean_cell(r: Mapping[str, Any], m: str) -> str:
+    """A table cell of an aggregated row: 'mean ± std' in % ('mean' alone with one seed)."""
+    std = r.get(f"{m}_std")
+    return pct(r.get(m)) + ("" if std is None or not _defined(r.get(m)) else f" ± {100 * std:.1f}")
+
+
 def row_key(r: Mapping[str, Any]) -> tuple[Any, ...]:
     """The identity of a table row across seeds: (protocol or None, model, source, stat)."""
     return tuple(r.get(f) for f in KEY_FIELDS)
