@@ -31,9 +31,9 @@ from pcb_analysis.regime_line import regime_text
 from pcb_analysis.study_stats import METRICS, aggregate_seeds, format_effect, mean_cell, pct
 
 __all__ = [
-    "METRICS", "PAPER_PCB_V05", "PAPER_TABLE1", "budget_note", "effects_table", "markdown_table",
-    "paper_table", "pct", "reading", "regime_section", "rows_to_csv", "seeds_section", "study_table",
-    "train_vs_val_table", "write_study_report",
+    "METRICS", "PAPER_PCB_V05", "PAPER_TABLE1", "budget_note", "chance_note", "effects_table",
+    "markdown_table", "paper_table", "pct", "reading", "regime_section", "rows_to_csv", "seeds_section",
+    "study_table", "train_vs_val_table", "write_study_report",
 ]
 STAT_ORDER = ROW_STATISTICS  # the statistics table's order; other statistics after them, by name
 
@@ -111,6 +111,15 @@ def effects_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str], effe
     return markdown_table(["model", "comparison (b - a)", "AP@300", "APr", "APc", "APf", "APb"], body)
 
 
+def chance_note(effects: Effects) -> str:
+    """How many of the intervals mark an effect, against how many would by chance alone."""
+    tested = [e for per in effects.values() for e in per.values() if e.has_interval]
+    marked = sum(e.excludes_zero and e.seeds_agree for e in tested)
+    return (f"{marked} of {len(tested)} intervals mark an effect ('*'). Where nothing differs, about 1 in "
+            f"20 95% intervals still excludes 0 ({len(tested) / 20:.1f} expected here), so a lone '*' among "
+            "many is weak evidence; an effect that holds across metrics, statistics and seeds is not.")
+
+
 def seeds_section(n_seeds: int, resamples: int, *, demo: bool) -> str:
     """Where the variation comes from, the intervals, the reading's rule and what reproduces."""
     if demo:
@@ -142,6 +151,8 @@ def seeds_section(n_seeds: int, resamples: int, *, demo: bool) -> str:
         + (" and every seed's difference has the sign of the mean" if demo else "")
         + "; otherwise it reads \"no detectable effect\". In the table a '*' marks such effects."
     )
+    if not demo:
+        return "\n\n".join([source, boot, rule])
     repro = (
         "**Reproducibility.** The same machine and seed reproduce bit for bit (two 60-iteration runs gave "
         "identical weights). Another CPU's floating point, amplified by training, does not: a fresh "
@@ -211,7 +222,7 @@ def write_study_report(
     if effects is not None or intervals:
         parts += ["## Differences with 95% intervals", ""]
         if effects is not None:
-            parts += [effects_table(agg, models, effects), ""]
+            parts += [effects_table(agg, models, effects), "", chance_note(effects), ""]
         if intervals:
             parts += [intervals.strip(), ""]
     parts += ["## The paper's Table 1 (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics)", "",

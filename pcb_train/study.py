@@ -1,13 +1,14 @@
-"""The calibration study (paper Table 1 / Table 4) and the demo, as one cached pipeline.
+"""The calibration study (paper Table 1 / Table 4) as one cached pipeline; the demo is study_demo.py.
 
-    synth -> train (softmax, PCB) -> dump-logits (train, val; positives only) -> stats
-          -> calibrate (none, ms, cm, cm-bayes; val-set and train-set statistics) -> report
+    [synth -> train (softmax, PCB) per seed] -> dump-logits (train, val; positives only) -> stats
+          -> calibrate (none, ms, cm, cm-bayes; val-set and train-set statistics)
+          -> bootstrap (paired intervals, study_bootstrap.py) -> report
 
 Each step records a fingerprint of its inputs next to its outputs (`.step-<name>.json`) and is
 skipped on a rerun when the fingerprint is unchanged and its outputs exist; `force` redoes
 everything. Training resumes from its last checkpoint and dumps from their last complete shard,
-so an interrupted pipeline continues where it stopped. `pcbkit study` runs the same steps for a
-given checkpoint on real data (no synth, no training).
+so an interrupted pipeline continues where it stopped. `run_study` runs the steps for a given
+checkpoint on real data (no synth, no training: one model instance, bootstrap intervals only).
 """
 
 from __future__ import annotations
@@ -23,19 +24,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pcb_analysis import learning_curve, plots
+from pcb_analysis import plots
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, STATISTICS
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.lvis_eval import lvis_equivalent_cap
+from pcb_analysis.reading import comparisons
 from pcb_analysis.regime import RegimeDiagnostics, diagnose, stats_from_dump
-from pcb_analysis.report import markdown_table, regime_section, rows_to_csv, write_study_report
+from pcb_analysis.regime_line import regime_fields, regime_text
+from pcb_analysis.report import markdown_table, regime_section, rows_to_csv, seeds_section, write_study_report
 from pcb_analysis.stats import ClassStats
-from pcb_analysis.synth import SynthConfig, generate
+from pcb_analysis.study_stats import aggregate_seeds
 from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models
-from pcb_train.config import load_config, to_dict
 from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
-from pcb_train.train import train
+from pcb_train.study_bootstrap import (
+    BOOT_SEED,
+    DEFAULT_RESAMPLES,
+    bootstrap_file,
+    load_bootstrap,
+    paired_effects,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,8 @@ class StudyInputs:
     progress: bool = True
     force: bool = False
     fixed_ap: bool = True  # calibrate also evaluates fixed AP (uncapped detections; the slow part on a CPU)
+    bootstrap: int = DEFAULT_RESAMPLES  # image resamples of the paired intervals; 0: none
+    step_prefix: str = ""  # names this seed's steps in the wall-time table ("" for the first seed)
 
 
 @dataclass
@@ -158,15 +168,16 @@ def dump_and_stats(model: StudyModel, inp: StudyInputs, log: StepLog) -> dict[st
             device=inp.device, progress=inp.progress,
         )
         ins = {"checkpoint": file_fingerprint(model.checkpoint), "gt": file_fingerprint(gt), "cap": cap}
-        run_step(log, f"{model.name}/dump-{split}", dump_dir.parent, ins, [dump_dir / "manifest.json"],
-                 lambda cfg=cfg: _fresh_dump(cfg, dump_logits, inp.force), inp.force)
+        run_step(log, f"{inp.step_prefix}{model.name}/dump-{split}", dump_dir.parent, ins,
+                 [dump_dir / "manifest.json"], lambda cfg=cfg: _fresh_dump(cfg, dump_logits, inp.force),
+                 inp.force)
 
         def make_stats(dump_dir: Path = dump_dir, stats_path: Path = stats_path, split: str = split,
                        gt: Path = gt) -> None:
             # with the regime diagnostics' sums: gt instances on the dumped images, cm's clipped mass
             stats_from_dump(dump_dir, gt=gt, progress=inp.progress, split=split).save(stats_path)
 
-        run_step(log, f"{model.name}/stats-{split}", stats_path.parent,
+        run_step(log, f"{inp.step_prefix}{model.name}/stats-{split}", stats_path.parent,
                  {**ins, "dump": file_fingerprint(dump_dir / "manifest.json"), "diagnostics": 1},
                  [stats_path], make_stats, inp.force)
         out[split] = stats_path
@@ -186,7 +197,8 @@ def calibrate_all(
     """The calibration table rows of one model: none + ms/cm/cm-bayes with val and train statistics,
     all from ONE inference pass over val (`calibrate_models`), one results folder per source. Each row
     has AP at the 300 cap, at the LVIS-equivalent cap round(300 K / 1230) ("AP_cap", with "cap") and
-    fixed AP (docs/evaluation.md §4)."""
+    fixed AP (docs/evaluation.md §4), its results file ("results", for the bootstrap) and the regime
+    fields of the statistics file it used (`pcb_analysis.regime_line`; none for `none`)."""
     k = len(json.loads(Path(inp.val_gt).read_text(encoding="utf-8"))["categories"])
     cap = lvis_equivalent_cap(k)
     cfgs = {
@@ -202,12 +214,13 @@ def calibrate_all(
            "stats": {s: file_fingerprint(stats[s]) for s in SOURCES},
            "stat": {s: list(c.stat) for s, c in cfgs.items()},
            "cap": inp.val_images, "protocol": RESULTS_PROTOCOL, "fixed_ap": inp.fixed_ap, "max_dets": cap}
-    run_step(log, f"{model.name}/calibrate", inp.work / "results" / model.name, ins,
+    run_step(log, f"{inp.step_prefix}{model.name}/calibrate", inp.work / "results" / model.name, ins,
              [c.out / "metrics.json" for c in cfgs.values()], lambda: calibrate_models(list(cfgs.values())),
              inp.force)
     rows: list[dict[str, Any]] = []
     for source, c in cfgs.items():
         report = json.loads((c.out / "metrics.json").read_text())
+        regime = regime_fields(diagnose(ClassStats.load(stats[source])))
         for r in report["rows"]:
             m = r["metrics"]
             rows.append({
@@ -219,15 +232,33 @@ def calibrate_all(
                 "APb": m["bbox"]["AP"], "AP_cap": m.get(f"segm@{cap}", m["segm"]).get("AP"), "cap": cap,
                 "classes": k,
                 "AP_fixed": m.get("segm_fixed", {}).get("AP"),
+                "results": str(c.out / r["results"]),
+                **({} if r["family"] == "none" else regime),
             })
     return rows
 
 
+def bootstrap_model(
+    model: StudyModel, rows: Sequence[Mapping[str, Any]], inp: StudyInputs, log: StepLog
+) -> Path | None:
+    """The bootstrap step of one model's rows (`study_bootstrap.bootstrap_file`); None when off."""
+    if inp.bootstrap <= 0:
+        return None
+    out = inp.work / "bootstrap" / f"{model.name}.json"
+    files = sorted({str(r["results"]) for r in rows})
+    ins = {"results": {f: file_fingerprint(Path(f)) for f in files}, "gt": file_fingerprint(inp.val_gt),
+           "resamples": inp.bootstrap, "seed": BOOT_SEED, "version": 1}
+    run_step(log, f"{inp.step_prefix}{model.name}/bootstrap", out.parent, ins, [out],
+             lambda: bootstrap_file(rows, inp.val_gt, out, inp.bootstrap, inp.progress), inp.force)
+    return out
+
+
 def regime_diagnostics(
-    models: Sequence[StudyModel], stats: Mapping[str, Mapping[str, Path]]
+    models: Sequence[StudyModel], stats: Mapping[str, Mapping[str, Path]], suffix: str = ""
 ) -> list[RegimeDiagnostics]:
-    """`pcb_analysis.regime.diagnose` of every statistics file (val, then train, of each model)."""
-    return [diagnose(ClassStats.load(stats[m.name][split]), label=f"{m.name} {split}")
+    """`pcb_analysis.regime.diagnose` of every statistics file (val, then train, of each model);
+    `suffix` is appended to the labels (e.g. the seed)."""
+    return [diagnose(ClassStats.load(stats[m.name][split]), label=f"{m.name} {split}{suffix}")
             for m in models for split in ("val", "train") if split in stats[m.name]]
 
 
@@ -269,9 +300,14 @@ def write_report(
     preamble: str,
     notes: Sequence[str] = (),
     sections: Sequence[tuple[str, str]] = (),
+    boot: Mapping[int, Sequence[Path]] | None = None,
+    seed_stats: Mapping[int, Mapping[str, Mapping[str, Path]]] | None = None,
+    demo: bool = False,
 ) -> Path:
-    """Figures (Figure 1 block, overview, diagonal, train-vs-val difference), pairs CSV, tables, README;
-    `sections` (heading, markdown) go before the wall times."""
+    """Figures (Figure 1 block, overview, diagonal, train-vs-val difference; `stats`: the first seed's),
+    pairs CSV, tables of the per-seed `rows`, the paired effects from the bootstrap files (`boot`:
+    seed -> files), README; `seed_stats` (seed -> stats) adds every seed's statistics to the regime
+    table; `sections` (heading, markdown) go before the wall times."""
     rep = inp.report
     rep.mkdir(parents=True, exist_ok=True)
     first = models[0].name
@@ -300,6 +336,7 @@ def write_report(
         pairs_csv=rep / "top_confused_pairs.csv", n_pairs=50, dpi=REPORT_DPI,
         titles={"block": f"Figure 1 analogue: {first}, val, most-confused 10-class block (log2)",
                 "overview": f"{first}: whole val confusion matrix"},
+        subtitles=_regime_subtitles(stats[first]),
     ).pairs
     assert pairs is not None  # pairs_csv was given
     figs = {captions[v]: f for v, f in views.items()}
@@ -310,121 +347,37 @@ def write_report(
            f"{r.asymmetry:+.3f} |" for r in show.itertuples()]
     ) + "\n\nAll 50 in `top_confused_pairs.csv`."
     notes = [*matrix_notes(models, stats), *notes]
+    names = [m.name for m in models]
+    effects = None
+    if boot:
+        loaded = {seed: {k: v for f in files for k, v in load_bootstrap(f).items()}
+                  for seed, files in boot.items()}
+        effects = paired_effects(rows, loaded, comparisons(aggregate_seeds(rows), names))
+    seeds = sorted({int(r.get("seed", 0)) for r in rows})
+    if seed_stats is None or len(seed_stats) < 2:
+        diagnostics = regime_diagnostics(models, stats)
+    else:
+        diagnostics = [d for s, st in seed_stats.items()
+                       for d in regime_diagnostics(models, st, f" (seed {s})")]
     write_text_atomic(rep / "results.csv", rows_to_csv(rows))
     write_json_atomic(rep / "results.json", rows, indent=2)
     return write_study_report(
-        rep, rows, [m.name for m in models], title=title, preamble=preamble, figures=figs,
-        pairs_markdown=pairs_md, notes=notes,
+        rep, rows, names, title=title, preamble=preamble, figures=figs,
+        pairs_markdown=pairs_md, notes=notes, effects=effects,
+        intervals=seeds_section(len(seeds), inp.bootstrap, demo=demo),
         extra_sections=[
-            ("Regime diagnostics of the statistics", regime_section(regime_diagnostics(models, stats))),
+            ("Regime diagnostics of the statistics", regime_section(diagnostics)),
             *sections,
             ("Wall time per step", log.markdown()),
         ],
     )
 
 
-# --------------------------------------------------------------------------------------------
-# the demo: the whole pipeline on the embedded synthetic dataset
-
-DEMO_MODELS = (("softmax", "configs/synth_tiny_softmax.yaml"), ("pcb", "configs/synth_tiny_pcb.yaml"))
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    data: Path = Path("data/synth")
-    work: Path = Path("runs/demo")
-    report: Path = Path("reports/demo")
-    configs: Path = Path("configs")
-    quick: bool = False
-    force: bool = False
-    seed: int = 0
-    progress: bool = True
-    train_dump_images: int = 600
-
-
-def _synth_config(cfg: DemoConfig) -> Any:
-    """Dataset v2 (docs/synth.md): the defaults, i.e. K = 48, 1500 train / 400 val images of 128 px,
-    random negative sets; the quick demo's K = 12 version is small enough for CI."""
-    if cfg.quick:
-        return SynthConfig(seed=cfg.seed, num_classes=12, train_images=240, val_images=60, size=64)
-    return SynthConfig(seed=cfg.seed)
-
-
-def _train_overrides(cfg: DemoConfig, num_classes: int) -> list[str]:
-    d = cfg.data
-    ov = [
-        f"data.train_ann={d / 'train.json'}", f"data.train_images={d / 'images'}",
-        f"data.val_ann={d / 'val.json'}", f"data.val_images={d / 'images'}",
-        f"model.num_classes={num_classes}", f"seed={cfg.seed}",
-    ]
-    if cfg.quick:  # a few iterations: exercises every step (one mid-run evaluation too), learns little
-        ov += ["solver.max_iter=24", "solver.lr_steps=[16,22]", "solver.warmup_iters=4",
-               "solver.ims_per_batch=4", "eval_period=12"]
-    return ov
-
-
-def run_demo(cfg: DemoConfig) -> Path:
-    """The main job: every step of the study on the synthetic dataset; returns the report path."""
-    log = StepLog()
-    t0 = time.perf_counter()
-    scfg = _synth_config(cfg)
-    run_step(log, "synth", cfg.data, {"synth": repr(scfg)}, [cfg.data / "train.json", cfg.data / "val.json"],
-             lambda: generate(cfg.data, scfg, progress=cfg.progress), cfg.force)
-    models: list[StudyModel] = []
-    for name, config_path in DEMO_MODELS:
-        tcfg = load_config(cfg.configs / Path(config_path).name,
-                           overrides=_train_overrides(cfg, scfg.num_classes))
-        max_iter = int(tcfg.solver.max_iter or 0)  # both demo models share the solver (learning curve)
-        run_dir = cfg.work / "runs" / name
-        ins = {"config": to_dict(tcfg), "data": file_fingerprint(cfg.data / "train.json")}
-        marker = run_dir / f".step-train-{name}.json"
-        changed = marker.is_file() and json.loads(marker.read_text()).get("fingerprint") != hashlib.sha256(
-            json.dumps({**ins}, sort_keys=True, default=str).encode()).hexdigest()
-
-        def do_train(tcfg: Any = tcfg, run_dir: Path = run_dir, changed: bool = changed) -> None:
-            fresh = cfg.force or changed
-            # the calibrate step evaluates (the `none` row is the plain model), so no final evaluation here
-            train(tcfg, run_dir, resume=not fresh, force=fresh, progress=cfg.progress, evaluate_at_end=False)
-
-        run_step(log, f"train-{name}", run_dir, ins, [run_dir / "model_final.pth"], do_train, cfg.force)
-        models.append(StudyModel(name=name, config=run_dir / "config.yaml",
-                                 checkpoint=run_dir / "model_final.pth"))
-    inp = StudyInputs(
-        train_gt=cfg.data / "train.json", val_gt=cfg.data / "val.json", images=cfg.data / "images",
-        work=cfg.work, report=cfg.report, train_dump_images=None if cfg.quick else cfg.train_dump_images,
-        progress=cfg.progress, force=cfg.force,
-    )
-    stats = {m.name: dump_and_stats(m, inp, log) for m in models}
-    rows = [row for m in models for row in calibrate_all(m, stats[m.name], inp, log)]
-    elapsed = time.perf_counter() - t0
-    preamble = (
-        f"Produced by `pcbkit demo{' --quick' if cfg.quick else ''}` on the embedded **synthetic** "
-        f"long-tailed dataset (`pcbkit synth`, seed {cfg.seed}: {scfg.num_classes} classes, "
-        f"{scfg.train_images} train / {scfg.val_images} val images of {scfg.size} px), with two tiny Mask "
-        "R-CNNs trained on a **2-core CPU**: `softmax` (cross-entropy, random sampler) and `pcb` (online "
-        "confusion matrix, fightback loss, 3-step iterative RoI head). The statistics come from positive "
-        "proposals (IoU >= 0.5) dumped on train "
-        f"({'all' if inp.train_dump_images is None else inp.train_dump_images} images) and val. The numbers "
-        "are not comparable with the paper's LVIS numbers; they show the method's mechanics end to end. The "
-        f"whole pipeline takes {log.total / 60:.1f} min of wall time on this machine (the steps' times "
-        f"below, each from the run that produced its outputs; this invocation: {elapsed / 60:.1f} min)."
-    )
-    notes = [
-        "The pcb model's iterative head starts with g = 1, c = 0 (`model.modulation_init: identity`, a "
-        "pcbkit option; the official code's default initialisation scales the RoI features down at the "
-        "start, which a tiny detector trained from scratch for a few hundred iterations does not recover "
-        "from). See `configs/synth_tiny_pcb.yaml`.",
-        "Synthetic data, tiny models and a few minutes of CPU training: absolute APs are far from LVIS "
-        "numbers, and one seed gives no error bars; read differences of a point or two as noise.",
-        "The paper's Table 1 is an upper bound: the statistics are measured on the same val split that is "
-        "evaluated. The Table 4 rows use the train split's statistics instead.",
-    ]
-    curve = learning_curve.demo_section(
-        {m.name: cfg.work / "runs" / m.name for m in models}, rows, max_iter,
-        cfg.report / "learning_curve.png", dpi=REPORT_DPI)
-    return write_report(models, stats, rows, inp, log,
-                        title="pcbkit demo: calibration study on synthetic data",
-                        preamble=preamble, notes=notes, sections=[("Learning curves (val)", curve)])
+def _regime_subtitles(stats: Mapping[str, Path]) -> dict[str, str]:
+    """The figures' second title line: the val statistics' regime; both files' under the difference."""
+    val, train = (regime_text(regime_fields(diagnose(ClassStats.load(stats[s]))), sigma=False)
+                  for s in ("val", "train"))
+    return {"block": val, "overview": val, "diagonal": val, "difference": f"train: {train}\nval: {val}"}
 
 
 def run_study(
@@ -440,10 +393,12 @@ def run_study(
     model = StudyModel(name=name, config=config, checkpoint=checkpoint)
     stats = {name: dump_and_stats(model, inp, log)}
     rows = calibrate_all(model, stats[name], inp, log)
+    boot = bootstrap_model(model, rows, inp, log)
     preamble = (
         f"Produced by `pcbkit study` for checkpoint `{checkpoint}` (config `{config}`) on `{inp.val_gt}`, "
         f"with statistics from positive proposals of `{inp.train_gt}` and of the val split. Wall time of the "
         f"whole study: {log.total / 60:.1f} min (the steps' times below, each from the run that produced its "
         f"outputs; this invocation: {(time.perf_counter() - t0) / 60:.1f} min)."
     )
-    return write_report([model], stats, rows, inp, log, title=f"pcbkit study: {name}", preamble=preamble)
+    return write_report([model], stats, rows, inp, log, title=f"pcbkit study: {name}", preamble=preamble,
+                        boot={0: [boot]} if boot else None)

@@ -1,4 +1,4 @@
-"""`pcbkit demo`: parse the options, run `pcb_train.study.run_demo` (the main job), print the report path."""
+"""`pcbkit demo`: parse the options, run `pcb_train.study_demo.run_demo` (the main job), print the report."""
 
 from __future__ import annotations
 
@@ -17,13 +17,19 @@ FOLDER = click.Path(file_okay=False)
 @click.option("--data", type=FOLDER, default=None, help="Dataset dir [data/synth or data/synth-quick].")
 @click.option("--work", type=FOLDER, default=None, help="Runs, dumps, stats, results [runs/demo(-quick)].")
 @click.option("--report", type=FOLDER, default=None, help="Report dir [reports/demo(-quick)].")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the synthetic dataset and the first training seed.")
+@click.option("--seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Training seeds per model (seed, seed+1, ...; one dataset); the report gives mean ± std.")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Image resamples of the paired bootstrap intervals (0: none).")
 def demo_cmd(
-    quick: bool, force: bool, data: str | None, work: str | None, report: str | None, seed: int
+    quick: bool, force: bool, data: str | None, work: str | None, report: str | None, seed: int, seeds: int,
+    bootstrap: int,
 ) -> None:
     """Run the demo: synth, train softmax + PCB, dump, stats, calibrate, report."""
     # lazy: the library imports torch, which `pcbkit --help` must not pay for
-    from pcb_train.study import DemoConfig, run_demo
+    from pcb_train.study_demo import DemoConfig, run_demo
 
     suffix = "-quick" if quick else ""
     cfg = DemoConfig(
@@ -33,6 +39,8 @@ def demo_cmd(
         quick=quick,
         force=force,
         seed=seed,
+        seeds=seeds,
+        bootstrap=bootstrap,
     )
     t0 = time.perf_counter()
     path = run_demo(cfg)

@@ -26,11 +26,13 @@ FOLDER = click.Path(file_okay=False)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--no-fixed-ap", is_flag=True,
               help="Skip fixed AP in calibrate (uncapped detections: the slow part on a CPU).")
+@click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
+              help="Image resamples of the paired bootstrap intervals (0: none).")
 @click.option("--force", is_flag=True, help="Redo every step.")
 def study_cmd(
     config: str, checkpoint: str, train_gt: str, val_gt: str, images: str, name: str, work: str | None,
     report: str | None, train_dump_images: int | None, val_images: int | None, batch_size: int, device: str,
-    no_fixed_ap: bool, force: bool,
+    no_fixed_ap: bool, bootstrap: int, force: bool,
 ) -> None:
     """Run the study for a checkpoint: dump, stats, calibrate (val and train matrices), report."""
     # lazy: the library imports torch, which `pcbkit --help` must not pay for
@@ -40,7 +42,7 @@ def study_cmd(
         train_gt=Path(train_gt), val_gt=Path(val_gt), images=Path(images),
         work=Path(work or f"runs/study/{name}"), report=Path(report or f"reports/{name}"),
         train_dump_images=train_dump_images, val_images=val_images, batch_size=batch_size, device=device,
-        force=force, fixed_ap=not no_fixed_ap,
+        force=force, fixed_ap=not no_fixed_ap, bootstrap=bootstrap,
     )
     path = run_study(name, Path(config), Path(checkpoint), inp)
     click.echo(f"report: {path}")

@@ -1,0 +1,109 @@
+"""The study's bootstrap step and the paired effects of its key comparisons.
+
+`resample_metrics(gt, results, n, seed)`: the full-data value and the values on n image resamples
+(`pcb_analysis.bootstrap.draw_resamples(gt.img_ids, n, seed)`, the same for every results file of
+a split) of AP, APr, APc, APf (segm) and APb (bbox AP) of one results file, from
+`evaluate_resamples` (matching once per file and IoU type). `bootstrap_model` caches that for every
+row of one model and seed as a study step (`<work>/bootstrap/<model>.json`, keyed by the row's
+results file). `paired_effects(rows, boot, pairs)` then combines, per comparison (b, a) and metric,
+every seed's values into an `Effect` (`pcb_analysis.study_stats.paired_effect`): a paired
+difference computed from stored resamples, equal to `bootstrap.compare` for one seed. docs/evaluation.md §7.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from pcb_analysis.atomic import write_json_atomic
+from pcb_analysis.bootstrap import draw_resamples, evaluate_resamples
+from pcb_analysis.errors import PcbkitError
+from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
+from pcb_analysis.study_stats import Effect, SeedSample, paired_effect, row_key
+
+BOOT_METRICS: dict[str, tuple[str, str]] = {
+    "AP": ("segm", "AP"), "APr": ("segm", "APr"), "APc": ("segm", "APc"), "APf": ("segm", "APf"),
+    "APb": ("bbox", "AP"),
+}
+DEFAULT_RESAMPLES = 200  # ~4x one evaluation per results file and IoU type (docs/evaluation.md §6)
+BOOT_SEED = 0  # the image resamples; fixed, so every seed and every row shares them
+
+Key = tuple[Any, ...]
+
+
+def _value(v: float) -> float | None:
+    return None if v is None or math.isnan(v) or v <= -1 else float(v)
+
+
+def resample_metrics(gt: GroundTruth, results: str | Path, n: int, seed: int = BOOT_SEED) -> dict[str, Any]:
+    """{"full": {metric: value}, "resamples": {metric: [n values]}} (None where undefined)."""
+    ids = gt.img_ids
+    resamples = [ids, *draw_resamples(ids, n, seed)]
+    full: dict[str, float | None] = {}
+    per: dict[str, list[float | None]] = {}
+    for iou in ("segm", "bbox"):
+        values = evaluate_resamples(gt, str(results), iou, resamples)
+        for name, (kind, key) in BOOT_METRICS.items():
+            if kind == iou:
+                full[name] = _value(values[0][key])
+                per[name] = [_value(v[key]) for v in values[1:]]
+    return {"full": full, "resamples": per}
+
+
+def bootstrap_file(rows: Sequence[Mapping[str, Any]], gt: str | Path, out: Path, n: int,
+                   progress: bool = True) -> None:
+    """`resample_metrics` of every row's results file (each file once) into `out` (JSON)."""
+    index = load_ground_truth(gt)
+    files = list(dict.fromkeys(str(r["results"]) for r in rows))
+    data = {}
+    for f in tqdm(files, desc="bootstrap", unit="file", disable=not progress):
+        data[f] = resample_metrics(index, f, n)
+    write_json_atomic(out, {"resamples": n, "seed": BOOT_SEED, "files": data})
+
+
+def load_bootstrap(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))["files"]
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise PcbkitError(f"{path}: not a bootstrap file of the study ({exc})") from exc
+
+
+def _sample(a: Mapping[str, Any], b: Mapping[str, Any], m: str) -> SeedSample:
+    def arr(d: Mapping[str, Any]) -> np.ndarray:
+        return np.array([math.nan if v is None else v for v in d["resamples"][m]], dtype=np.float64)
+
+    def full(d: Mapping[str, Any]) -> float:
+        v = d["full"][m]
+        return math.nan if v is None else float(v)
+
+    return SeedSample(full(a), full(b), arr(a), arr(b))
+
+
+def paired_effects(
+    rows: Sequence[Mapping[str, Any]],
+    boot: Mapping[int, Mapping[str, Any]],
+    pairs: Sequence[tuple[Key, Key, str]],
+) -> dict[tuple[Key, Key], dict[str, Effect]]:
+    """Per comparison (b, a) and bootstrapped metric, the `Effect` over the seeds that have both rows
+    (per-seed `rows` with `seed` and `results`; `boot`: seed -> results file -> `resample_metrics`)."""
+    by: dict[tuple[int, Key], Mapping[str, Any]] = {(int(r.get("seed", 0)), row_key(r)): r for r in rows}
+    seeds = sorted({s for s, _ in by})
+    out: dict[tuple[Key, Key], dict[str, Effect]] = {}
+    for b, a, _ in pairs:
+        sides = []
+        for s in seeds:
+            ra, rb = by.get((s, a)), by.get((s, b))
+            if ra is None or rb is None or s not in boot:
+                continue
+            fa, fb = boot[s].get(str(ra.get("results"))), boot[s].get(str(rb.get("results")))
+            if fa is not None and fb is not None:
+                sides.append((fa, fb))
+        if sides:
+            out[(b, a)] = {m: paired_effect([_sample(fa, fb, m) for fa, fb in sides]) for m in BOOT_METRICS}
+    return out
