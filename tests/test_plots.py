@@ -486,3 +486,44 @@ def test_cli_missing_file_and_mismatched_compare(stats_file: Path, tmp_path: Pat
     smaller = write_stats(tmp_path / "k5.npz", random_cm(5), make_space(5))
     res = invoke(["--stats", str(stats_file), "--view", "difference", "--compare", str(smaller)])
     assert isinstance(res.exception, PcbkitError) and "K=5" in str(res.exception)
+
+
+# ------------------------------------------------------------------------------------------
+# the regime line under the titles
+# ------------------------------------------------------------------------------------------
+def test_subtitles_go_under_every_view_title(tmp_path: Path, captured: list) -> None:
+    space = make_space(12)
+    cm = random_cm(12)
+    paths = {v: tmp_path / f"{v}.png" for v in plots.VIEWS}
+    plots.render_views(paths, plots.Matrix(cm), space, difference=(plots.Matrix(cm), plots.Matrix(cm)),
+                       subtitles={v: f"regime of {v}" for v in plots.VIEWS}, titles={"block": "B"})
+    titles = [c["title"] for c in captured]
+    assert len(titles) == len(plots.VIEWS)
+    for view, title in zip(plots.VIEWS, titles, strict=True):
+        assert title.endswith(f"\nregime of {view}"), (view, title)
+    assert titles[0] == "B\nregime of block"  # an explicit title keeps its subtitle
+    assert plot_views.with_subtitle("T", None) == "T" and plot_views.with_subtitle("T", "") == "T"
+
+
+def test_cli_titles_carry_the_regime(stats_file: Path, tmp_path: Path, captured: list) -> None:
+    other = write_stats(tmp_path / "train.npz", random_cm(8, 5), make_space(8), split="train")
+    res = invoke(["--stats", str(stats_file), "--view", "all", "--compare", str(other),
+                  "--out", str(tmp_path / "f.png")])
+    assert res.exit_code == 0, res.output
+    # independent of the library: M with an identity row for the empty class 0, cond_2 by numpy, and the
+    # mean diagonal of each bucket over its classes with positives
+    m = planted_cm()
+    m[0] = np.eye(8)[0]
+    cond = np.linalg.cond(m)
+    freq = np.array(make_space(8).frequency)
+    has = np.arange(8) != 0
+    diags = ["-" if not (has & (freq == b)).any() else f"{np.diagonal(m)[has & (freq == b)].mean():.2f}"
+             for b in "rcf"]
+    mant, exp = f"{cond:.1e}".split("e")
+    cond_text = f"{cond:.3g}" if cond < 1000 else f"{mant}e{int(exp)}"
+    want = f"cond {cond_text} · diag r/c/f {'/'.join(diags)}"
+    titles = {c["title"].split("\n")[0][:20]: c["title"] for c in captured}
+    main_titles = [t for t in titles.values() if not t.startswith("Confusion difference")]
+    assert main_titles and all(t.split("\n")[1] == want for t in main_titles), (want, main_titles)
+    diff = next(t for t in titles.values() if t.startswith("Confusion difference"))
+    assert diff.split("\n")[1] == f"val: {want}" and diff.split("\n")[2].startswith("train: cond ")

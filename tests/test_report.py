@@ -6,16 +6,19 @@ from pathlib import Path
 
 import pytest
 
+from pcb_analysis.reading import comparisons
 from pcb_analysis.report import (
     PAPER_TABLE1,
+    aggregate_seeds,
+    effects_table,
     pct,
     reading,
     rows_to_csv,
     study_table,
     train_vs_val_table,
-    verdict,
     write_study_report,
 )
+from pcb_analysis.study_stats import Effect, row_key
 
 
 def row(model: str, source: str, stat: str, ap: float, apr: float, apc: float, apf: float) -> dict:
@@ -35,6 +38,9 @@ def row(model: str, source: str, stat: str, ap: float, apr: float, apc: float, a
     }
 
 
+REGIME = {"cond2": 1900.0, "sigma_min": 5.7e-4, "diag_r": 0.04, "diag_c": 0.07, "diag_f": 0.14, "clipped": 0.46}
+REGIME_TEXT = "cond 1.9e3 · σmin 5.7e-4 · diag r/c/f 0.04/0.07/0.14 · clip 46%"
+
 ROWS = [
     row("softmax", "-", "none", 0.20, 0.05, 0.20, 0.30),
     row("softmax", "val", "ms", 0.22, 0.10, 0.22, 0.29),
@@ -47,17 +53,22 @@ ROWS = [
 
 def test_pct_and_tables() -> None:
     assert pct(0.2345) == "23.4" and pct(-1.0) == "-" and pct(None) == "-" and pct(float("nan")) == "-"
-    t1 = study_table(ROWS, "val", ["softmax", "pcb"]).splitlines()
-    assert t1[0] == "| model | statistic | AP@300 | APr | APc | APf | APb | AP@12 | AP_fixed |"
+    rows = [{**r, **REGIME} if r["stat"] == "cm" and r["source"] == "val" else r for r in ROWS]
+    t1 = study_table(aggregate_seeds(rows), "val", ["softmax", "pcb"]).splitlines()
+    assert t1[0] == ("| model | statistic | AP@300 | APr | APc | APf | APb | AP@12 | AP_fixed "
+                     "| regime of the statistics |")
     # none, MS, CM for softmax (val statistics only), then pcb's none
     assert [r.split(" | ")[1] for r in t1[2:]] == ["none", "MS", "CM", "none"]
-    assert t1[2] == "| softmax | none | 20.0 | 5.0 | 20.0 | 30.0 | 21.0 | 19.0 | 22.0 |"
-    t4 = train_vs_val_table(ROWS, ["softmax"]).splitlines()
+    assert t1[2] == "| softmax | none | 20.0 | 5.0 | 20.0 | 30.0 | 21.0 | 19.0 | 22.0 | - |"
+    # the regime of the statistics file beside the row that used it
+    assert t1[4] == f"| softmax | CM | 24.0 | 20.0 | 24.0 | 28.0 | 25.0 | 23.0 | 26.0 | {REGIME_TEXT} |"
+    t4 = train_vs_val_table(aggregate_seeds(rows), ["softmax"]).splitlines()
     assert t4[0].startswith(
         "| model | statistic | AP@300 none | AP@300 val-stat | AP@300 train-stat | AP@12 none"
     )
+    assert t4[0].endswith("| val-stat regime | train-stat regime |")
     assert t4[3] == ("| softmax | cm | 20.0 | 24.0 | 20.5 | 19.0 | 23.0 | 19.5 | 22.0 | 26.0 | 22.5 "
-                     "| 5.0 | 20.0 | 5.5 |")
+                     f"| 5.0 | 20.0 | 5.5 | {REGIME_TEXT} | - |")
     csv = rows_to_csv(ROWS[:1]).splitlines()
     assert csv == [
         "model,source,stat,AP,APr,APc,APf,APb,AP_cap,AP_fixed",
@@ -65,17 +76,67 @@ def test_pct_and_tables() -> None:
     ]
 
 
-def test_verdict() -> None:
-    assert verdict(None, 5.0) == "not measurable here"
-    assert verdict(0.4, 5.0).startswith("no clear effect")
-    assert verdict(-0.99, -5.0).startswith("no clear effect")
-    assert verdict(2.0, 9.4) == "same direction as the paper"
-    assert verdict(-2.0, -2.9) == "same direction as the paper"
-    assert verdict(-3.0, 8.0) == "the opposite of the paper"
+def test_tables_with_seeds_show_mean_and_std() -> None:
+    seeds = [{**r, "seed": 0} for r in ROWS[:1]] + [{**ROWS[0], "seed": 1, "AP": 0.24, "APr": 0.07}]
+    t1 = study_table(aggregate_seeds(seeds), "val", ["softmax"]).splitlines()
+    # AP 0.20, 0.24: mean 22.0, sample std |0.24 - 0.20| / sqrt(2) = 2.83 points; APr 5.0, 7.0 -> 6.0 ± 1.4
+    assert t1[2].startswith("| softmax | none | 22.0 ± 2.8 | 6.0 ± 1.4 | 20.0 ± 0.0 |")
+    csv = rows_to_csv(seeds).splitlines()
+    assert csv[0] == "seed,model,source,stat,AP,APr,APc,APf,APb,AP_cap,AP_fixed"
+    assert csv[2].startswith("1,softmax,-,none,0.240000,0.070000,")
+    proto = rows_to_csv([{**ROWS[1], "protocol": "cross-fitted"}]).splitlines()
+    assert proto[0].startswith("protocol,model,") and proto[1].startswith("cross-fitted,softmax,val,ms,")
+
+
+def effects_of(rows: list[dict], interval: float, seeds: tuple[float, ...] | None = None) -> dict:
+    """Effects of every comparison: the rows' difference with an interval of +-`interval` around it."""
+    agg = aggregate_seeds(rows)
+    by = {row_key(r): r for r in agg}
+    out = {}
+    for b, a, _ in comparisons(agg, ["softmax", "pcb"]):
+        out[(b, a)] = {m: Effect(by[b][m] - by[a][m], by[b][m] - by[a][m] - interval,
+                                 by[b][m] - by[a][m] + interval,
+                                 seeds if seeds is not None else (by[b][m] - by[a][m],))
+                       for m in ("AP", "APr", "APc", "APf", "APb")}
+    return out
+
+
+def test_effects_table() -> None:
+    eff = effects_of(ROWS, 0.01)
+    t = effects_table(aggregate_seeds(ROWS), ["softmax", "pcb"], eff).splitlines()
+    assert t[0] == "| model | comparison (b - a) | AP@300 | APr | APc | APf | APb |"
+    labels = [line.split(" | ")[1] for line in t[2:]]
+    assert labels == ["ms (val-stat) - none", "cm (val-stat) - none", "ms (train-stat) - none",
+                      "cm (train-stat) - none", "cm - ms (val-stat)", "cm train-stat - cm val-stat",
+                      "pcb - softmax (none)"]
+    # cm (val) - none on AP: 0.24 - 0.20 = +4.0, interval +-1 point -> [+3.0, +5.0], an effect
+    assert t[3].startswith("| softmax | cm (val-stat) - none | +4.0 [+3.0, +5.0] * |")
+    # ms (train) - none on AP: 0, interval [-1, +1]: no mark
+    assert "| softmax | ms (train-stat) - none | +0.0 [-1.0, +1.0] |" in t[4]
+
+
+def test_reading_without_intervals_tests_nothing() -> None:
+    text = "\n".join(reading(aggregate_seeds(ROWS), ["softmax", "pcb"]))
+    assert "CM changes APr by +15.0, APf by -2.0 and AP by +4.0 points" in text
+    assert "same direction" not in text and "opposite" not in text
+    assert text.count("not tested (no bootstrap interval)") >= 5
+
+
+def test_reading_no_detectable_effect_where_the_interval_includes_0() -> None:
+    # every interval +-20 points: includes 0 for every difference of the rows
+    text = "\n".join(reading(aggregate_seeds(ROWS), ["softmax", "pcb"], effects_of(ROWS, 0.2)))
+    assert "same direction" not in text and "opposite" not in text
+    assert "on APr: no detectable effect, on AP: no detectable effect." in text
+
+
+def test_reading_seeds_disagreeing_is_no_effect() -> None:
+    text = "\n".join(reading(aggregate_seeds(ROWS), ["softmax", "pcb"], effects_of(ROWS, 0.001, (0.1, -0.1))))
+    assert "same direction" not in text and "opposite" not in text
+    assert "no detectable effect (the seeds disagree in sign)" in text
 
 
 def test_reading_compares_with_the_paper() -> None:
-    lines = reading(ROWS, ["softmax", "pcb"])
+    lines = reading(aggregate_seeds(ROWS), ["softmax", "pcb"], effects_of(ROWS, 0.001))
     text = "\n".join(lines)
     # softmax: bias 30 - 5 = 25 points; paper baseline 4.6 against 28.9
     assert (
@@ -84,31 +145,35 @@ def test_reading_compares_with_the_paper() -> None:
     )
     # val CM: APr +15.0, APf -2.0, AP +4.0; paper random sampler: +19.1, -2.9, +4.4
     assert (
-        "CM changes APr by +15.0, APf by -2.0 and AP by +4.0 points "
+        "CM changes APr by +15.0 [+14.9, +15.1], APf by -2.0 [-2.1, -1.9] and AP by +4.0 [+3.9, +4.1] points "
         "(paper, random sampler: +19.1, -2.9, +4.4)" in text
     )
     assert "on APr: same direction as the paper, on AP: same direction as the paper." in text
     # CM vs MS on APr: 20 - 10 = +10.0; paper +9.4 / +8.0
-    assert "CM against MS on APr: +10.0 points (paper: +9.4 random sampler, +8.0 RFS): same direction" in text
+    assert ("CM against MS on APr: +10.0 [+9.9, +10.1] points (paper: +9.4 random sampler, +8.0 RFS): "
+            "same direction" in text)
     # spread 25.0 -> 8.0; paper 28.9 - 4.6 = 24.3 -> 27.9 - 23.7 = 4.2 (random), 28.8 - 27.9 = 0.9 (RFS + CM)
     assert (
-        "Spread of APr / APc / APf: 25.0 points without calibration, 8.0 with CM "
+        "Spread of APr / APc / APf (seed means): 25.0 points without calibration, 8.0 with CM "
         "(paper: 24.3 -> 4.2 random sampler" in text
     )
     assert "0.9 for RFS + CM" in text
-    # train CM: APr +0.5 < +15.0 with val: as in the paper
-    assert "With the train-set matrix CM changes APr by +0.5 and AP by +0.5 points, against +15.0" in text
-    assert text.count("as in the paper") == 1 and "not as in the paper" not in text
+    # train CM: APr +0.5; against val CM 5.5 - 20.0 = -14.5: negative, the paper's direction
+    assert "With the train-set matrix CM changes APr by +0.5 [+0.4, +0.6] and AP by +0.5" in text
+    assert "against CM with the val-set matrix, APr -14.5 [-14.6, -14.4]" in text
+    train_line = next(s for s in lines if s.startswith("With the train-set matrix"))
+    assert train_line.endswith("same direction as the paper.")
     # pcb vs softmax: AP -1.0, APr +3.0; paper Softmax + PCB: +3.2 AP, +8.0 APr
     pcb_line = next(s for s in lines if s.startswith("**pcb** vs"))
-    assert "AP -1.0, APr +3.0, APc -2.0, APf +0.0 points" in pcb_line
+    assert "AP -1.0 [-1.1, -0.9], APr +3.0 [+2.9, +3.1], APc -2.0 [-2.1, -1.9], APf +0.0" in pcb_line
     assert "(paper, Softmax + PCB vs Softmax on LVIS v0.5: +3.2, +8.0, +3.8, +0.6)" in pcb_line
     assert "on AP: the opposite of the paper, on APr: same direction as the paper" in pcb_line
 
 
-def test_reading_says_when_the_train_matrix_helps_as_much() -> None:
+def test_reading_says_when_the_train_matrix_helps_more() -> None:
     rows = [*ROWS[:3], row("softmax", "train", "cm", 0.25, 0.22, 0.24, 0.28)]
-    assert any(s.endswith("not as in the paper.") for s in reading(rows, ["softmax"]))
+    lines = reading(aggregate_seeds(rows), ["softmax"], effects_of(rows, 0.001))
+    assert next(s for s in lines if s.startswith("With the train-set")).endswith("the opposite of the paper.")
 
 
 def test_write_study_report(tmp_path: Path) -> None:
@@ -135,6 +200,13 @@ def test_write_study_report(tmp_path: Path) -> None:
         "48 classes that is 6.2 detections per class",
     ):
         assert needle in text
+    assert "## Differences with 95% intervals" not in text  # no effects, no intervals text
+    path = write_study_report(tmp_path, ROWS, ["softmax", "pcb"], title="T", preamble="P",
+                              effects=effects_of(ROWS, 0.001), intervals="**Seeds.** text")
+    text = path.read_text()
+    assert "## Differences with 95% intervals" in text and "**Seeds.** text" in text
+    # 7 comparisons x 5 metrics = 35 intervals; 7 of the AP differences etc. exclude 0 except the zero ones
+    assert "of 35 intervals mark an effect ('*')" in text and "(1.8 expected here)" in text
     # the paper's table is printed from PAPER_TABLE1
     assert f"| random | CM | {PAPER_TABLE1[2]['AP']:.1f} | {PAPER_TABLE1[2]['APr']:.1f} |" in text
     assert not list(tmp_path.glob("*.tmp*"))
