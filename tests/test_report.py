@@ -38,7 +38,8 @@ def row(model: str, source: str, stat: str, ap: float, apr: float, apc: float, a
     }
 
 
-REGIME = {"cond2": 1900.0, "sigma_min": 5.7e-4, "diag_r": 0.04, "diag_c": 0.07, "diag_f": 0.14, "clipped": 0.46}
+REGIME = {"cond2": 1900.0, "sigma_min": 5.7e-4, "diag_r": 0.04, "diag_c": 0.07, "diag_f": 0.14,
+          "clipped": 0.46}
 REGIME_TEXT = "cond 1.9e3 · σmin 5.7e-4 · diag r/c/f 0.04/0.07/0.14 · clip 46%"
 
 ROWS = [
