@@ -37,7 +37,7 @@ BOOT_SEED = 0  # the image resamples; fixed, so every seed and every row shares 
 Key = tuple[Any, ...]
 
 
-def _value(v: float) -> float | None:
+def _value(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) or v <= -1 else float(v)
 
 
