@@ -10,7 +10,7 @@ import pytest
 from pcb_analysis.synth import SynthConfig, generate
 from pcbkit.cli import main
 
-SYNTH_TINY = SynthConfig(seed=0, num_classes=12, train_images=180, val_images=40, size=64)
+SYNTH_TINY = SynthConfig(seed=0, num_classes=12, train_images=190, val_images=40, size=64)
 """The tiny synthetic dataset of `synth_dataset`: K = 12 classes (r, c and f), 64 px images."""
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import colorsys
 import json
 import subprocess
 import sys
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -265,9 +267,44 @@ def test_heads_commons_and_bridges(small: Generated) -> None:
             assert shape_head.shape != colour_head.shape and shape_head.colour != colour_head.colour
             assert (s.shape, s.colour) not in {(h.shape, h.colour) for h in heads.values()}
             assert cat["frequency"] == "r" and all(h in cat["def"] for h in s.absorbers)
+            # two-toned: part of it in the shape head's colour, a class-specific fraction
+            assert s.colour2 == shape_head.colour
+            assert synth.plan.BRIDGE_FRAC_MIN <= s.colour2_frac <= synth.plan.BRIDGE_FRAC_MAX
             pairs.add(s.absorbers)
+        if s.tier != "r":
+            assert s.colour2 == "" and s.colour2_frac == 0.0
     rares = [s for s in specs if s.tier == "r"]
     assert len(pairs) == len(rares)  # no two rares leak into the same pair of heads: rows not collinear
+
+
+def test_bridge_is_two_toned(small: Generated) -> None:
+    """A rare bridge's pixels: its colour head's colour over most of the mask, its shape head's colour
+    over about `colour2_frac` of it (cut by a straight line); a head's object is one colour."""
+    specs, layouts = synth.layout_dataset(SMALL)
+    seen = 0
+    for img in layouts["train"]:
+        rare = [j for j, o in enumerate(img.objects) if specs[o.class_index].tier == "r"]
+        if not rare or seen >= 6:
+            continue
+        j = rare[0]
+        spec = specs[img.objects[j].class_index]
+        pixels = synth.render_image(SMALL, img, specs).astype(float)
+        rles = mask_utils.frPyObjects([list(o.polygon) for o in img.objects], SMALL.size, SMALL.size)
+        with warnings.catch_warnings():  # pycocotools' decode trips a numpy 2 DeprecationWarning
+            warnings.simplefilter("ignore", DeprecationWarning)
+            masks = mask_utils.decode(rles).astype(bool)  # [H, W, n], drawn in this order
+        mask = masks[..., j] & ~masks[..., j + 1:].any(axis=-1)  # the part no later object covers
+        if mask.sum() < 0.8 * masks[..., j].sum():
+            continue
+        inner = mask & np.roll(mask, 2, 0) & np.roll(mask, -2, 0) & np.roll(mask, 2, 1) & np.roll(mask, -2, 1)
+        hue = np.array([colorsys.rgb_to_hsv(*(p / 255.0))[0] for p in pixels[inner]])
+        h1, h2 = synth.COLOURS[spec.colour][0], synth.COLOURS[spec.colour2][0]
+        near = lambda h, c: np.minimum(np.abs(h - c), 1 - np.abs(h - c)) < 0.04  # noqa: E731
+        share2 = near(hue, h2).mean()
+        assert near(hue, h1).mean() + share2 > 0.9
+        assert abs(share2 - spec.colour2_frac) < 0.15
+        seen += 1
+    assert seen > 0
 
 
 def test_val_targets_hand_computed() -> None:

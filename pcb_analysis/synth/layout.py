@@ -324,6 +324,8 @@ def _categories(specs: Sequence[ClassSpec], train_anns: Sequence[Mapping[str, An
         image_count = len(images_of.get(cid, ()))
         pattern = "plain" if s.variant in ("head", "bridge") else VARIANTS[s.variant]
         definition = f"a synthetic {s.colour} {s.shape}, {pattern}"
+        if s.colour2:
+            definition += f", {round(100 * s.colour2_frac)}% of it {s.colour2}"
         if s.absorbers:
             definition += f"; resembles {' and '.join(s.absorbers)}"
         cats.append(

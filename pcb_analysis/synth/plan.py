@@ -19,7 +19,7 @@ import numpy as np
 
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
 
-GENERATOR_VERSION = "2"
+GENERATOR_VERSION = "3"
 SPLITS = ("train", "val")
 
 # LVIS frequency thresholds on the number of training images of a class.
@@ -40,7 +40,7 @@ HEAD_MIN_IMAGES = 110
 HEAD_MAX_IMAGES = 360
 COMMON_MIN_IMAGES = 12
 COMMON_MAX_IMAGES_TARGET = 90
-RARE_MIN_IMAGES = 4  # rares 4-10 (v1: 2-10): weighted to the upper part of LVIS's 1-10 range
+RARE_MIN_IMAGES = 6  # rares 6-10 (v1: 2-10): weighted to the upper part of LVIS's 1-10 range
 
 # Val floors (images, hence instances) per planned tier, each capped at a fraction of the val split so
 # that small test splits stay feasible: 400 val images reach the full floors (10 and 30).
@@ -49,6 +49,11 @@ VAL_MIN_COMMON = 30
 VAL_FLOOR_FRAC_RARE = 0.025
 VAL_FLOOR_FRAC_COMMON = 0.075
 VAL_HEAD_SHARE = 0.5  # heads get this fraction of their train proportion in val (room for the floors)
+
+# A rare bridge is two-toned: the colour of its colour head over most of it, the colour of its shape head
+# over a class-specific fraction in [BRIDGE_FRAC_MIN, BRIDGE_FRAC_MAX] (cut by a straight line).
+BRIDGE_FRAC_MIN = 0.25
+BRIDGE_FRAC_MAX = 0.45
 
 NEG_MODES = ("random", "sibling")  # how neg_category_ids are drawn (docs/synth.md §4)
 
@@ -227,6 +232,8 @@ class ClassSpec:
     tier: str  # planned bucket: 'f', 'c' or 'r'
     train_target: int
     absorbers: tuple[str, ...] = ()  # names of the heads it shares shape or colour with (by design)
+    colour2: str = ""  # rare bridges: the shape head's colour, painted over part of the object
+    colour2_frac: float = 0.0  # the fraction of the object's area in colour2 (one value per class)
 
     @property
     def family(self) -> str:
@@ -314,12 +321,14 @@ def plan_classes(cfg: SynthConfig, rng: np.random.Generator) -> list[ClassSpec]:
             )
         )
     looks: dict[tuple[str, str], int] = {}
-    for (a, b, variant), target in zip(_bridges(rng, heads, n_r), r_t, strict=True):
+    bridges = _bridges(rng, heads, n_r)
+    fracs = rng.uniform(BRIDGE_FRAC_MIN, BRIDGE_FRAC_MAX, size=n_r)
+    for (a, b, variant), target, frac in zip(bridges, r_t, fracs, strict=True):
         shape, colour = heads[a][0], heads[b][1]
         looks[(shape, colour)] = looks.get((shape, colour), 0) + 1
         name = f"{shape}_{colour}_{variant}"
         specs.append(
             ClassSpec(name, shape, colour, variant, looks[(shape, colour)], "r", target,
-                      (head_names[a], head_names[b]))
+                      (head_names[a], head_names[b]), heads[a][1], round(float(frac), 3))
         )
     return sorted(specs, key=lambda s: s.name)

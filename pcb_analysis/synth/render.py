@@ -26,7 +26,7 @@ from pcb_analysis.synth.plan import COLOURS, ClassSpec, SynthConfig
 
 # Patterns of the common siblings, strong enough for a tiny detector to learn (generator v2).
 STRIPE_SHADE = 0.5  # stripes: the colour times this
-RIM_FRAC = 1 / 32  # rim width as a fraction of the image side (at least 2 px)
+RIM_FRAC = 1 / 20  # rim width as a fraction of the image side (at least 2 px)
 RIM_SHADE = 0.4
 
 
@@ -65,7 +65,7 @@ def render_image(cfg: SynthConfig, img: ImageLayout, specs: Sequence[ClassSpec])
         with warnings.catch_warnings():  # pycocotools' decode trips a numpy 2 DeprecationWarning
             warnings.simplefilter("ignore", DeprecationWarning)
             masks = mask_utils.decode(rles).astype(bool)  # [H, W, n]
-    period = max(4.0, size / 21)
+    period = max(4.0, size / 12)
     for j, obj in enumerate(img.objects):
         spec = specs[obj.class_index]
         h, s, v = COLOURS[spec.colour]
@@ -97,6 +97,12 @@ def render_image(cfg: SynthConfig, img: ImageLayout, specs: Sequence[ClassSpec])
             region[mask & pattern] = alt
         else:
             region[mask] = colour
+        if spec.colour2:
+            h2, s2, v2 = COLOURS[spec.colour2]
+            angle = rng.uniform(0.0, 2 * np.pi)
+            u = xx[window] * math.cos(angle) + yy[window] * math.sin(angle)
+            cut = np.quantile(u[mask], spec.colour2_frac)
+            region[mask & (u < cut)] = _rgb(h2 + rng.normal(0.0, 0.01), s2, v2)
         if spec.variant == "rimmed":
             rim = mask & ~_erode(mask, max(2, round(size * RIM_FRAC)))
             region[rim] = colour * RIM_SHADE
