@@ -246,7 +246,9 @@ def test_rfs_sampler_from_the_annotations(synth12: Path) -> None:
     expected = [max(r[c] for c in cats_of[e.image_id]) for e in ds.entries]
     np.testing.assert_allclose(sampler.repeat_factors, expected)
     assert sampler.nominal_epoch_length == pytest.approx(sum(expected))
-    assert max(expected) > 2.0  # the rarest class (4 of 180 images): sqrt(0.1 * 45) = 2.12
+    # the rarest class repeats most: 6 of 190 images gives sqrt(0.1 * 190 / 6) = 1.78
+    assert min(images_with.values()) == 6 and len(ds) == 190
+    assert max(expected) == pytest.approx(math.sqrt(0.1 * 190 / 6)) and max(expected) > 1.7
 
 
 @pytest.mark.slow
