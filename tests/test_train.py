@@ -207,7 +207,7 @@ def tiny_overrides(data: Path, *extra: str) -> list[str]:
         "checkpoint_period=1000",
         # a sampler seed whose first 10 batches hold every class of the shared synthetic dataset,
         # so that PCB's start condition (threshold AND every class seen) is met exactly at PCB_FROM
-        "seed=1",
+        "seed=2",
         *extra,
     ]
 
