@@ -20,6 +20,8 @@ from typing import Any
 from pcb_analysis.study_stats import Effect, effect_verdict, format_effect, mean_cell, row_key
 
 Key = tuple[Any, ...]
+CROSS_FITTED = "cross-fitted"  # protocol of rows whose val statistics come from the other half of val
+SWEEP = "sweep"  # protocol of knob-sweep rows: plotted and tabled, not compared (no bootstrap)
 Effects = Mapping[tuple[Key, Key], Mapping[str, Effect]]
 
 # docs/method.md §3, Table 1 of the paper (LVIS v0.5, Mask R-CNN R50-FPN, val-set statistics).
@@ -57,7 +59,7 @@ def comparisons(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> lis
         if none is None:
             continue
         for r in rows:
-            if r["model"] == model and r["stat"] != "none":
+            if r["model"] == model and r["stat"] != "none" and r.get("protocol") != SWEEP:
                 proto = f", {r['protocol']}" if r.get("protocol") else ""
                 out.append((row_key(r), row_key(none), f"{r['stat']} ({r['source']}-stat{proto}) - none"))
         pairs = ((("cm", "val"), ("ms", "val"), "cm - ms (val-stat)"),

@@ -24,7 +24,15 @@ from typing import Any
 
 from pcb_analysis.atomic import write_text_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, table_label
-from pcb_analysis.reading import PAPER_PCB_V05, PAPER_TABLE1, Effects, comparisons, reading
+from pcb_analysis.reading import (
+    CROSS_FITTED,
+    PAPER_PCB_V05,
+    PAPER_TABLE1,
+    SWEEP,
+    Effects,
+    comparisons,
+    reading,
+)
 from pcb_analysis.regime import TABLE_HEADER as REGIME_HEADER
 from pcb_analysis.regime import RegimeDiagnostics
 from pcb_analysis.regime_line import regime_text
@@ -62,13 +70,16 @@ def _regime(r: Mapping[str, Any] | None) -> str:
     return (regime_text(r) or "-") if r is not None and r.get("stat") != "none" else "-"
 
 
-def study_table(rows: Sequence[Mapping[str, Any]], source: str, models: Sequence[str]) -> str:
-    """Table-1 layout: one row per (model, statistic) with statistics measured on `source`; mask AP at
-    the 300 cap (with APr/c/f and APb), at the LVIS-equivalent cap, fixed AP, and the regime of the
-    statistics file. `rows` are aggregated rows (cells: mean ± std over the seeds)."""
+def study_table(rows: Sequence[Mapping[str, Any]], source: str, models: Sequence[str],
+                protocol: str | None = None) -> str:
+    """Table-1 layout: one row per (model, statistic) with statistics measured on `source` under
+    `protocol` (None: today's in-sample rows); mask AP at the 300 cap (with APr/c/f and APb), at the
+    LVIS-equivalent cap, fixed AP, and the regime of the statistics file. `rows` are aggregated rows
+    (cells: mean ± std over the seeds)."""
     body = []
     for model in models:
-        mine = [r for r in rows if r["model"] == model and (r["stat"] == "none" or r["source"] == source)]
+        mine = [r for r in rows if r["model"] == model and (r["stat"] == "none" or (
+            r["source"] == source and r.get("protocol") == protocol))]
         for r in sorted(mine, key=lambda r: _stat_key(r["stat"])):
             body.append([model, table_label(r["stat"])] + [mean_cell(r, m) for m in METRICS] + [_regime(r)])
     return markdown_table(["model", "statistic", *_headers(rows), "regime of the statistics"], body)
@@ -81,8 +92,8 @@ def train_vs_val_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str])
     cap = _cap_of(rows)
     for model in models:
         none = next((r for r in rows if r["model"] == model and r["stat"] == "none"), None)
-        stats = sorted({r["stat"] for r in rows if r["model"] == model and r["stat"] != "none"},
-                       key=_stat_key)
+        stats = sorted({r["stat"] for r in rows if r["model"] == model and r["stat"] != "none"
+                        and not r.get("protocol")}, key=_stat_key)
         for stat in stats:
             by = {r["source"]: r for r in rows
                   if r["model"] == model and r["stat"] == stat and not r.get("protocol")}
@@ -211,7 +222,16 @@ def write_study_report(
     parts = [f"# {title}", "", preamble.strip(), ""]
     parts += ["## Table 1 layout: statistics measured on the evaluated split (upper bound)", "",
               study_table(agg, "val", models), ""]
+    if any(r.get("protocol") == CROSS_FITTED for r in agg):
+        parts += ["## Table 1 layout: cross-fitted val statistics (out of sample)", "",
+                  "The val images are split in two halves by a seeded hash of the image id; the statistics "
+                  "of one half calibrate the other half and vice versa, and the two halves' results are "
+                  "evaluated together (docs/calibration.md §8). An in-sample inverse can map a rare val "
+                  "instance onto its own class (an oracle); out of fold it cannot. Regime: of the full val "
+                  "statistics.", "", study_table(agg, "val", models, CROSS_FITTED), ""]
     parts += ["## Table 4 layout: val-set vs train-set statistics", "", train_vs_val_table(agg, models), ""]
+    if any(r.get("protocol") == SWEEP for r in agg):
+        parts += ["## Knob sweeps (val statistics, in sample)", "", sweep_table(agg, models), ""]
     parts += ["Metrics in %: AP@300, APr, APc, APf are mask AP at the standard 300 detections per image; "
               "APb is box AP; AP@N is mask AP at the LVIS-equivalent cap N; AP_fixed is mask AP under the "
               "fixed-AP protocol (10,000 detections per class, no per-image cap), which is fairer to "
@@ -239,6 +259,23 @@ def write_study_report(
     path = out_dir / "README.md"
     write_text_atomic(path, "\n".join(parts))
     return path
+
+
+def sweep_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> str:
+    """The knob sweeps (rows of protocol SWEEP) beside the parameter-free rows at their ends (none,
+    ms, cm with val statistics, in sample): mask AP@300, APr, APf, fixed AP, mean ± std over seeds."""
+    body = []
+    for model in models:
+        ends = [r for r in rows if r["model"] == model and r["stat"] in ("none", "ms", "cm")
+                and not r.get("protocol") and r["source"] in ("-", "val")]
+        grid = [r for r in rows if r["model"] == model and r.get("protocol") == SWEEP]
+        grid.sort(key=lambda r: (str(r.get("family")), float(r.get("value") or 0.0)))
+        for r in [*sorted(ends, key=lambda r: _stat_key(r["stat"])), *grid]:
+            body.append([model, r["stat"]] + [mean_cell(r, m) for m in ("AP", "APr", "APf", "AP_fixed")])
+    return markdown_table(["model", "statistic", "AP@300", "APr", "APf", "AP_fixed"], body) + "\n\n" + (
+        "Ends of each knob: cm-diagshrink lambda = 1 is ms, lambda = 0 is cm; cm-tikhonov tau = 0 is cm "
+        "and tau -> infinity is ms; ibu from ms with k = 0 is ms (docs/calibration.md §7). Figures per "
+        "model below; sweeps are not bootstrapped (read them against the intervals above).")
 
 
 def regime_section(diagnostics: Sequence[RegimeDiagnostics]) -> str:

@@ -28,14 +28,15 @@ from pcb_analysis import plots
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, STATISTICS
 from pcb_analysis.errors import PcbkitError
+from pcb_analysis.folds import fold_path, fold_statistics, write_fold_statistics
 from pcb_analysis.lvis_eval import lvis_equivalent_cap
-from pcb_analysis.reading import comparisons
+from pcb_analysis.reading import CROSS_FITTED, SWEEP, comparisons
 from pcb_analysis.regime import RegimeDiagnostics, diagnose, stats_from_dump
 from pcb_analysis.regime_line import regime_fields, regime_text
 from pcb_analysis.report import markdown_table, regime_section, rows_to_csv, seeds_section, write_study_report
 from pcb_analysis.stats import ClassStats
 from pcb_analysis.study_stats import aggregate_seeds
-from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models
+from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models, parse_grids
 from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
 from pcb_train.study_bootstrap import (
     BOOT_SEED,
@@ -51,6 +52,13 @@ STATS = ROW_STATISTICS  # every parameter-free statistic of the table, with val-
 TRAIN_STATS = tuple(s for s in STATS if STATISTICS[s].needs_matrix)  # with train-set statistics too
 REPORT_DPI = 120  # committed report figures: readable and small
 SOURCES = ("val", "train")
+# cross-fitted protocol: two halves of val by a seeded hash of the image id (docs/calibration.md §8)
+CROSS_FOLDS, CROSS_SEED = 2, 0
+CROSS_STATS = TRAIN_STATS  # the matrix statistics, calibrated out of fold
+# knob sweeps with the val statistics (in-sample), beside the parameter-free rows at their ends:
+# lambda 1 / 0 is ms / cm, ibu k = 0 (start ms) is ms, tikhonov tau = 0 is cm (docs/calibration.md §7)
+SWEEPS: dict[str, str] = {"cm-diagshrink": "lambda=0.25,0.5,0.75", "cm-tikhonov": "tau=0.01,0.1,1",
+                          "ibu": "k=1,2,5,10"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ class StudyInputs:
     force: bool = False
     fixed_ap: bool = True  # calibrate also evaluates fixed AP (uncapped detections; the slow part on a CPU)
     bootstrap: int = DEFAULT_RESAMPLES  # image resamples of the paired intervals; 0: none
+    sweeps: bool = True  # also the knob sweeps (SWEEPS) in the calibrate step's one inference pass
     step_prefix: str = ""  # names this seed's steps in the wall-time table ("" for the first seed)
 
 
@@ -176,10 +185,15 @@ def dump_and_stats(model: StudyModel, inp: StudyInputs, log: StepLog) -> dict[st
                        gt: Path = gt) -> None:
             # with the regime diagnostics' sums: gt instances on the dumped images, cm's clipped mass
             stats_from_dump(dump_dir, gt=gt, progress=inp.progress, split=split).save(stats_path)
+            if split == "val":  # out-of-fold statistics for the cross-fitted protocol (same dump)
+                write_fold_statistics(stats_path, fold_statistics(dump_dir, CROSS_FOLDS, CROSS_SEED, gt=gt,
+                                                                  progress=inp.progress, split=split))
 
+        folds = [fold_path(stats_path, i, CROSS_FOLDS) for i in range(1, CROSS_FOLDS + 1)]
         run_step(log, f"{inp.step_prefix}{model.name}/stats-{split}", stats_path.parent,
-                 {**ins, "dump": file_fingerprint(dump_dir / "manifest.json"), "diagnostics": 1},
-                 [stats_path], make_stats, inp.force)
+                 {**ins, "dump": file_fingerprint(dump_dir / "manifest.json"), "diagnostics": 1,
+                  **({"folds": [CROSS_FOLDS, CROSS_SEED]} if split == "val" else {})},
+                 [stats_path, *(folds if split == "val" else [])], make_stats, inp.force)
         out[split] = stats_path
     return out
 
@@ -201,39 +215,55 @@ def calibrate_all(
     fields of the statistics file it used (`pcb_analysis.regime_line`; none for `none`)."""
     k = len(json.loads(Path(inp.val_gt).read_text(encoding="utf-8"))["categories"])
     cap = lvis_equivalent_cap(k)
-    cfgs = {
-        source: CalibrateConfig(
-            stats=stats[source], gt=inp.val_gt, out=inp.work / "results" / model.name / f"{source}-stats",
-            stat=STATS if source == "val" else TRAIN_STATS, checkpoint=model.checkpoint, config=model.config,
-            images=inp.images, split="val", max_images=inp.val_images, batch_size=inp.batch_size,
-            device=inp.device, progress=inp.progress, fixed_ap=inp.fixed_ap, max_dets=cap,
-        )
+    common = dict(gt=inp.val_gt, checkpoint=model.checkpoint, config=model.config, images=inp.images,
+                  split="val", max_images=inp.val_images, batch_size=inp.batch_size, device=inp.device,
+                  progress=inp.progress, fixed_ap=inp.fixed_ap, max_dets=cap)
+    out = inp.work / "results" / model.name
+    # name -> (config, statistics source, protocol): None = today's in-sample val / train rows
+    cfgs: dict[str, tuple[CalibrateConfig, str, str | None]] = {
+        source: (CalibrateConfig(stats=stats[source], out=out / f"{source}-stats",
+                                 stat=STATS if source == "val" else TRAIN_STATS, **common), source, None)
         for source in SOURCES
     }
+    cfgs["cross"] = (CalibrateConfig(stats=stats["val"], out=out / "val-stats-crossfit", stat=CROSS_STATS,
+                                     cross_fit=True, **common), "val", CROSS_FITTED)
+    if inp.sweeps:
+        cfgs["sweep"] = (CalibrateConfig(stats=stats["val"], out=out / "val-stats-sweep",
+                                         stat=tuple(SWEEPS), grids=parse_grids(list(SWEEPS.values())),
+                                         **common), "val", SWEEP)
     ins = {"checkpoint": file_fingerprint(model.checkpoint), "gt": file_fingerprint(inp.val_gt),
            "stats": {s: file_fingerprint(stats[s]) for s in SOURCES},
-           "stat": {s: list(c.stat) for s, c in cfgs.items()},
-           "cap": inp.val_images, "protocol": RESULTS_PROTOCOL, "fixed_ap": inp.fixed_ap, "max_dets": cap}
-    run_step(log, f"{inp.step_prefix}{model.name}/calibrate", inp.work / "results" / model.name, ins,
-             [c.out / "metrics.json" for c in cfgs.values()], lambda: calibrate_models(list(cfgs.values())),
-             inp.force)
+           "folds": [file_fingerprint(fold_path(stats["val"], i, CROSS_FOLDS))
+                     for i in range(1, CROSS_FOLDS + 1)],
+           "stat": {n: list(c.stat) for n, (c, _, _) in cfgs.items()}, "sweeps": dict(SWEEPS) if inp.sweeps
+           else None, "cap": inp.val_images, "protocol": RESULTS_PROTOCOL, "fixed_ap": inp.fixed_ap,
+           "max_dets": cap}
+    run_step(log, f"{inp.step_prefix}{model.name}/calibrate", out, ins,
+             [c.out / "metrics.json" for c, _, _ in cfgs.values()],
+             lambda: calibrate_models([c for c, _, _ in cfgs.values()]), inp.force)
     rows: list[dict[str, Any]] = []
-    for source, c in cfgs.items():
+    regimes = {s: regime_fields(diagnose(ClassStats.load(stats[s]))) for s in SOURCES}
+    for name, (c, source, protocol) in cfgs.items():
         report = json.loads((c.out / "metrics.json").read_text())
-        regime = regime_fields(diagnose(ClassStats.load(stats[source])))
         for r in report["rows"]:
+            if r["family"] == "none" and name != "val":
+                continue  # `none` once, from the val-stats pass
             m = r["metrics"]
             rows.append({
                 "model": model.name,
                 "source": "-" if r["family"] == "none" else source,
-                "stat": r["family"],
+                "stat": r["family"] if protocol != SWEEP else r["stat"],
+                **({"protocol": protocol} if protocol else {}),
+                **({"family": r["family"], "knob": r.get("knob"), "value": r.get("value")}
+                   if protocol == SWEEP else {}),
                 "AP": m["segm"]["AP"], "APr": m["segm"]["APr"], "APc": m["segm"]["APc"],
                 "APf": m["segm"]["APf"],
                 "APb": m["bbox"]["AP"], "AP_cap": m.get(f"segm@{cap}", m["segm"]).get("AP"), "cap": cap,
                 "classes": k,
                 "AP_fixed": m.get("segm_fixed", {}).get("AP"),
                 "results": str(c.out / r["results"]),
-                **({} if r["family"] == "none" else regime),
+                # cross-fitted rows: the regime of the full val statistics (each fold's is in its file)
+                **({} if r["family"] == "none" else regimes[source]),
             })
     return rows
 
@@ -245,6 +275,7 @@ def bootstrap_model(
     if inp.bootstrap <= 0:
         return None
     out = inp.work / "bootstrap" / f"{model.name}.json"
+    rows = [r for r in rows if r.get("protocol") != SWEEP]  # sweeps are plotted, not compared
     files = sorted({str(r["results"]) for r in rows})
     ins = {"results": {f: file_fingerprint(Path(f)) for f in files}, "gt": file_fingerprint(inp.val_gt),
            "resamples": inp.bootstrap, "seed": BOOT_SEED, "version": 1}
@@ -366,11 +397,33 @@ def write_report(
         pairs_markdown=pairs_md, notes=notes, effects=effects,
         intervals=seeds_section(len(seeds), inp.bootstrap, demo=demo),
         extra_sections=[
+            *([("Knob sweeps: figures", sweeps)] if (sweeps := sweep_figures(rows, names, rep)) else []),
             ("Regime diagnostics of the statistics", regime_section(diagnostics)),
             *sections,
             ("Wall time per step", log.markdown()),
         ],
     )
+
+
+def sweep_figures(rows: Sequence[Mapping[str, Any]], models: Sequence[str], rep: Path) -> str:
+    """One figure per model and knob of the sweep rows (seed means), as markdown; "" without sweeps."""
+    agg = aggregate_seeds(rows)
+    parts = []
+    for model in models:
+        mine = []
+        for r in agg:
+            end = not r.get("protocol") and r["stat"] in ("none", "ms", "cm") and r["source"] in ("-", "val")
+            if r["model"] != model or not (end or r.get("protocol") == SWEEP):
+                continue
+            segm = {m: r.get(m) for m in ("AP", "APr", "APf")}
+            mine.append({"stat": r["stat"], "family": r.get("family", r["stat"]), "knob": r.get("knob"),
+                         "value": r.get("value"), "metrics": {"segm": segm}})
+        for knob in dict.fromkeys(str(r["knob"]) for r in mine if r["knob"]):
+            name = f"sweep_{model}_{knob}.png"
+            plots.plot_sweep(mine, knob, rep / name, dpi=REPORT_DPI,
+                             title=f"{model}: {knob} sweep, val statistics in sample (mean over seeds)")
+            parts += [f"![{model}: {knob} sweep]({name})", ""]
+    return "\n".join(parts)
 
 
 def _regime_subtitles(stats: Mapping[str, Path]) -> dict[str, str]:

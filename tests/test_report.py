@@ -15,6 +15,7 @@ from pcb_analysis.report import (
     reading,
     rows_to_csv,
     study_table,
+    sweep_table,
     train_vs_val_table,
     write_study_report,
 )
@@ -219,3 +220,37 @@ def test_paper_table1_rows_match_the_spec(stat: str) -> None:
     want = {"none": (21.9, 4.6, 28.9), "ms": (25.7, 14.3, 27.3), "cm": (26.3, 23.7, 26.0)}[stat]
     r = next(r for r in PAPER_TABLE1 if r["sampler"] == "random" and r["stat"] == stat)
     assert (r["AP"], r["APr"], r["APf"]) == want
+
+
+PROTOCOL_ROWS = [
+    *ROWS,
+    {**row("softmax", "val", "cm", 0.21, 0.07, 0.21, 0.29), "protocol": "cross-fitted"},
+    {**row("softmax", "val", "cm-diagshrink(lambda=0.5)", 0.23, 0.15, 0.23, 0.285), "protocol": "sweep",
+     "family": "cm-diagshrink", "knob": "lambda", "value": 0.5},
+]
+
+
+def test_protocol_rows_stay_in_their_own_tables() -> None:
+    agg = aggregate_seeds(PROTOCOL_ROWS)
+    in_sample = study_table(agg, "val", ["softmax"])
+    cross = study_table(agg, "val", ["softmax"], protocol="cross-fitted")
+    assert "| softmax | CM | 24.0 |" in in_sample and "| softmax | CM | 21.0 |" not in in_sample
+    assert "lambda" not in in_sample
+    assert "| softmax | CM | 21.0 |" in cross and "| softmax | MS |" not in cross  # no cross-fitted ms row
+    assert "| softmax | none | 20.0 |" in cross
+    assert "lambda" not in train_vs_val_table(agg, ["softmax"])
+    sweep = sweep_table(agg, ["softmax"])
+    assert "| softmax | cm-diagshrink(lambda=0.5) | 23.0 | 15.0 | 28.5 | 25.0 |" in sweep
+    assert "| softmax | cm | 24.0 | 20.0 | 28.0 | 26.0 |" in sweep  # the in-sample end, not cross-fitted
+    labels = [label for _, _, label in comparisons(agg, ["softmax"])]
+    assert "cm (val-stat, cross-fitted) - none" in labels  # compared (bootstrapped)
+    assert not any("lambda" in label for label in labels)  # sweeps are not
+
+
+def test_report_has_cross_fitted_and_sweep_sections(tmp_path: Path) -> None:
+    text = write_study_report(tmp_path, PROTOCOL_ROWS, ["softmax"], title="t", preamble="p").read_text()
+    assert "## Table 1 layout: cross-fitted val statistics (out of sample)" in text
+    assert "## Knob sweeps (val statistics, in sample)" in text
+    plain = write_study_report(tmp_path / "plain", ROWS, ["softmax", "pcb"], title="t",
+                               preamble="p").read_text()
+    assert "cross-fitted" not in plain and "Knob sweeps" not in plain
