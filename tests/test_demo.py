@@ -25,7 +25,14 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
         assert (report / name).is_file() and (report / name).stat().st_size > 0, name
     rows = json.loads((report / "results.json").read_text())
     for model in ("softmax", "pcb"):
-        mine = [r for r in rows if r["model"] == model]
+        cross = [r for r in rows if r["model"] == model and r.get("protocol") == "cross-fitted"]
+        sweep = [r for r in rows if r["model"] == model and r.get("protocol") == "sweep"]
+        mine = [r for r in rows if r["model"] == model and not r.get("protocol")]
+        # the matrix statistics out of fold; the knob sweeps of the study (SWEEPS) with val statistics
+        assert sorted(r["stat"] for r in cross) == ["cm", "cm-bayes", "ms"]
+        assert {(r["family"], r["knob"]) for r in sweep} == {
+            ("cm-diagshrink", "lambda"), ("cm-tikhonov", "tau"), ("ibu", "k")}
+        assert len(sweep) == 10 and all(r["source"] == "val" for r in [*cross, *sweep])
         assert {r["stat"] for r in mine} == STATS
         # none once, then ms / cm / cm-bayes with val-set and with train-set statistics
         assert sorted((r["stat"], r["source"]) for r in mine) == sorted(
@@ -36,6 +43,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
                 assert r[m] is not None and math.isfinite(r[m]), (model, r["stat"], m)
     text = (report / "README.md").read_text()
     assert "Table 1 layout" in text and "Table 4 layout" in text and "figure1_block.png" in text
+    assert "cross-fitted val statistics" in text and "sweep_softmax_lambda.png" in text
     # every step is cached on a rerun
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
@@ -57,6 +65,7 @@ def test_demo_quick_end_to_end(tmp_path: Path) -> None:
     res = CliRunner().invoke(cli, study)
     assert res.exit_code == 0, res.output
     srows = json.loads((tmp_path / "study_report" / "results.json").read_text())
+    srows = [r for r in srows if r.get("protocol") != "sweep"]
     assert {r["stat"] for r in srows} == STATS and all(r["AP_fixed"] is None for r in srows)
     assert "Table 1 layout" in (tmp_path / "study_report" / "README.md").read_text()
     assert not list((tmp_path / "study").rglob("*-fixed.json"))
