@@ -25,7 +25,8 @@ def test_demo_quick_two_seeds(tmp_path: Path) -> None:
     assert not (data / "seed-1").exists()
     with (report / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert sorted({r["seed"] for r in rows}) == ["0", "1"] and len(rows) == 28
+    # per seed and model: none + 3 val + 3 train statistics, 3 cross-fitted, 10 sweep rows
+    assert sorted({r["seed"] for r in rows}) == ["0", "1"] and len(rows) == 2 * 2 * (7 + 3 + 10)
     boot = json.loads((work / "seed-1" / "bootstrap" / "pcb.json").read_text())
     assert boot["resamples"] == 40 and all(len(v["resamples"]["AP"]) == 40 for v in boot["files"].values())
     text = (report / "README.md").read_text()
