@@ -24,6 +24,7 @@ from torch import Tensor
 from pcb_analysis.errors import PcbkitError, input_error
 
 IGNORE_LABEL = -1
+ACTIVATIONS = ("softmax", "sigmoid")  # what `batch_sums` accumulates per positive
 DEFAULT_CHUNK_ROWS = 2048  # [2048, 1203] float32 = 9.9 MB working buffer: cache-friendly, few Python steps
 
 
@@ -156,6 +157,7 @@ def batch_sums(
     source: str | Path | None = None,
     validate: bool = True,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    activation: str = "softmax",
 ) -> BatchSums:
     """S_b, n_b, H_b of one batch (docs/method.md §2): positives only, on the device of `logits`.
 
@@ -177,7 +179,12 @@ def batch_sums(
     with more rows than that in one chunk is cascade-summed over its rows: converting every p to
     float64 for `index_add_` would cost as much as the softmax. On other devices (GPU) p is added
     in float64 directly.
+
+    `activation="sigmoid"` sums the per-class sigmoids of the K foreground logits instead of their
+    softmax (the EQLv2 + PCB matrix, docs/losses.md §3); everything else is the same.
     """
+    if activation not in ACTIVATIONS:
+        raise PcbkitError(f"batch_sums: activation must be one of {ACTIVATIONS}, got {activation!r}")
     if validate:
         k = check_logits_labels(logits, labels, num_classes, source)
     else:
@@ -239,7 +246,10 @@ def batch_sums(
             _raise_non_finite(rows[:, k : k + 1], fetch(start, start + m)[1], source)
         z = zbuf[:m]
         z.copy_(rows[:, :k])
-        p = torch.softmax(z, dim=1, out=pbuf[:m])
+        if activation == "softmax":
+            p = torch.softmax(z, dim=1, out=pbuf[:m])
+        else:
+            p = torch.sigmoid(z, out=pbuf[:m])
         # H: arg-max over p (ties -> lowest index); numpy's SIMD argmax is ~8x torch's on CPU
         am = torch.from_numpy(p.numpy().argmax(axis=1)) if on_cpu else p.argmax(dim=1)
         H.index_add_(0, lab_c * k + am, torch.ones_like(am))
@@ -350,14 +360,18 @@ def row_normalise(S: Tensor, n: Tensor) -> tuple[Tensor, Tensor]:
     return M, empty
 
 
-def ema_update_(matrix: Tensor, sums: Tensor, counts: Tensor, momentum: float) -> Tensor:
+def ema_update_(
+    matrix: Tensor, sums: Tensor, counts: Tensor, momentum: float, *, normalize: bool = True
+) -> Tensor:
     """Online EMA of docs/method.md §4.1, in place; returns `matrix`.
 
     For every class with counts[i] > 0 only: M[i] <- mu * M[i] + (1 - mu) * sums[i] / counts[i],
     then row i renormalised to sum 1. Rows of classes absent from the batch are untouched. From a
     zero matrix the first update of a class sets its row to that batch's mean (the renormalisation
     undoes the (1 - mu) factor). matrix [K, K] float, sums [K, K] (S_b), counts [K] (n_b, any numeric
-    dtype). One host synchronisation (finding the present rows).
+    dtype). One host synchronisation (finding the present rows). `normalize=False` skips the row
+    renormalisation (the EQLv2 + PCB matrix: rows are EMAs of mean sigmoid scores, starting at
+    (1 - mu) x the first batch's mean).
     """
     mu = float(momentum)
     if not 0.0 <= mu < 1.0:
@@ -378,7 +392,8 @@ def ema_update_(matrix: Tensor, sums: Tensor, counts: Tensor, momentum: float) -
     mean = sums.to(matrix.device).index_select(0, rows).to(dtype)
     mean = mean / counts.to(matrix.device).index_select(0, rows).to(dtype)[:, None]
     new = old * mu + mean * (1.0 - mu)
-    row = new.sum(dim=1, keepdim=True)
-    new = new / torch.where(row > 0, row, torch.ones_like(row))
+    if normalize:
+        row = new.sum(dim=1, keepdim=True)
+        new = new / torch.where(row > 0, row, torch.ones_like(row))
     matrix.index_copy_(0, rows, new.to(matrix.dtype))
     return matrix

@@ -9,6 +9,7 @@ The confusion matrix `cm` [K, K] is row = ground-truth class, column = predicted
                                                      + a sum_P KL(t || softmax(z))] / N
     OnlineConfusion(K, momentum=0.99)    buffers .matrix [K, K], .counts [K] (float64)
     step_alpha(alpha, r, n_iter)         a_r = alpha * r / (n_iter - 1)
+    seesaw_ce, eqlv2_targets, EQLv2GradStats   the Seesaw / EQLv2 pieces (`long_tail_losses`, re-exported)
     pcb_started / pcb_active             the start condition (threshold AND every class seen)
 
 Order inside one classification-loss call (docs/method.md §4.2): `confusion.update(logits, labels)`
@@ -29,11 +30,33 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pcb_analysis.class_sums import batch_sums, ema_update_
+from pcb_analysis.class_sums import ACTIVATIONS, batch_sums, ema_update_
 from pcb_analysis.errors import ApiMisuseError
 from pcb_train.distributed import all_reduce_sum_
+from pcb_train.long_tail_losses import (  # re-exported: the issue-14 contract names live here too
+    EQLv2GradStats,
+    SampleCounts,
+    eqlv2_targets,
+    seesaw_ce,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_MOMENTUM",
+    "EQLv2GradStats",
+    "OnlineConfusion",
+    "SampleCounts",
+    "cross_entropy_loss",
+    "eqlv2_targets",
+    "fightback_targets",
+    "pcb_active",
+    "pcb_loss",
+    "pcb_started",
+    "seesaw_ce",
+    "step_alpha",
+]
 
 DEFAULT_ALPHA = 0.4
 DEFAULT_MOMENTUM = 0.99
@@ -278,6 +301,9 @@ class OnlineConfusion(nn.Module):
     batch's positives via `pcb_analysis.class_sums.batch_sums`, SUM-all-reduced over ranks when
     torch.distributed is initialised (every rank joins, even with zero positives), then
     `pcb_analysis.class_sums.ema_update_` (only classes with n_b > 0; rows renormalised), `counts += n_b`.
+    Options (docs/losses.md §3): `activation="sigmoid"` accumulates per-class sigmoids of the K
+    foreground logits instead of their softmax, `normalize_rows=False` skips the row renormalisation;
+    together they are the EQLv2 + PCB matrix. The defaults are the softmax matrix of §4.1.
     Every rank therefore ends with identical buffers. Device-agnostic: move the module with `.to()`.
 
     The batch sums go into scratch accumulators (non-persistent buffers, float64 S [K, K], int64
@@ -292,8 +318,20 @@ class OnlineConfusion(nn.Module):
     _sum_n: Tensor
     _sum_h: Tensor
 
-    def __init__(self, num_classes: int, momentum: float = DEFAULT_MOMENTUM, *, sync: bool = True) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        momentum: float = DEFAULT_MOMENTUM,
+        *,
+        activation: str = "softmax",
+        normalize_rows: bool = True,
+        sync: bool = True,
+    ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ApiMisuseError(
+                f"OnlineConfusion: activation must be one of {ACTIVATIONS}, got {activation!r}"
+            )
         if num_classes < 1:
             raise ApiMisuseError(f"OnlineConfusion: num_classes must be >= 1, got {num_classes}")
         if not 0.0 <= momentum < 1.0:
@@ -302,6 +340,8 @@ class OnlineConfusion(nn.Module):
         self.num_classes = k
         self.momentum = float(momentum)
         self.sync = bool(sync)
+        self.activation = activation
+        self.normalize_rows = bool(normalize_rows)
         self.register_buffer("matrix", torch.zeros(k, k, dtype=BUFFER_DTYPE))
         self.register_buffer("counts", torch.zeros(k, dtype=BUFFER_DTYPE))
         self.register_buffer("_sum_s", torch.zeros(k, k, dtype=torch.float64), persistent=False)
@@ -309,7 +349,10 @@ class OnlineConfusion(nn.Module):
         self.register_buffer("_sum_h", torch.zeros(k, k, dtype=torch.int64), persistent=False)
 
     def extra_repr(self) -> str:
-        return f"num_classes={self.num_classes}, momentum={self.momentum}, sync={self.sync}"
+        return (
+            f"num_classes={self.num_classes}, momentum={self.momentum}, activation={self.activation}, "
+            f"normalize_rows={self.normalize_rows}, sync={self.sync}"
+        )
 
     @torch.no_grad()
     def update(self, logits: Tensor, labels: Tensor) -> Tensor:
@@ -327,12 +370,12 @@ class OnlineConfusion(nn.Module):
             )
         s_b, n_b = self._sum_s, self._sum_n
         try:
-            batch_sums(logits.detach(), labels, k, out=(s_b, n_b, self._sum_h))
+            batch_sums(logits.detach(), labels, k, out=(s_b, n_b, self._sum_h), activation=self.activation)
             if self.sync:
                 all_reduce_sum_(s_b)
                 all_reduce_sum_(n_b)
             counts_b = n_b.to(self.counts.dtype)
-            ema_update_(self.matrix, s_b, counts_b, self.momentum)
+            ema_update_(self.matrix, s_b, counts_b, self.momentum, normalize=self.normalize_rows)
             self.counts += counts_b
         finally:  # back to all-zero scratch, also after an error (rows with data all have n > 0)
             rows = (n_b > 0).nonzero().squeeze(1)
