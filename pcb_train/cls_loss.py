@@ -5,7 +5,9 @@ head's per-step logits [R, K+1] (background = column K) with the online confusio
 when the PCB loss is on. The matrix lives in an `OnlineConfusion` held here, outside the model's
 state dict and outside DistributedDataParallel (it all-reduces its own batch sums, so every rank
 holds identical buffers). `started` is PCB's schedule condition, set by the trainer before each
-forward (`Schedule.pcb_started(i)`).
+forward (`Schedule.pcb_started(i)`). With `model.cls_loss` Seesaw / EQLv2 the loss family (held by
+the RoI head, whose state dict keeps its statistics) is bound by `PCBRoIHeads.set_cls_loss`
+(`bind_family`), and the matrix is built the family's way (`loss_families`, docs/losses.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import torch
 from torch import Tensor
 
 from pcb_train.config import ModelConfig
-from pcb_train.iterative_head import StepClsLosses, iterative_cls_loss
+from pcb_train.iterative_head import LossFamily, StepClsLosses, iterative_cls_loss
+from pcb_train.loss_families import make_confusion
 from pcb_train.pcb_loss import OnlineConfusion
 
 
@@ -32,6 +35,11 @@ class ClsLoss:
         self.alpha = float(alpha)
         self.step_weights = tuple(float(w) for w in step_weights)
         self.started = False
+        self.family: LossFamily | None = None
+
+    def bind_family(self, family: LossFamily | None) -> None:
+        """Use the RoI head's loss family (None: softmax cross-entropy / the PCB loss)."""
+        self.family = family
 
     def __call__(self, step_logits: tuple[Tensor, ...], labels: Tensor) -> StepClsLosses:
         return iterative_cls_loss(
@@ -41,6 +49,7 @@ class ClsLoss:
             confusion=self.confusion,
             alpha=self.alpha,
             pcb_started=self.started,
+            family=self.family,
         )
 
 
@@ -51,7 +60,9 @@ def build_cls_loss(model_cfg: ModelConfig, device: torch.device) -> ClsLoss | No
     weights = tuple(model_cfg.step_weights) if model_cfg.iterative_head else (1.0,)
     confusion = None
     if model_cfg.pcb_loss:
-        confusion = OnlineConfusion(model_cfg.num_classes, model_cfg.pcb_momentum).to(device)
+        # the family's matrix (EQLv2: sigmoid scores, rows not renormalised; docs/losses.md §3)
+        confusion = make_confusion(model_cfg.cls_loss, model_cfg.num_classes, model_cfg.pcb_momentum)
+        confusion = confusion.to(device)
     return ClsLoss(confusion, model_cfg.pcb_alpha, weights)
 
 

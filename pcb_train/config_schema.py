@@ -70,6 +70,8 @@ STRUCTURAL_FIELDS: tuple[str, ...] = (
     "mask_roi_size",
     "iterative_head",
     "n_iter",
+    "cls_loss",
+    "normalized_classifier",
 )
 
 
@@ -119,6 +121,12 @@ class ModelConfig:
     n_iter: int = 3
     step_weights: tuple[float, ...] = (0.2, 0.2, 0.6)
     modulation_init: Literal["default", "identity"] = "default"  # see IterativeRoIHead
+    # classification-loss family of the R-CNN head (docs/losses.md): softmax cross-entropy, Seesaw
+    # (K+2 outputs: classes + foreground/background) or EQLv2 (K+1 sigmoid outputs); each works with
+    # and without `pcb_loss`. `normalized_classifier`: cosine classifier (and mask predictor) with
+    # temperature 20, as the official Seesaw configs.
+    cls_loss: Literal["ce", "seesaw", "eqlv2"] = "ce"
+    normalized_classifier: bool = False
     # PCB loss (docs/method.md §4.1-4.3); the training loop plugs it into the RoI head
     pcb_loss: bool = False
     pcb_alpha: float = 0.4

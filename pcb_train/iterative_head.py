@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -207,6 +207,14 @@ def combine_step_losses(step_losses: Sequence[Tensor], step_weights: Sequence[fl
     return total
 
 
+class LossFamily(Protocol):
+    """A non-softmax loss family (`pcb_train.loss_families`): raw logits -> matrix input and loss."""
+
+    def matrix_logits(self, logits: Tensor) -> Tensor: ...
+
+    def __call__(self, logits: Tensor, labels: Tensor, cm: Tensor | None, alpha_r: float) -> Tensor: ...
+
+
 class StepClsLosses(NamedTuple):
     """Result of `iterative_cls_loss`: the weighted total, each step's unweighted loss and its a_r."""
 
@@ -223,6 +231,7 @@ def iterative_cls_loss(
     confusion: OnlineConfusion | None = None,
     alpha: float = 0.0,
     pcb_started: bool = False,
+    family: LossFamily | None = None,
 ) -> StepClsLosses:
     """Classification loss of an iterative head: sum_r w_r * L_r (docs/method.md §4.3, §4.4).
 
@@ -233,7 +242,9 @@ def iterative_cls_loss(
     n_iter)` when `pcb_started` (the epoch/iteration threshold, see `pcb_loss.pcb_started`) and
     `confusion.ready` (checked after this step's update, as the official code does); otherwise
     `a_r = 0`, plain cross-entropy. Without `confusion` every step is plain cross-entropy.
-    Works for a plain head too (one step: `a_0 = alpha`, see `step_alpha`).
+    Works for a plain head too (one step: `a_0 = alpha`, see `step_alpha`). With a `family`
+    (Seesaw / EQLv2, docs/losses.md) the matrix is updated from `family.matrix_logits(logits_r)`
+    and `L_r = family(logits_r, labels, cm, a_r)` (cm None when a_r = 0: the family's base loss).
     """
     n = len(step_logits)
     if n == 0 or len(step_weights) != n:
@@ -243,10 +254,12 @@ def iterative_cls_loss(
     for r, logits in enumerate(step_logits):
         a_r = 0.0
         if confusion is not None:
-            confusion.update(logits, labels)
+            confusion.update(logits if family is None else family.matrix_logits(logits), labels)
             if pcb_started and alpha != 0.0 and confusion.ready:
                 a_r = step_alpha(alpha, r, n)
-        if a_r != 0.0:
+        if family is not None:
+            loss = family(logits, labels, confusion.matrix if a_r != 0.0 and confusion else None, a_r)
+        elif a_r != 0.0:
             assert confusion is not None
             loss = pcb_loss(logits, labels, confusion.matrix, a_r)
         else:

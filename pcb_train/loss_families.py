@@ -44,6 +44,16 @@ def num_cls_outputs(cls_loss: str, num_classes: int) -> int:
     return num_classes + (2 if cls_loss == "seesaw" else 1)
 
 
+def make_confusion(cls_loss: str, num_classes: int, momentum: float) -> OnlineConfusion:
+    """The online matrix PCB uses with this family: softmax of the K class logits with renormalised
+    rows (ce, seesaw), or sigmoid scores without renormalisation (eqlv2)."""
+    if cls_loss not in CLS_LOSSES:
+        raise ApiMisuseError(f"make_confusion: cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+    if cls_loss == "eqlv2":
+        return OnlineConfusion(num_classes, momentum, activation="sigmoid", normalize_rows=False)
+    return OnlineConfusion(num_classes, momentum)
+
+
 def _split(labels: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     valid = labels >= 0
     pos = (valid & (labels < k)).nonzero().squeeze(1)
@@ -69,7 +79,7 @@ class SeesawLoss(nn.Module):
         return logits[:, : self.num_classes + 1]
 
     def make_confusion(self, momentum: float) -> OnlineConfusion:
-        return OnlineConfusion(self.num_classes, momentum)
+        return make_confusion(self.name, self.num_classes, momentum)
 
     def test_logits(self, logits: Tensor) -> Tensor:
         return seesaw_test_logits(logits)
@@ -116,7 +126,7 @@ class EQLv2Loss(nn.Module):
         return logits
 
     def make_confusion(self, momentum: float) -> OnlineConfusion:
-        return OnlineConfusion(self.num_classes, momentum, activation="sigmoid", normalize_rows=False)
+        return make_confusion(self.name, self.num_classes, momentum)
 
     def test_logits(self, logits: Tensor) -> Tensor:
         return eqlv2_test_logits(logits)

@@ -126,7 +126,7 @@ class TorchvisionBackend:
                 ]
             heads = model.roi_heads
             box = heads.box_predictions(features, props, sizes)
-            logits = box.logits.float()
+            logits = heads.score_logits(box.logits).float()  # [R, K+1] layout (docs/losses.md §4)
             counts = [p.shape[0] for p in props]
             decoded = heads.decode_boxes(box.deltas, props, sizes) if regressed != "none" else None
             k = self.num_classes
@@ -193,7 +193,7 @@ class TorchvisionBackend:
             heads = model.roi_heads
             props, _ = model.rpn(image_list, features)
             box = heads.box_predictions(features, props, sizes)
-            probs = heads.class_probabilities(box.logits)
+            probs = heads.class_probabilities(heads.score_logits(box.logits))
             decoded = heads.decode_boxes(box.deltas, props, sizes)  # resized input's pixels
             decoded_orig = [
                 original_frame_boxes(d, s, o) for d, s, o in zip(decoded, sizes, originals, strict=True)

@@ -34,6 +34,8 @@ from pcb_train.backends.torchvision.roi_heads import PCBRoIHeads
 from pcb_train.backends.torchvision.tiny import TINY_CANONICAL_SCALE, TINY_SAMPLING_RATIO, TinyBackbone
 from pcb_train.config import ModelConfig
 from pcb_train.iterative_head import IterativeRoIHead
+from pcb_train.loss_families import build_family, num_cls_outputs
+from pcb_train.normed_layers import NormedConv2d, NormedLinear
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +124,11 @@ def build_model(cfg: ModelConfig, train_min_sizes: Sequence[int] | None = None) 
     box_roi_pool = MultiScaleRoIAlign(levels, BOX_ROI_SIZE, sampling_ratio=sampling, **canonical)
     box_head = TwoMLPHead(c * BOX_ROI_SIZE**2, cfg.box_head_dim)
     box_predictor = FastRCNNPredictor(cfg.box_head_dim, k1)
+    n_cls = num_cls_outputs(cfg.cls_loss, cfg.num_classes)  # K+2 for Seesaw (docs/losses.md)
+    if cfg.normalized_classifier:
+        box_predictor.cls_score = NormedLinear(cfg.box_head_dim, n_cls)
+    elif n_cls != k1:
+        box_predictor.cls_score = nn.Linear(cfg.box_head_dim, n_cls)
     mask_parts: dict[str, Any] = {}
     if cfg.mask_head:
         assert cfg.mask_head_channels and cfg.mask_head_layers and cfg.mask_roi_size
@@ -133,6 +140,8 @@ def build_model(cfg: ModelConfig, train_min_sizes: Sequence[int] | None = None) 
             "mask_head": MaskRCNNHeads(c, [mc] * cfg.mask_head_layers, 1),
             "mask_predictor": MaskRCNNPredictor(mc, mc, k1),
         }
+        if cfg.normalized_classifier:
+            mask_parts["mask_predictor"].mask_fcn_logits = NormedConv2d(mc, k1, 1)
     iterative = None
     step_weights: tuple[float, ...] = (1.0,)
     if cfg.iterative_head:
@@ -160,6 +169,7 @@ def build_model(cfg: ModelConfig, train_min_sizes: Sequence[int] | None = None) 
         detections_per_img=cfg.detections_per_image,
         iterative_head=iterative,
         step_weights=step_weights,
+        family_loss=build_family(cfg.cls_loss, cfg.num_classes),
         **mask_parts,
     )
     sizes = tuple(int(s) for s in (train_min_sizes or ())) + (int(cfg.min_size),)
@@ -192,6 +202,8 @@ def as_torchvision_model(model: PCBMaskRCNN) -> MaskRCNN:
     heads = model.roi_heads
     if heads.iterative_head is not None:
         raise PcbkitError("as_torchvision_model: the PCB iterative head has no torchvision equivalent")
+    if heads.family_loss is not None:
+        raise PcbkitError("as_torchvision_model: Seesaw / EQLv2 heads have no torchvision equivalent")
     if not heads.has_mask():
         raise PcbkitError("as_torchvision_model: needs the mask head (Mask R-CNN)")
     rpn = model.rpn

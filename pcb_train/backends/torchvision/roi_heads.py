@@ -8,7 +8,12 @@ loss) is in pcbkit's convention; parameters keep torchvision's layout. Seams (do
 - `cls_loss_fn(step_logits, labels)`: step_logits a tuple of [N, K+1], labels [N] (K background,
   -1 ignored); default `default_cls_loss` (cross-entropy, step-weighted);
 - `score_transform` (q [R, K+1] -> q~) in post-processing, and inference split into box
-  predictions / detection selection / masks, so `infer` runs several transforms on one pass.
+  predictions / detection selection / masks, so `infer` runs several transforms on one pass;
+- `family_loss` (`pcb_train.loss_families`, None for softmax CE): the Seesaw head has K+2 outputs
+  in the reference layout (K classes, foreground, background; no column reordering), the EQLv2
+  head K+1 sigmoid outputs (torchvision order in the parameters, background last outside).
+  `step_logits` are these raw outputs; `score_logits` maps them to the [R, K+1] logits whose
+  softmax is the model's test-time scores (docs/losses.md §4), what inference and dumps use.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from pcb_train.backends.torchvision.convention import (
     tv_to_bg_last,
 )
 from pcb_train.iterative_head import share_checkpoint_keys
+from pcb_train.loss_families import FamilyLoss
+from pcb_train.normed_layers import NormedConv2d
 
 MASK_ROI_CHUNK = 1024  # RoIs per mask-head call at inference (bounds its activations)
 BOX_SMOOTH_L1_BETA = 1.0 / 9.0  # torchvision's Fast R-CNN box loss
@@ -43,7 +50,8 @@ ClsLossFn = Callable[[tuple[Tensor, ...], Tensor], Any]
 
 
 class BoxPredictions(NamedTuple):
-    """Box-head outputs for R RoIs: per-step class logits [R, K+1] (background LAST) and the final
+    """Box-head outputs for R RoIs: per-step raw class outputs ([R, K+1] background LAST; Seesaw
+    [R, K+2] classes, foreground, background: see `PCBRoIHeads.score_logits`) and the final
     box deltas [R, 4(K+1)] (torchvision layout, slot 0 = background; decoded by `decode_boxes`)."""
 
     step_logits: tuple[Tensor, ...]
@@ -51,7 +59,7 @@ class BoxPredictions(NamedTuple):
 
     @property
     def logits(self) -> Tensor:
-        """The prediction: the last step's logits [R, K+1] (background last)."""
+        """The prediction: the last step's raw class outputs (see the class docstring)."""
         return self.step_logits[-1]
 
 
@@ -90,7 +98,10 @@ def class_mask_logits(predictor: nn.Module, features: Tensor, classes_tv: Tensor
     if isinstance(predictor, MaskRCNNPredictor):
         x = predictor.relu(predictor.conv5_mask(features))
         conv = predictor.mask_fcn_logits
-        w = conv.weight[classes_tv, :, 0, 0]  # [D, C]
+        weight = conv.weight
+        if isinstance(conv, NormedConv2d):  # cosine mask predictor (docs/losses.md §2)
+            x, weight = conv.normalized_input(x), conv.normalized_weight()
+        w = weight[classes_tv, :, 0, 0]  # [D, C]
         out = torch.einsum("dchw,dc->dhw", x, w.to(x.dtype))
         if conv.bias is not None:
             out = out + conv.bias[classes_tv].to(out.dtype)[:, None, None]
@@ -139,6 +150,7 @@ class PCBRoIHeads(RoIHeads):
         iterative_head: nn.Module | None = None,
         step_weights: Sequence[float] = (1.0,),
         cls_loss_fn: ClsLossFn | None = None,
+        family_loss: FamilyLoss | None = None,
     ) -> None:
         super().__init__(
             box_roi_pool,
@@ -162,7 +174,11 @@ class PCBRoIHeads(RoIHeads):
         n_steps = getattr(iterative_head, "n_iter", 1) if iterative_head is not None else 1
         if len(self.step_weights) != n_steps:
             raise ApiMisuseError(f"PCBRoIHeads: {len(self.step_weights)} step weights for {n_steps} step(s)")
+        # the loss family's statistics are buffers of this module: saved with the model's state
+        self.family_loss = family_loss
         self.cls_loss_fn = cls_loss_fn
+        if cls_loss_fn is not None:
+            self.set_cls_loss(cls_loss_fn)
         self.last_cls_loss: Any = None  # what cls_loss_fn returned last (for logging per-step terms)
         self.score_transform: ScoreTransform | None = None
         if iterative_head is not None:
@@ -173,13 +189,21 @@ class PCBRoIHeads(RoIHeads):
     # -- seams ------------------------------------------------------------------------------
 
     def set_cls_loss(self, fn: ClsLossFn | None) -> None:
-        """Plug a classification loss `fn(step_logits, labels) -> Tensor | obj with .total` (None: CE)."""
+        """Plug a classification loss `fn(step_logits, labels) -> Tensor | obj with .total` (None: the
+        family's loss, CE by default). A `fn` with `bind_family` gets this head's loss family."""
+        bind = getattr(fn, "bind_family", None)
+        if bind is not None:
+            bind(self.family_loss)
         self.cls_loss_fn = fn
 
     def classification_loss(self, step_logits: tuple[Tensor, ...], labels: Tensor) -> Tensor:
         """step_logits: per-step [N, K+1] (background last); labels [N] (K background, -1 ignore)."""
-        if self.cls_loss_fn is None:
-            out: Any = default_cls_loss(step_logits, labels, self.step_weights)
+        if self.cls_loss_fn is None and self.family_loss is not None:
+            out: Any = sum(
+                self.family_loss(z, labels) * w for z, w in zip(step_logits, self.step_weights, strict=True)
+            )
+        elif self.cls_loss_fn is None:
+            out = default_cls_loss(step_logits, labels, self.step_weights)
         else:
             out = self.cls_loss_fn(step_logits, labels)
         self.last_cls_loss = out
@@ -203,7 +227,17 @@ class PCBRoIHeads(RoIHeads):
         else:
             logits, deltas = self.box_predictor(self.box_head(x))
             step_tv = (logits,)
+        if getattr(self.family_loss, "name", None) == "seesaw":  # reference layout, nothing to move
+            return BoxPredictions(tuple(step_tv), deltas)
         return BoxPredictions(tuple(tv_to_bg_last(z) for z in step_tv), deltas)
+
+    def score_logits(self, logits: Tensor) -> Tensor:
+        """Raw class outputs of the head -> [R, K+1] logits (background last) whose softmax is the
+        model's test-time scores: the logits themselves for softmax CE, the family's mapping for
+        Seesaw (K+2 outputs) and EQLv2 (sigmoid outputs); docs/losses.md §4."""
+        if self.family_loss is None:
+            return logits
+        return self.family_loss.test_logits(logits)
 
     @staticmethod
     def class_probabilities(logits: Tensor) -> Tensor:
@@ -292,7 +326,7 @@ class PCBRoIHeads(RoIHeads):
         if self.training:
             return [], self._training_losses(features, proposals, image_shapes, targets)
         box = self.box_predictions(features, proposals, image_shapes)
-        probs = self.class_probabilities(box.logits)
+        probs = self.class_probabilities(self.score_logits(box.logits))
         if self.score_transform is not None:
             probs = self.score_transform(probs)
         dets = self.select_detections(probs, self.decode_boxes(box.deltas, proposals, image_shapes))

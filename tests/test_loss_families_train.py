@@ -1,0 +1,171 @@
+"""Seesaw / EQLv2 (+ PCB) in the torchvision backend: model layout, test-time mapping and smoke
+training runs on the shared tiny synthetic data (docs/losses.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcb_analysis.errors import PcbkitError
+from pcb_train.backends import build_backend
+from pcb_train.backends.torchvision.model import build_model
+from pcb_train.config import ModelConfig, load_config
+from pcb_train.long_tail_losses import eqlv2_scores, seesaw_scores
+from pcb_train.normed_layers import NormedConv2d, NormedLinear
+from pcb_train.train import FINAL_MODEL, METRICS_FILE, train
+
+ROOT = Path(__file__).resolve().parents[1]
+K = 12
+ITERS = 12
+PCB_FROM = 10  # seed 2: the first 10 batches hold every class of the shared synthetic dataset
+
+
+def _tiny(cls_loss: str, **kw: object) -> ModelConfig:
+    return ModelConfig(arch="tiny", num_classes=K, cls_loss=cls_loss, min_size=64, max_size=64, **kw)  # type: ignore[arg-type]
+
+
+def _images(n: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.rand(3, 64, 64, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("cls_loss,width", [("ce", K + 1), ("seesaw", K + 2), ("eqlv2", K + 1)])
+@pytest.mark.parametrize("normed", [False, True])
+def test_classifier_width_and_normalised_layers(cls_loss: str, width: int, normed: bool) -> None:
+    model = build_model(_tiny(cls_loss, normalized_classifier=normed, iterative_head=True))
+    pred = model.roi_heads.box_predictor
+    assert pred.cls_score.out_features == width and pred.bbox_pred.out_features == 4 * (K + 1)
+    assert isinstance(pred.cls_score, NormedLinear) == normed
+    assert isinstance(model.roi_heads.mask_predictor.mask_fcn_logits, NormedConv2d) == normed
+    assert (model.roi_heads.family_loss is None) == (cls_loss == "ce")
+
+
+def test_normed_linear_hand_values() -> None:
+    layer = NormedLinear(2, 2)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 4.0], [0.0, -2.0]]))
+        layer.bias.zero_()
+    # x = [1, 1] / sqrt 2; rows [0.6, 0.8] and [0, -1]: cosines 1.4 / sqrt 2 and -1 / sqrt 2, times 20
+    out = layer(torch.tensor([[1.0, 1.0]]))
+    torch.testing.assert_close(
+        out, torch.tensor([[20 * 1.4 / math.sqrt(2), -20 / math.sqrt(2)]]), atol=1e-4, rtol=0
+    )
+
+
+@pytest.mark.parametrize("cls_loss", ["seesaw", "eqlv2"])
+def test_mapped_scores_reproduce_the_models_test_time_scores(cls_loss: str) -> None:
+    """dump / records logits in the [R, K+1] layout: their softmax is the family's own score formula
+    (EQLv2: rows whose class scores sum to at most 1; the others scaled to sum 1), and the in-model
+    detections use exactly those scores."""
+    torch.manual_seed(0)
+    backend = build_backend(_tiny(cls_loss, iterative_head=True, rpn_post_nms_top_n_test=20))
+    heads = backend.model.roi_heads
+    images = _images()
+    backend.model.eval()
+    with torch.no_grad():
+        image_list, features, _ = backend._prepare(images)
+        props, _ = backend.model.rpn(image_list, features)
+        box = heads.box_predictions(features, props, image_list.image_sizes)
+    raw = box.logits.float()
+    official = seesaw_scores(raw) if cls_loss == "seesaw" else eqlv2_scores(raw)
+    q = heads.class_probabilities(heads.score_logits(box.logits))
+    if cls_loss == "seesaw":
+        torch.testing.assert_close(q, official, rtol=1e-5, atol=1e-7)
+    else:
+        s = official[:, :K]
+        under = s.sum(1) <= 1
+        torch.testing.assert_close(q[under, :K], s[under], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            q[~under, :K], s[~under] / s[~under].sum(1, keepdim=True), rtol=1e-5, atol=1e-7
+        )
+    # records (what dump-logits stores) carry those logits; in-model detections score with them
+    targets = [
+        {
+            "boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]),
+            "labels": torch.tensor([1]),
+            "image_id": torch.tensor(i),
+        }
+        for i in range(2)
+    ]
+    recs = backend.proposal_records(images, targets)
+    z = torch.cat([r.logits for r in recs])
+    torch.testing.assert_close(torch.softmax(z, 1), q, rtol=1e-5, atol=1e-7)
+    dets = backend.infer(images, {"none": lambda p: p}, mask_threshold=None)["none"]
+    with torch.no_grad():
+        own = backend.model(images)
+    for d, o in zip(dets, own, strict=True):
+        assert d["scores"].numel() > 0
+        torch.testing.assert_close(d["scores"], o["scores"])
+        assert torch.equal(d["labels"], o["labels"])
+
+
+def test_detectron2_refuses_other_families() -> None:
+    with pytest.raises(PcbkitError, match="model.cls_loss"):
+        build_backend(ModelConfig(backend="detectron2", cls_loss="seesaw"))
+
+
+# --------------------------------------------------------------------------------------------
+# smoke training runs
+
+
+def _overrides(data: Path, cls_loss: str, pcb: bool) -> list[str]:
+    return [
+        f"model.num_classes={K}",
+        "model.min_size=64",
+        "model.max_size=64",
+        f"model.cls_loss={cls_loss}",
+        f"model.normalized_classifier={'true' if cls_loss == 'seesaw' else 'false'}",
+        f"model.iterative_head={'true' if pcb else 'false'}",
+        f"model.pcb_loss={'true' if pcb else 'false'}",
+        f"model.pcb_start={PCB_FROM}",
+        "model.pcb_start_unit=iteration",
+        f"data.train_ann={data / 'train.json'}",
+        f"data.train_images={data / 'images'}",
+        f"data.val_ann={data / 'val.json'}",
+        f"data.val_images={data / 'images'}",
+        "data.num_workers=0",
+        "data.max_val_images=4",
+        "solver.ims_per_batch=4",
+        f"solver.max_iter={ITERS}",
+        "solver.warmup_iters=5",
+        "solver.lr_steps=[11]",
+        "log_period=1",
+        "checkpoint_period=1000",
+        "seed=2",
+    ]
+
+
+@pytest.mark.parametrize("cls_loss", ["seesaw", "eqlv2"])
+@pytest.mark.parametrize("pcb", [False, True])
+def test_smoke_training(synth_dataset: Path, tmp_path: Path, cls_loss: str, pcb: bool) -> None:
+    name = f"synth_tiny_{cls_loss}{'_pcb' if pcb else ''}.yaml"
+    cfg = load_config(ROOT / "configs" / name, _overrides(synth_dataset, cls_loss, pcb))
+    assert cfg.model.cls_loss == cls_loss and cfg.model.pcb_loss == pcb
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.finished and result.iterations == ITERS
+    rows = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    recs = [r for r in rows if r["type"] == "train"]
+    assert all(math.isfinite(r["loss_classifier"]) for r in recs)
+    if pcb:
+        assert recs[-1]["pcb_active"] is True and recs[PCB_FROM - 1]["pcb_active"] is False
+        m = result.confusion_matrix
+        assert m is not None
+        if cls_loss == "seesaw":  # softmax rows renormalised; EQLv2 rows are unnormalised EMAs
+            torch.testing.assert_close(m.sum(1), torch.ones(K, dtype=m.dtype))
+        else:
+            # an EMA from zero of sigmoid scores in [0, 1], at most 3 updates per iteration (mu 0.99)
+            assert float(m.max()) <= 1 - 0.99 ** (3 * ITERS) and float(m.min()) > 0
+            assert not torch.allclose(m.sum(1), torch.ones(K, dtype=m.dtype))
+    # the family's statistics are in the saved model and it loads back strictly
+    backend = build_backend(cfg.model)
+    backend.load_checkpoint(result.out_dir / FINAL_MODEL)
+    fam = backend.model.roi_heads.family_loss
+    assert fam is not None
+    if cls_loss == "seesaw":
+        assert fam.counts.counts.sum() > 0
+    else:
+        assert int(fam.stats.steps) == ITERS * (3 if pcb else 1) and fam.stats.neg_grad.sum() > 0
