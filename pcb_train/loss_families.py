@@ -134,8 +134,10 @@ class EQLv2Loss(nn.Module):
     def forward(
         self, logits: Tensor, labels: Tensor, cm: Tensor | None = None, alpha_r: float = 0.0
     ) -> Tensor:
-        """sum over non-ignored rows of BCE(z, t) x (pos_w hard + neg_w (1 - hard)) / N; the weights
-        and the gradient statistics use the hard one-hot target **[choice]**, t is the PCB target."""
+        """sum over non-ignored rows of BCE(z, t) x (pos_w t + neg_w (1 - t)) / N, then the gradient
+        statistics collected with the same t and weights: t is one-hot(label) or, with PCB, the
+        positives' `eqlv2_targets` (as the official EQLv2 + PCB code, which weights and collects with
+        the soft target)."""
         k = self.num_classes
         if logits.dim() != 2 or logits.shape[1] != k + 1:
             raise ApiMisuseError(
@@ -154,9 +156,9 @@ class EQLv2Loss(nn.Module):
         else:
             target = hard
         pos_w, neg_w = self.stats.weights(z.device, z.dtype)
-        weight = pos_w * hard + neg_w * (1.0 - hard)
+        weight = pos_w * target + neg_w * (1.0 - target)
         loss = (F.binary_cross_entropy_with_logits(z, target, reduction="none") * weight).sum() / n
-        self.stats.collect(z, hard, weight)
+        self.stats.collect(z, target, weight)
         return loss
 
 

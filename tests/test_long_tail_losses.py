@@ -182,6 +182,18 @@ def test_eqlv2_family_loss_golden_two_calls() -> None:
     torch.testing.assert_close(fam(z, labels), torch.tensor(expected, dtype=torch.float64))
 
 
+def test_eqlv2_family_pcb_golden() -> None:
+    fam = EQLv2Loss(2)
+    fam.stats.sync = False
+    cm = _t([[0.6, 0.2], [0.1, 0.5]])
+    # target of a class-1 positive at a_r = 0.25: [0.05, 0.875, 0]; logits 0 -> BCE ln 2 per cell
+    loss = fam(torch.zeros(1, 3, dtype=torch.float64), torch.tensor([1]), cm, 0.25)
+    torch.testing.assert_close(loss, torch.tensor(3 * LN(2), dtype=torch.float64))
+    # statistics with the soft target and weight 1: |grad| = |0.5 - t|, pos = g t, neg = g (1 - t)
+    torch.testing.assert_close(fam.stats.pos_grad, _t([[0.45 * 0.05, 0.375 * 0.875]])[0])
+    torch.testing.assert_close(fam.stats.neg_grad, _t([[0.45 * 0.95, 0.375 * 0.125]])[0])
+
+
 def test_eqlv2_family_pcb_identities() -> None:
     g = torch.Generator().manual_seed(2)
     k = 4

@@ -169,3 +169,41 @@ def test_smoke_training(synth_dataset: Path, tmp_path: Path, cls_loss: str, pcb:
         assert fam.counts.counts.sum() > 0
     else:
         assert int(fam.stats.steps) == ITERS * (3 if pcb else 1) and fam.stats.neg_grad.sum() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# configs
+
+
+@pytest.mark.parametrize("version,k", [("v1", 1203), ("v0.5", 1230)])
+@pytest.mark.parametrize("family", ["seesaw", "eqlv2"])
+@pytest.mark.parametrize("pcb", [False, True])
+def test_lvis_family_configs_mirror_the_official_ones(version: str, k: int, family: str, pcb: bool) -> None:
+    name = f"lvis_{version}_r50_fpn_{family}{'_pcb' if pcb else ''}_2x"
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+    m, d, s = cfg.model, cfg.data, cfg.solver
+    assert cfg.name == name and m.num_classes == k and m.cls_loss == family
+    # official: Seesaw with RFS (sample1e-3) and the normalised classifier / mask; EQLv2 random sampler
+    assert d.sampler == ("rfs" if family == "seesaw" else "random") and d.rfs_threshold == 1e-3
+    assert m.normalized_classifier == (family == "seesaw")
+    assert (s.epochs, s.lr_steps, s.amp, s.base_lr, s.ims_per_batch) == (24.0, (16.0, 22.0), "fp16", 0.02, 16)
+    assert m.pcb_loss == pcb and m.iterative_head == pcb
+    if pcb:
+        assert m.pcb_alpha == (0.05 if family == "seesaw" else 0.2)
+        assert (m.pcb_momentum, m.pcb_start, m.pcb_start_unit, m.n_iter) == (0.99, 17.0, "epoch", 3)
+
+
+def test_synth_family_configs_differ_only_in_the_loss() -> None:
+    base = {p: load_config(ROOT / "configs" / f"synth_tiny_{p}.yaml") for p in ("softmax", "pcb")}
+    for family in ("seesaw", "eqlv2"):
+        for pcb in (False, True):
+            cfg = load_config(ROOT / "configs" / f"synth_tiny_{family}{'_pcb' if pcb else ''}.yaml")
+            ref = base["pcb" if pcb else "softmax"]
+            assert cfg.data == ref.data and cfg.solver == ref.solver
+            assert cfg.model.cls_loss == family and cfg.model.pcb_loss == pcb
+            assert cfg.model.normalized_classifier == (family == "seesaw")
+            if pcb:
+                assert cfg.model.pcb_alpha == (0.05 if family == "seesaw" else 0.2)
+    # the default stays softmax cross-entropy with a plain classifier
+    for cfg in base.values():
+        assert cfg.model.cls_loss == "ce" and not cfg.model.normalized_classifier
