@@ -7,6 +7,10 @@ LVIS v1: K = 1,203 foreground classes (logits [R, K+1], background = column K), 
       and its loss. Baseline: plain cross-entropy. PCB: `OnlineConfusion.update` (the shared
       `pcb_analysis.stats` math, on a ready, warm matrix) + `pcb_loss` at alpha_r = 0.4.
       Goal: PCB / CE <= 1.05.
+  (1b) with `--families`: the same step for Seesaw (K+2 outputs) and EQLv2 (sigmoid K+1 outputs)
+      against Seesaw + PCB (alpha_r 0.05) and EQLv2 + PCB (alpha_r 0.2): the family's loss with
+      its warm statistics, plus the family's matrix update and PCB target (docs/losses.md).
+      Goal: each PCB variant / its base <= 1.05.
   (2) RoI box head: forward + backward from the RoI features (with input gradient, as in a detector
       whose backbone trains) through TwoMLPHead (12544 -> 1024 -> 1024) + predictor (1204 logits,
       4 x 1203 class-specific deltas), with CE + L1 losses. Baseline: the plain head. Iterative:
@@ -17,7 +21,7 @@ LVIS v1: K = 1,203 foreground classes (logits [R, K+1], background = column K), 
 Timings are medians of `--repeats` runs after `--warmup` runs, baseline and candidate interleaved
 so that drift of a shared CPU hits both alike.
 
-    python bench/train_overhead.py [--threads N] [--repeats 15] [--head-repeats 5] [--skip-head]
+    python bench/train_overhead.py [--threads N] [--repeats 15] [--head-repeats 5] [--skip-head] [--families]
 """
 
 from __future__ import annotations
@@ -107,6 +111,43 @@ def bench_cls_step(warmup: int, repeats: int, gt_classes: int) -> tuple[dict[str
     return {**wall, **parts_wall}, {**cpu, **parts_cpu}
 
 
+def bench_family_step(
+    family_name: str, alpha_r: float, warmup: int, repeats: int, gt_classes: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Base family loss vs family + PCB (matrix update + soft targets), forward+backward of the FC."""
+    from pcb_train.loss_families import build_family, num_cls_outputs
+
+    gen = torch.Generator().manual_seed(0)
+    fam = build_family(family_name, K)
+    assert fam is not None
+    fc = nn.Linear(FEAT, num_cls_outputs(family_name, K))
+    x = torch.randn(ROIS, FEAT, generator=gen).requires_grad_(True)
+    labels = make_labels(gen, gt_classes)
+    conf = fam.make_confusion(0.99)
+    m = torch.softmax(torch.randn(K, K, generator=gen, dtype=torch.float64) * 2, dim=1)
+    conf.matrix.copy_(m if family_name == "seesaw" else m * 0.5)  # warm, ready matrix
+    conf.counts.fill_(10.0)
+    with torch.no_grad():  # warm statistics: a few steps of the base loss
+        for _ in range(3):
+            fam(fc(x), labels)
+
+    def zero() -> None:
+        fc.zero_grad(set_to_none=True)
+        x.grad = None
+
+    def base() -> None:
+        zero()
+        fam(fc(x), labels).backward()
+
+    def with_pcb() -> None:
+        zero()
+        z = fc(x)
+        conf.update(fam.matrix_logits(z), labels)
+        fam(z, labels, conf.matrix, alpha_r).backward()
+
+    return interleaved_medians({"base": base, "pcb": with_pcb}, warmup, repeats)
+
+
 # ------------------------------------------------------------------------------- (2) box head
 
 
@@ -185,6 +226,9 @@ def main() -> None:
     )
     ap.add_argument("--skip-head", action="store_true", help="only the classification-step benchmark")
     ap.add_argument("--agnostic", action="store_true", help="also time class-agnostic deltas [R, 4]")
+    ap.add_argument(
+        "--families", action="store_true", help="also time Seesaw / EQLv2 against Seesaw + PCB / EQLv2 + PCB"
+    )
     args = ap.parse_args()
 
     import os
@@ -215,6 +259,19 @@ def main() -> None:
             f"    ratio PCB / CE ({what})           {ratio1:8.3f}x   (goal <= 1.05)  "
             f"{'OK' if ratio1 <= 1.05 else 'OVER'}"
         )
+
+    if args.families:
+        for family_name, alpha_r in (("seesaw", 0.05), ("eqlv2", 0.2)):
+            ft, fcpu = bench_family_step(family_name, alpha_r, args.warmup, args.repeats, args.gt_classes)
+            print(f"\n(1b) {family_name}: base loss vs + PCB (alpha_r {alpha_r}) (median of {args.repeats}):")
+            for key, label in (("base", "base"), ("pcb", "+ PCB")):
+                print(f"    {family_name} {label:<24} {ft[key] * 1e3:8.2f} ms / {fcpu[key] * 1e3:8.2f} ms")
+            for what, d in (("wall", ft), ("CPU ", fcpu)):
+                ratio = d["pcb"] / d["base"]
+                print(
+                    f"    ratio + PCB / base ({what})       {ratio:8.3f}x   (goal <= 1.05)  "
+                    f"{'OK' if ratio <= 1.05 else 'OVER'}"
+                )
 
     if args.skip_head:
         return
