@@ -183,14 +183,14 @@ def eqlv2_targets(cm: Tensor, labels: Tensor, alpha_r: float) -> Tensor:
     k = cm.shape[0]
     labels = _check_labels(labels, labels.shape[0] if labels.dim() == 1 else -1, 0, k, "eqlv2_targets")
     dtype = cm.dtype if cm.is_floating_point() and cm.dtype != torch.float16 else torch.float32
-    onehot = F.one_hot(labels, k + 1).to(dtype)
+    out = F.one_hot(labels, k + 1).to(dtype)
     if a == 0.0:
-        return onehot
-    pos = labels < k
-    cols = F.pad(cm.detach().to(dtype).t(), (0, 1), value=0.0)  # [K, K+1], row c = column c of M, bg 0
-    soft = cols.index_select(0, labels.clamp_max(k - 1))
-    mixed = a * soft + (1.0 - a) * onehot
-    return torch.where(pos.unsqueeze(1), mixed, onehot)
+        return out
+    pos = (labels < k).nonzero().squeeze(1)
+    y = labels.index_select(0, pos)
+    soft = cm.detach().to(dtype).t().index_select(0, y)  # [P, K], row p = column y_p of M
+    out[pos, :k] = a * soft + (1.0 - a) * out[pos, :k]
+    return out
 
 
 class EQLv2GradStats(nn.Module):
@@ -250,13 +250,15 @@ class EQLv2GradStats(nn.Module):
                 f"EQLv2GradStats.collect: logits and target must be [N, {k + 1}], got "
                 f"{list(logits.shape)} and {list(target.shape)}"
             )
-        z = logits.detach().to(torch.float64)
-        t = target.detach().to(torch.float64)
-        w = weight.detach().to(torch.float64).expand_as(z)
+        # element-wise in the logits' precision (float32 at least), sums in float64
+        z = logits.detach()
+        z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+        t = target.detach().to(z.dtype)
+        w = weight.detach().to(z.dtype)
         prob = torch.sigmoid(z)
-        g = (t * (prob - 1.0) + (1.0 - t) * prob).abs()
-        pos = (g * t * w).sum(dim=0)[:k]
-        neg = (g * (1.0 - t) * w).sum(dim=0)[:k]
+        g = (t * (prob - 1.0) + (1.0 - t) * prob).abs() * w
+        pos = (g * t).sum(dim=0, dtype=torch.float64)[:k]
+        neg = (g * (1.0 - t)).sum(dim=0, dtype=torch.float64)[:k]
         both = torch.cat([pos, neg]).to(self.pos_grad.device)
         if self.sync:
             all_reduce_sum_(both)
