@@ -207,3 +207,89 @@ def test_synth_family_configs_differ_only_in_the_loss() -> None:
     # the default stays softmax cross-entropy with a plain classifier
     for cfg in base.values():
         assert cfg.model.cls_loss == "ce" and not cfg.model.normalized_classifier
+
+
+# --------------------------------------------------------------------------------------------
+# dump-logits -> stats -> calibrate on these models
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls_loss", ["seesaw", "eqlv2"])
+def test_dump_stats_calibrate_offline_equals_in_model(
+    cls_loss: str, synth_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dump of the mapped [R, K+1] logits replays the model's own detections (stat none and cm).
+
+    Dumps store float16: the mapped logits are rounded to float16 in the model too, so storage is
+    lossless and any difference left would be the pipeline's."""
+    from pcb_analysis.categories import CategorySpace
+    from pcb_analysis.stats import ClassStats
+    from pcb_train.backends import make_checkpoint, save_checkpoint
+    from pcb_train.backends.torchvision.roi_heads import PCBRoIHeads
+    from pcb_train.calibrate import CalibrateConfig, calibrate_from_dump, calibrate_model
+    from pcb_train.config import save_config
+    from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
+
+    real = PCBRoIHeads.score_logits
+    monkeypatch.setattr(PCBRoIHeads, "score_logits", lambda self, z: real(self, z).half().float())
+    space = CategorySpace.from_lvis_json(synth_dataset / "val.json")
+    cfg = load_config(
+        ROOT / "configs" / "synth_tiny.yaml",
+        [
+            f"model.num_classes={K}",
+            "model.min_size=64",
+            "model.max_size=64",
+            "model.rpn_post_nms_top_n_test=40",
+            "model.detections_per_image=50",
+            f"model.cls_loss={cls_loss}",
+            f"model.normalized_classifier={'true' if cls_loss == 'seesaw' else 'false'}",
+        ],
+    )
+    save_config(cfg, tmp_path / "config.yaml")
+    torch.manual_seed(0)
+    backend = build_backend(cfg.model)
+    ckpt = tmp_path / "model.pth"
+    save_checkpoint(ckpt, make_checkpoint(backend.model.state_dict(), backend.config, categories=space))
+    common = {"gt": synth_dataset / "val.json", "progress": False}
+    dump_dir = tmp_path / "dump"
+    dump_logits(
+        DumpLogitsConfig(
+            checkpoint=ckpt,
+            config=tmp_path / "config.yaml",
+            images=synth_dataset / "images",
+            split="val",
+            out=dump_dir,
+            max_images=3,
+            batch_size=1,
+            device="cpu",
+            boxes="per_class",
+            **common,
+        )
+    )
+    stats = tmp_path / "stats.npz"
+    ClassStats.from_dump(dump_dir, progress=False).save(stats)
+    out = tmp_path / "res"
+    in_model = calibrate_model(
+        CalibrateConfig(
+            stats=stats,
+            out=out,
+            checkpoint=ckpt,
+            config=tmp_path / "config.yaml",
+            images=synth_dataset / "images",
+            max_images=3,
+            batch_size=1,
+            device="cpu",
+            stat=("none", "cm"),
+            **common,
+        )
+    )
+    offline = calibrate_from_dump(
+        CalibrateConfig(stats=stats, out=out, dump=dump_dir, stat=("none", "cm"), **common)
+    )
+    for a, b in zip(in_model.rows, offline.rows, strict=True):
+        assert a["detections"] == b["detections"] > 0
+        boxes_a = json.loads((out / a["results"]).read_text())
+        boxes_b = json.loads((out / b["results"]).read_text())
+        assert [(e["category_id"], e["bbox"], e["score"]) for e in boxes_a] == [
+            (e["category_id"], e["bbox"], e["score"]) for e in boxes_b
+        ], a["stat"]
