@@ -258,7 +258,8 @@ def iterative_cls_loss(
             if pcb_started and alpha != 0.0 and confusion.ready:
                 a_r = step_alpha(alpha, r, n)
         if family is not None:
-            loss = family(logits, labels, confusion.matrix if a_r != 0.0 and confusion else None, a_r)
+            cm = confusion.matrix if a_r != 0.0 and confusion is not None else None
+            loss = family(logits, labels, cm, a_r)
         elif a_r != 0.0:
             assert confusion is not None
             loss = pcb_loss(logits, labels, confusion.matrix, a_r)
