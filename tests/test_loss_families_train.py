@@ -293,3 +293,24 @@ def test_dump_stats_calibrate_offline_equals_in_model(
         assert [(e["category_id"], e["bbox"], e["score"]) for e in boxes_a] == [
             (e["category_id"], e["bbox"], e["score"]) for e in boxes_b
         ], a["stat"]
+
+
+def test_normed_mask_predictor_fast_path_equals_the_full_predictor() -> None:
+    from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+
+    from pcb_train.backends.torchvision.roi_heads import class_mask_logits
+
+    torch.manual_seed(0)
+    pred = MaskRCNNPredictor(8, 8, K + 1)
+    pred.mask_fcn_logits = NormedConv2d(8, K + 1, 1)
+    feats = torch.randn(5, 8, 4, 4)
+    classes = torch.tensor([1, 3, 3, 12, 7])
+    full = pred(feats)[torch.arange(5), classes]
+    torch.testing.assert_close(class_mask_logits(pred, feats, classes), full, rtol=1e-5, atol=1e-5)
+    # hand value of the cosine 1x1 conv: pixel [3, 4] (norm 5), filter [0, 2] (norm 2): 20 * 0.8 + bias
+    conv = NormedConv2d(2, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.0, 2.0]).view(1, 2, 1, 1))
+        conv.bias.fill_(0.5)
+    out = conv(torch.tensor([3.0, 4.0]).view(1, 2, 1, 1))
+    torch.testing.assert_close(out.flatten(), torch.tensor([20 * 0.8 + 0.5]), rtol=1e-5, atol=1e-5)
