@@ -188,7 +188,7 @@ def eqlv2_targets(cm: Tensor, labels: Tensor, alpha_r: float) -> Tensor:
         return out
     pos = (labels < k).nonzero().squeeze(1)
     y = labels.index_select(0, pos)
-    soft = cm.detach().to(dtype).t().index_select(0, y)  # [P, K], row p = column y_p of M
+    soft = cm.detach().t().index_select(0, y).to(dtype)  # [P, K], row p = column y_p of M
     out[pos, :k] = a * soft + (1.0 - a) * out[pos, :k]
     return out
 

@@ -147,14 +147,13 @@ class EQLv2Loss(nn.Module):
         valid, _, n = _split(labels, k)
         z = (logits.float() if logits.dtype != torch.float64 else logits)[valid]
         lab = labels[valid]
-        hard = F.one_hot(lab, k + 1).to(z.dtype)
         a = float(alpha_r)
         if a != 0.0:
             if cm is None:
                 raise ApiMisuseError("EQLv2Loss: alpha_r > 0 needs the confusion matrix")
             target = eqlv2_targets(cm, lab, a).to(z.dtype)
         else:
-            target = hard
+            target = F.one_hot(lab, k + 1).to(z.dtype)
         pos_w, neg_w = self.stats.weights(z.device, z.dtype)
         weight = pos_w * target + neg_w * (1.0 - target)
         loss = (F.binary_cross_entropy_with_logits(z, target, reduction="none") * weight).sum() / n
