@@ -65,7 +65,7 @@ class GroundTruth:
             for g, segm in enumerate(self.ann_segm):
                 h = int(self.heights[self.ann_img[g]])
                 w = int(self.widths[self.ann_img[g]])
-                problem = "is missing (segm evaluation needs it)" if segm is None else segm_problem(segm, h, w)
+                problem = "is missing (segm needs it)" if segm is None else segm_problem(segm, h, w)
                 if problem is not None:
                     pos = int(self.ann_pos[g]) if self.ann_pos is not None else g
                     where = f"annotations[{pos}] (id {int(self.ann_id[g])})"
