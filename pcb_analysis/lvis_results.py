@@ -28,7 +28,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from pcb_analysis.atomic import atomic_path
+from pcb_analysis.atomic import atomic_path, os_errors_named
 from pcb_analysis.errors import ApiMisuseError, input_error
 from pcb_analysis.lvis_checks import box_column, check_results_segms, int_column, number_column
 from pcb_analysis.lvis_gt import GroundTruth
@@ -162,18 +162,20 @@ class ResultsFile:
 
     def add(self, entries: Sequence[dict[str, Any]]) -> None:
         assert self._f is not None, "ResultsFile: add() after finish()"
-        for e in entries:
-            self._f.write(("," if self.count else "") + self._dumps(e))
-            self.count += 1
+        with os_errors_named(self.target):
+            for e in entries:
+                self._f.write(("," if self.count else "") + self._dumps(e))
+                self.count += 1
 
     def finish(self) -> None:
         """Close the list and sync the file: `tmp` is then a complete results file."""
         if self._f is None:
             return
-        self._f.write("]\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with os_errors_named(self.target):
+            self._f.write("]\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
         self._f = None
 
 
