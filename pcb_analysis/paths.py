@@ -25,12 +25,12 @@ def check_output_path(path: str | Path, option: str, *, folder: bool = False) ->
             raise input_error(p, f"{option}: exists and is not a folder")
         if not folder and p.is_dir():
             raise input_error(p, f"{option}: is a folder, not a file")
-    ancestor = p.parent if not p.exists() else p
+    ancestor = p.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise input_error(p, f"{option}: {ancestor} is a file, not a folder")
-    target = ancestor if not p.exists() or folder else p
+    target = p if folder and p.exists() else ancestor  # atomic writers create a temporary beside p
     if not os.access(target, os.W_OK):
         raise input_error(p, f"{option}: {target} is not writable (permission denied)")
     return p

@@ -208,3 +208,191 @@ def test_reference_path_checks_ground_truth_segmentations(case: Any, tmp_path: P
     code, _, err = run_pcbkit(["evaluate", "--gt", str(gt_path), "--results", str(res), "--iou-type", "segm",
                                "--reference"])
     assert code == 2 and "polygon 0 has 4 coordinates" in one_line(err)
+
+
+# ---------------------------------------------------------------- the CLI edge (items 12, tracebacks)
+def _eval_args(tmp_path: Path, case: Any) -> list[str]:
+    gt = write(tmp_path / "gt.json", case.gt)
+    res = write(tmp_path / "res.json", case.results)
+    return ["evaluate", "--gt", str(gt), "--results", str(res), "--iou-type", "bbox", "--workers", "1"]
+
+
+EDGE_ERRORS = {
+    "enospc-no-file": (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
+    "enospc-file": (OSError(errno.ENOSPC, "No space left on device", "/d/shard.bin"),
+                    "/d/shard.bin: no space left on device"),
+    "permission": (PermissionError(errno.EACCES, "Permission denied", "/d/x.json"), "/d/x.json: Permission denied"),
+    "read-only": (OSError(errno.EROFS, "Read-only file system", "/d/x.json"), "/d/x.json: Read-only file system"),
+    "torch-writer": (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                     "could not be written completely; is the disk full?"),
+    "memory": (MemoryError(), "out of memory"),
+}
+
+
+def _raise(exc: BaseException) -> Any:
+    def raiser(*args: Any, **kwargs: Any) -> Any:
+        raise exc
+
+    return raiser
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_ERRORS))
+def test_environment_errors_are_one_line(case: Any, tmp_path: Path, run_pcbkit: Any,
+                                         monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    exc, message = EDGE_ERRORS[name]
+    monkeypatch.delenv("PCBKIT_DEBUG", raising=False)
+    monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth", _raise(exc))
+    code, _, err = run_pcbkit(_eval_args(tmp_path, case))
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"pcbkit: error: {message}" if name != "torch-writer" else "pcbkit: error: ")
+    assert message in line
+
+
+@pytest.mark.parametrize("how", ["env", "flag"])
+def test_debug_shows_the_traceback(case: Any, tmp_path: Path, run_pcbkit: Any, monkeypatch: pytest.MonkeyPatch,
+                                   how: str) -> None:
+    monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth",
+                        _raise(PcbkitError("gt.json: something is wrong")))
+    args = _eval_args(tmp_path, case)
+    if how == "env":
+        monkeypatch.setenv("PCBKIT_DEBUG", "1")
+    else:
+        monkeypatch.delenv("PCBKIT_DEBUG", raising=False)
+        args = ["--debug", *args]
+    code, _, err = run_pcbkit(args)
+    assert code == 2
+    assert "Traceback (most recent call last)" in err and "raiser" in err
+    assert err.strip().splitlines()[-1] == "pcbkit: error: gt.json: something is wrong"
+    # the flag does not stick to the next call in the same process
+    monkeypatch.delenv("PCBKIT_DEBUG", raising=False)
+    code, _, err = run_pcbkit(_eval_args(tmp_path, case))
+    assert code == 2 and one_line(err)
+
+
+def test_a_bug_keeps_its_traceback(case: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pcbkit.cli import main
+
+    monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth", _raise(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):
+        main(_eval_args(tmp_path, case))
+
+
+# ---------------------------------------------------------------- full disk at the writers (item 12)
+def _no_space(*args: Any, **kwargs: Any) -> Any:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_full_disk_in_evaluate_out(case: Any, tmp_path: Path, run_pcbkit: Any,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "outdir" / "metrics.json"
+    out.parent.mkdir()
+    monkeypatch.setattr(atomic.os, "fsync", _no_space)
+    code, stdout, err = run_pcbkit([*_eval_args(tmp_path, case), "--out", str(out)])
+    assert code == 2 and one_line(err) == f"pcbkit: error: {out}: no space left on device"
+    assert list(out.parent.iterdir()) == []  # no output, no temporary left behind
+
+
+def test_full_disk_keeps_the_previous_statistics(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.npz"
+    ClassStats.zeros(3).save(path)
+    before = path.read_bytes()
+    monkeypatch.setattr(np, "savez_compressed", _no_space)
+    with pytest.raises(PcbkitError, match=f"^{path}: no space left on device$"):
+        ClassStats.zeros(3).save(path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]
+
+
+def test_full_disk_while_saving_a_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "last_checkpoint.pth"
+    save_checkpoint(path, {"model": {"w": torch.zeros(3)}})
+    before = path.read_bytes()
+    monkeypatch.setattr(torch, "save", _no_space)
+    with pytest.raises(PcbkitError, match=f"^{path}: no space left on device$"):
+        save_checkpoint(path, {"model": {"w": torch.ones(3)}})
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_torch_reports_a_full_disk_as_oserror_through_a_file_object() -> None:
+    """The premise of save_checkpoint: with a file object torch raises ENOSPC itself (with a path, only
+    inline_container.cc's 'unexpected pos')."""
+    with pytest.raises(OSError) as info, open("/dev/full", "wb") as f:
+        torch.save({"w": torch.zeros(1000)}, f)
+    assert info.value.errno == errno.ENOSPC
+
+
+def test_read_only_target_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(atomic.os, "replace", _raise(OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(PcbkitError, match=r"x.json: cannot write \(Read-only file system\)$"):
+        atomic.write_json_atomic(tmp_path / "x.json", {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- output paths (15) and names (8)
+def test_check_output_path(tmp_path: Path) -> None:
+    blocker = tmp_path / "file.json"
+    blocker.write_text("{}")
+    (tmp_path / "dir").mkdir()
+    assert check_output_path(tmp_path / "new" / "deeper" / "m.json", "--out") == tmp_path / "new/deeper/m.json"
+    assert check_output_path(blocker, "--out") == blocker  # an existing file is replaced atomically
+    for path, folder, message in ((blocker / "m.json", False, "file.json is a file, not a folder"),
+                                  (blocker / "a" / "b.json", False, "file.json is a file, not a folder"),
+                                  (tmp_path / "dir", False, "is a folder, not a file"),
+                                  (blocker, True, "exists and is not a folder")):
+        with pytest.raises(PcbkitError, match=message):
+            check_output_path(path, "--out", folder=folder)
+
+
+def _stats_file(tmp_path: Path) -> Path:
+    return ClassStats.zeros(3).save(tmp_path / "s.npz")
+
+
+@pytest.mark.parametrize("command", ["evaluate", "stats", "plot-confusion", "calibrate"])
+def test_out_under_a_regular_file_fails_before_the_work(case: Any, tmp_path: Path, run_pcbkit: Any,
+                                                        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a folder")
+    out = blocker / "out.json"
+    # the work would fail loudly (the evaluator, the dump reader, the statistics reader, the run)
+    monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_analysis.plots.from_stats.load_matrices", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_train.calibrate.run_calibration", _raise(AssertionError("work started")))
+    args = {
+        "evaluate": [*_eval_args(tmp_path, case), "--out", str(out)],
+        "stats": ["stats", "--dump", str(tmp_path / "no-dump"), "--out", str(out)],
+        "plot-confusion": ["plot-confusion", "--stats", str(_stats_file(tmp_path)), "--out", str(out)],
+        "calibrate": ["calibrate", "--stats", str(_stats_file(tmp_path)), "--gt", str(tmp_path / "gt.json"),
+                      "--out", str(blocker / "cal")],
+    }[command]
+    code, _, err = run_pcbkit(args)
+    assert code == 2 and "blocker is a file, not a folder" in one_line(err)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", ".", "", "a\\b", "x\0y"])
+def test_names_that_become_file_names_refuse_paths(name: str) -> None:
+    with pytest.raises(PcbkitError, match="not usable in a file name"):
+        check_name(name, "--split")
+
+
+@pytest.mark.parametrize("name", ["val", "val..v2", "train-2017"])
+def test_ordinary_names_pass(name: str) -> None:
+    assert check_name(name, "--split") == name
+
+
+def test_calibrate_split_cannot_escape_out(tmp_path: Path, run_pcbkit: Any) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    code, _, err = run_pcbkit(["calibrate", "--stats", str(_stats_file(tmp_path)), "--gt", str(tmp_path / "g.json"),
+                               "--split", "../escaped", "--out", str(work / "cal" / "slash")])
+    assert code == 2 and "--split '../escaped': not usable in a file name" in one_line(err)
+    assert list(work.iterdir()) == [] and not (tmp_path / "escaped").exists()
+
+
+def test_open_row_results_refuses_a_dump_split_with_a_separator(tmp_path: Path) -> None:
+    """The split may come from a dump's manifest: refused where it becomes a file name too."""
+    from pcb_train.calibrate.results import open_row_results
+
+    with pytest.raises(PcbkitError, match="split name '../x'"), \
+            open_row_results(tmp_path / "cal", "../x", [], fixed_ap=False):
+        pass
+    assert not (tmp_path / "cal").exists()
