@@ -191,7 +191,8 @@ def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise PcbkitError(f"{path}: not valid YAML{at}") from None
     except UnicodeDecodeError as err:
-        raise PcbkitError(f"{path}: not a UTF-8 text file (byte {err.start}): not a config") from None
+        bad = err.object[err.start]
+        raise PcbkitError(f"{path}: not a UTF-8 text file (byte {err.start} is 0x{bad:02x})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

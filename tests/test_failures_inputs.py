@@ -16,7 +16,6 @@ import copy
 import errno
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +88,7 @@ RESULT_CASES = {
     "segm-counts-beyond-image": ("segmentation", lambda h, w, d: rle_beyond_image(h, w),
                                  "run beyond its"),
     "segm-rle-wrong-size": ("segmentation", lambda h, w, d: {**d["segmentation"], "size": [h + 1, w]},
-                            f"RLE of size [{{h1}}, {{w}}], but the image is"),
+                            "RLE of size [{h1}, {w}], but the image is"),
     "segm-odd-polygon": ("segmentation", [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]],
                          "polygon 0 has 7 coordinates"),
     "segm-four-coordinate-polygon": ("segmentation", [[1.0, 2.0, 3.0, 4.0]], "polygon 0 has 4 coordinates"),
@@ -179,7 +178,8 @@ GT_CASES = {
 
 
 @pytest.mark.parametrize("name", sorted(GT_CASES))
-def test_malformed_ground_truth_refused_with_field(case: Any, tmp_path: Path, run_pcbkit: Any, name: str) -> None:
+def test_malformed_ground_truth_refused_with_field(case: Any, tmp_path: Path, run_pcbkit: Any,
+                                                  name: str) -> None:
     edit, iou, message = GT_CASES[name]
     gt = copy.deepcopy(case.gt)
     edit(gt)
@@ -221,8 +221,10 @@ EDGE_ERRORS = {
     "enospc-no-file": (OSError(errno.ENOSPC, "No space left on device"), "no space left on device"),
     "enospc-file": (OSError(errno.ENOSPC, "No space left on device", "/d/shard.bin"),
                     "/d/shard.bin: no space left on device"),
-    "permission": (PermissionError(errno.EACCES, "Permission denied", "/d/x.json"), "/d/x.json: Permission denied"),
-    "read-only": (OSError(errno.EROFS, "Read-only file system", "/d/x.json"), "/d/x.json: Read-only file system"),
+    "permission": (PermissionError(errno.EACCES, "Permission denied", "/d/x.json"),
+                   "/d/x.json: Permission denied"),
+    "read-only": (OSError(errno.EROFS, "Read-only file system", "/d/x.json"),
+                  "/d/x.json: Read-only file system"),
     "torch-writer": (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
                      "could not be written completely; is the disk full?"),
     "memory": (MemoryError(), "out of memory"),
@@ -244,13 +246,13 @@ def test_environment_errors_are_one_line(case: Any, tmp_path: Path, run_pcbkit: 
     monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth", _raise(exc))
     code, _, err = run_pcbkit(_eval_args(tmp_path, case))
     line = one_line(err)
-    assert code == 2 and line.startswith(f"pcbkit: error: {message}" if name != "torch-writer" else "pcbkit: error: ")
-    assert message in line
+    assert code == 2 and message in line
+    assert line.startswith("pcbkit: error: " + ("" if name == "torch-writer" else message))
 
 
 @pytest.mark.parametrize("how", ["env", "flag"])
-def test_debug_shows_the_traceback(case: Any, tmp_path: Path, run_pcbkit: Any, monkeypatch: pytest.MonkeyPatch,
-                                   how: str) -> None:
+def test_debug_shows_the_traceback(case: Any, tmp_path: Path, run_pcbkit: Any,
+                                   monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth",
                         _raise(PcbkitError("gt.json: something is wrong")))
     args = _eval_args(tmp_path, case)
@@ -333,7 +335,8 @@ def test_check_output_path(tmp_path: Path) -> None:
     blocker = tmp_path / "file.json"
     blocker.write_text("{}")
     (tmp_path / "dir").mkdir()
-    assert check_output_path(tmp_path / "new" / "deeper" / "m.json", "--out") == tmp_path / "new/deeper/m.json"
+    deep = tmp_path / "new" / "deeper" / "m.json"
+    assert check_output_path(deep, "--out") == deep
     assert check_output_path(blocker, "--out") == blocker  # an existing file is replaced atomically
     for path, folder, message in ((blocker / "m.json", False, "file.json is a file, not a folder"),
                                   (blocker / "a" / "b.json", False, "file.json is a file, not a folder"),
@@ -348,8 +351,9 @@ def _stats_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("command", ["evaluate", "stats", "plot-confusion", "calibrate"])
-def test_out_under_a_regular_file_fails_before_the_work(case: Any, tmp_path: Path, run_pcbkit: Any,
-                                                        monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+def test_out_under_a_regular_file_fails_before_the_work(
+    case: Any, tmp_path: Path, run_pcbkit: Any, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
     blocker = tmp_path / "blocker"
     blocker.write_text("not a folder")
     out = blocker / "out.json"
@@ -382,8 +386,9 @@ def test_ordinary_names_pass(name: str) -> None:
 def test_calibrate_split_cannot_escape_out(tmp_path: Path, run_pcbkit: Any) -> None:
     work = tmp_path / "work"
     work.mkdir()
-    code, _, err = run_pcbkit(["calibrate", "--stats", str(_stats_file(tmp_path)), "--gt", str(tmp_path / "g.json"),
-                               "--split", "../escaped", "--out", str(work / "cal" / "slash")])
+    code, _, err = run_pcbkit(["calibrate", "--stats", str(_stats_file(tmp_path)), "--gt",
+                               str(tmp_path / "g.json"), "--split", "../escaped",
+                               "--out", str(work / "cal" / "slash")])
     assert code == 2 and "--split '../escaped': not usable in a file name" in one_line(err)
     assert list(work.iterdir()) == [] and not (tmp_path / "escaped").exists()
 
@@ -396,3 +401,116 @@ def test_open_row_results_refuses_a_dump_split_with_a_separator(tmp_path: Path) 
             open_row_results(tmp_path / "cal", "../x", [], fixed_ap=False):
         pass
     assert not (tmp_path / "cal").exists()
+
+
+# ---------------------------------------------------------------- statistics files (16, 22, 20)
+def _rewrite_meta(path: Path, edit: Any) -> Path:
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    edit(meta)
+    arrays["meta"] = np.array(json.dumps(meta))
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("num_classes", "abc"), ("num_classes", 3.5), ("num_classes", None), ("counts.rows", "12"),
+    ("counts.background", -1), ("counts.rows", True),
+])
+def test_statistics_meta_counts_are_integer_fields(tmp_path: Path, field: str, value: Any) -> None:
+    def edit(meta: dict[str, Any]) -> None:
+        node = meta
+        *parents, last = field.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+
+    path = _rewrite_meta(_stats_file(tmp_path), edit)
+    missing = value is None
+    with pytest.raises(PcbkitError, match=rf"s.npz: field 'meta.{field}' is {'missing' if missing else ''}"):
+        ClassStats.load(path)
+
+
+@pytest.mark.parametrize("content", [bytes(range(256)) * 8, b'{"S": [1, 2]}\n',
+                                     b"\x80\x04K\x01."], ids=["random", "json", "pickle"])
+def test_not_a_statistics_file(tmp_path: Path, run_pcbkit: Any, content: bytes) -> None:
+    path = tmp_path / "stats.npz"
+    path.write_bytes(content)
+    with pytest.raises(PcbkitError, match="stats.npz: is not a pcbkit statistics file") as info:
+        ClassStats.load(path)
+    assert "pickle" not in str(info.value)
+    code, _, err = run_pcbkit(["plot-confusion", "--stats", str(path)])
+    assert code == 2 and "is not a pcbkit statistics file" in one_line(err)
+
+
+def test_truncated_statistics_file(tmp_path: Path) -> None:
+    path = _stats_file(tmp_path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(PcbkitError, match="is not a pcbkit statistics file"):
+        ClassStats.load(path)
+
+
+def test_plot_confusion_without_positives_says_so(tmp_path: Path, run_pcbkit: Any) -> None:
+    path = _stats_file(tmp_path)  # zeros: no class has a positive
+    code, _, err = run_pcbkit(["plot-confusion", "--stats", str(path), "--out", str(tmp_path / "f.png")])
+    line = one_line(err.replace(_warnings(err), ""))
+    assert code == 2 and "no positives" in line and "class list" not in line
+    assert not (tmp_path / "f.png").exists()
+
+
+def _warnings(err: str) -> str:
+    return "".join(line + "\n" for line in err.splitlines() if line.startswith("WARNING"))
+
+
+def test_most_confused_block_of_a_symmetric_matrix_has_distinct_classes() -> None:
+    """D = |M - M^T| = 0 everywhere (identity, or any symmetric M): the block still holds k classes."""
+    from tests.test_plots import make_space
+
+    space = make_space(6)
+    for m in (np.eye(6), np.full((6, 6), 1 / 6)):
+        block = select_block(m, space, 4, "most-confused")
+        assert len(block) == 4 and len(set(block)) == 4
+
+
+# ---------------------------------------------------------------- config (17), checkpoint (21), --tau (25)
+def test_config_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"solver:\n  lr: 0.02\n# \xff\xfe latin-1 comment \xe9\n")
+    with pytest.raises(PcbkitError, match=r"cfg.yaml: not a UTF-8 text file \(byte 21 is 0xff\)$"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "json", "empty"])
+def test_not_a_complete_checkpoint(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "model.pth"
+    if kind == "truncated":
+        save_checkpoint(path, {"model": {"w": torch.zeros(1000)}})
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    else:
+        path.write_bytes({"random": bytes(range(256)) * 4, "json": b'{"model": {}}', "empty": b""}[kind])
+    with pytest.raises(PcbkitError) as info:
+        read_checkpoint(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}: {NOT_A_CHECKPOINT}")
+    assert ("that is complete" in text) == (kind == "truncated")
+    assert "weights_only" not in text and "unpickl" not in text.lower()
+
+
+def test_a_complete_checkpoint_still_reads(tmp_path: Path) -> None:
+    path = tmp_path / "model.pth"
+    save_checkpoint(path, {"model": {"w": torch.arange(3.0)}})
+    assert torch.equal(read_checkpoint(path)["model"]["w"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("text", [",,", "", " , "])
+def test_empty_tau_grid_is_refused(text: str, tmp_path: Path, run_pcbkit: Any) -> None:
+    """Item 25: already refused on main (sweeps.parse_values); kept as a test of the CLI."""
+    with pytest.raises(PcbkitError, match="--tau"):
+        parse_grid(text, "--tau")
+    code, _, err = run_pcbkit(["calibrate", "--stats", str(_stats_file(tmp_path)), "--gt",
+                               str(tmp_path / "g.json"), "--out", str(tmp_path / "cal"), "--tau", text])
+    assert code == 2 and "--tau" in one_line(err)
