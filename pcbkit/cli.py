@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         err.show()
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except KeyboardInterrupt as err:  # a subclass may carry its own one line and exit status
+        _fail(str(err) or "interrupted", int(getattr(err, "exit_code", 130)))
     except OSError as err:
         _fail(f"error: {os_error_line(err)}", 2)
     except MemoryError:
