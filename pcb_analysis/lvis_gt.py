@@ -153,7 +153,7 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
                 raise input_error(source, f"field 'images[{pos}].{name}' is not a list")
             if not set(map(type, lst)) <= {int}:
                 bad_id = next(c for c in lst if type(c) is not int)
-                raise input_error(source, f"images[{pos}].{name} holds {bad_id!r}: ids must be integers")
+                raise input_error(source, f"images[{pos}].{name} holds {bad_id!r}, not an integer id")
             flat.extend(lst)
             img_idx.extend([pos] * len(lst))
         if not flat:

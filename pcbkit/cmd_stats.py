@@ -8,7 +8,7 @@ import time
 
 import click
 
-from pcb_analysis.paths import check_name, check_output_path
+from pcb_analysis.paths import check_output_path
 
 
 @click.command("stats")
@@ -88,8 +88,6 @@ def stats_cmd(
     from pcb_analysis.regime import diagnose, stats_from_dump
 
     check_output_path(out, "--out")  # before the dump is read, not after
-    if split_name is not None:
-        check_name(split_name, "--split-name")
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()

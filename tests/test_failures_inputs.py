@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pycocotools.mask as mask_utils
 import pytest
 import torch
 
@@ -61,19 +60,12 @@ def image_size(gt: dict[str, Any], image_id: int) -> tuple[int, int]:
     return img["height"], img["width"]
 
 
-def rle_beyond_image(h: int, w: int) -> dict[str, Any]:
-    """Counts in pycocotools' alphabet whose runs end beyond an h x w image (those of a 2h x w mask
-    of ones, labelled [h, w])."""
-    ones = np.asfortranarray(np.ones((2 * h, w), dtype=np.uint8))
-    return {"size": [h, w], "counts": mask_utils.encode(ones)["counts"].decode("ascii")}
-
-
 # ---------------------------------------------------------------- results (items 3, 10, 19)
 RESULT_CASES = {
     # id: (field, value or builder(h, w, det) -> value, expected message part)
     "category-id-fraction": ("category_id", lambda h, w, d: d["category_id"] + 0.5, "category_id is"),
     "image-id-fraction": ("image_id", lambda h, w, d: d["image_id"] + 0.5, "image_id is"),
-    "category-id-string": ("category_id", "abc", "category_id is 'abc': ids must be integers"),
+    "category-id-string": ("category_id", "abc", "category_id is 'abc', not an integer"),
     "score-string": ("score", "0.5", "score is '0.5', not a number"),
     "score-bool": ("score", True, "score is True, not a number"),
     "bbox-three-numbers": ("bbox", [1.0, 2.0, 3.0], "bbox is [1.0, 2.0, 3.0]: expected four numbers"),
@@ -85,8 +77,15 @@ RESULT_CASES = {
                             "not a valid RLE string"),
     "segm-counts-number": ("segmentation", lambda h, w, d: {"size": [h, w], "counts": 12345},
                            "has counts 12345"),
-    "segm-counts-beyond-image": ("segmentation", lambda h, w, d: rle_beyond_image(h, w),
-                                 "run beyond its"),
+    "segm-counts-unterminated": ("segmentation", lambda h, w, d: {"size": [h, w], "counts": "0ab"},
+                                 "not a valid RLE string"),
+    "segm-counts-non-ascii": ("segmentation", lambda h, w, d: {"size": [h, w], "counts": "0é1"},
+                              "non-ASCII"),
+    "segm-counts-empty": ("segmentation", lambda h, w, d: {"size": [h, w], "counts": ""}, "empty counts"),
+    "segm-uncompressed-rle-wrong-total": ("segmentation", lambda h, w, d: {"size": [h, w], "counts": [0, 5]},
+                                          "summing to 5, not height x width"),
+    "segm-rle-size-missing": ("segmentation", lambda h, w, d: {"counts": d["segmentation"]["counts"]},
+                              "RLE without 'size'"),
     "segm-rle-wrong-size": ("segmentation", lambda h, w, d: {**d["segmentation"], "size": [h + 1, w]},
                             "RLE of size [{h1}, {w}], but the image is"),
     "segm-odd-polygon": ("segmentation", [[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]],
@@ -157,7 +156,7 @@ GT_CASES = {
     "duplicate-annotation-id": (lambda gt: _ann(gt).update(id=gt["annotations"][0]["id"]), "bbox",
                                 "duplicate annotation id"),
     "annotation-category-fraction": (lambda gt: _ann(gt).update(category_id=1.5), "bbox",
-                                     f"annotations[{BAD}].category_id is 1.5: ids must be integers"),
+                                     f"annotations[{BAD}].category_id is 1.5, not an integer"),
     "bbox-nan": (lambda gt: _ann(gt)["bbox"].__setitem__(1, math.nan), "bbox",
                  f"annotations[{BAD}].bbox has a non-finite value"),
     "bbox-inf": (lambda gt: _ann(gt)["bbox"].__setitem__(2, math.inf), "bbox",
@@ -165,9 +164,13 @@ GT_CASES = {
     "bbox-three-numbers": (lambda gt: _ann(gt).update(bbox=[1.0, 2.0, 3.0]), "bbox",
                            f"annotations[{BAD}].bbox is [1.0, 2.0, 3.0]: expected four numbers"),
     "image-id-string": (lambda gt: gt["images"][0].update(id="abc"), "bbox",
-                        "images[0].id is 'abc': ids must be integers"),
+                        "images[0].id is 'abc', not an integer"),
     "category-id-string": (lambda gt: gt["categories"][0].update(id="abc"), "bbox",
-                           "categories[0].id is 'abc': ids must be integers"),
+                           "categories[0].id is 'abc', not an integer"),
+    "image-height-string": (lambda gt: gt["images"][1].update(height="48"), "bbox",
+                            "images[1].height is '48', not an integer"),
+    "neg-category-id-fraction": (lambda gt: gt["images"][1].update(neg_category_ids=[2.5]), "bbox",
+                                 "images[1].neg_category_ids holds 2.5, not an integer id"),
     "four-coordinate-polygon": (lambda gt: _ann(gt).update(segmentation=[[1.0, 2.0, 30.0, 40.0]]), "segm",
                                 "field 'segmentation' polygon 0 has 4 coordinates"),
     "polygon-nan": (lambda gt: _ann(gt)["segmentation"][0].__setitem__(0, math.nan), "segm",
