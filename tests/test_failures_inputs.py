@@ -517,3 +517,14 @@ def test_empty_tau_grid_is_refused(text: str, tmp_path: Path, run_pcbkit: Any) -
     code, _, err = run_pcbkit(["calibrate", "--stats", str(_stats_file(tmp_path)), "--gt",
                                str(tmp_path / "g.json"), "--out", str(tmp_path / "cal"), "--tau", text])
     assert code == 2 and "--tau" in one_line(err)
+
+
+def test_full_disk_while_saving_a_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib.figure
+
+    from pcb_analysis.plots.heatmap import save_figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", _no_space)
+    with pytest.raises(PcbkitError, match=r"f\.png: no space left on device$"):
+        save_figure(matplotlib.figure.Figure(), tmp_path / "f.png", dpi=50)
+    assert list(tmp_path.iterdir()) == []
