@@ -528,3 +528,20 @@ def test_full_disk_while_saving_a_figure(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(PcbkitError, match=r"f\.png: no space left on device$"):
         save_figure(matplotlib.figure.Figure(), tmp_path / "f.png", dpi=50)
     assert list(tmp_path.iterdir()) == []
+
+
+class _StoppedBySignal(KeyboardInterrupt):
+    exit_code = 143
+
+
+@pytest.mark.parametrize(("exc", "code", "line"), [
+    (KeyboardInterrupt(), 130, "pcbkit: interrupted"),
+    (_StoppedBySignal("stopped by SIGTERM; resume with --resume"), 143,
+     "pcbkit: stopped by SIGTERM; resume with --resume"),
+])
+def test_interrupts_are_one_line(case: Any, tmp_path: Path, run_pcbkit: Any, monkeypatch: pytest.MonkeyPatch,
+                                 exc: BaseException, code: int, line: str) -> None:
+    monkeypatch.delenv("PCBKIT_DEBUG", raising=False)
+    monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth", _raise(exc))
+    got, _, err = run_pcbkit(_eval_args(tmp_path, case))
+    assert got == code and err.strip().splitlines() == [line]
