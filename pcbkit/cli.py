@@ -95,7 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="pcbkit", standalone_mode=False)
     except PcbkitError as err:
         _fail(f"error: {err}", 2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as err:  # click turns a KeyboardInterrupt into Abort: unwrap it
+        cause = err.__cause__
+        if isinstance(cause, KeyboardInterrupt):
+            _fail(str(cause) or "interrupted", int(getattr(cause, "exit_code", 130)))
         _fail("aborted", 130)
     except click.ClickException as err:
         if debug_enabled():
