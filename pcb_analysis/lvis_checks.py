@@ -46,6 +46,11 @@ def column(rows: Sequence[Any], name: str, source: str | Path, section: str) -> 
         raise
 
 
+def is_integral(v: Any) -> bool:
+    """A JSON integer, or a float with an integral value (38.0); never a bool, string or null."""
+    return type(v) is int or (type(v) is float and math.isfinite(v) and v.is_integer())
+
+
 def int_column(rows: Sequence[Any], name: str, source: str | Path, section: str) -> np.ndarray:
     """`column` as int64; every value an integer (see the module docstring)."""
     values = column(rows, name, source, section)
@@ -55,8 +60,7 @@ def int_column(rows: Sequence[Any], name: str, source: str | Path, section: str)
         except OverflowError:
             pass  # the loop below names the value out of range
     for i, v in enumerate(values):
-        integral = type(v) is int or (type(v) is float and math.isfinite(v) and v.is_integer())
-        if not integral:
+        if not is_integral(v):
             raise input_error(source, f"{section}[{i}].{name} is {v!r}, not an integer")
         if abs(int(v)) > _INT64_MAX:
             raise input_error(source, f"{section}[{i}].{name} is {v!r}: out of the 64-bit integer range")

@@ -19,7 +19,15 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from pcb_analysis.errors import input_error
-from pcb_analysis.lvis_checks import box_column, column, int_column, number_column, segm_problem, unique_ids
+from pcb_analysis.lvis_checks import (
+    box_column,
+    column,
+    int_column,
+    is_integral,
+    number_column,
+    segm_problem,
+    unique_ids,
+)
 from pcb_analysis.lvis_json import check_lvis_sections, read_lvis_json
 
 FREQ_LABELS = ("r", "c", "f")
@@ -151,8 +159,8 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
         for pos, lst in enumerate(lists):
             if not isinstance(lst, list):
                 raise input_error(source, f"field 'images[{pos}].{name}' is not a list")
-            if not set(map(type, lst)) <= {int}:
-                bad_id = next(c for c in lst if type(c) is not int)
+            if not set(map(type, lst)) <= {int} and not all(map(is_integral, lst)):
+                bad_id = next(c for c in lst if not is_integral(c))
                 raise input_error(source, f"images[{pos}].{name} holds {bad_id!r}, not an integer id")
             flat.extend(lst)
             img_idx.extend([pos] * len(lst))

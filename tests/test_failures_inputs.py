@@ -545,3 +545,14 @@ def test_interrupts_are_one_line(case: Any, tmp_path: Path, run_pcbkit: Any, mon
     monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth", _raise(exc))
     got, _, err = run_pcbkit(_eval_args(tmp_path, case))
     assert got == code and err.strip().splitlines() == [line]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_full_disk_in_the_training_log(tmp_path: Path) -> None:
+    """metrics.jsonl is appended to (not atomic): a real ENOSPC (/dev/full) is named by its path."""
+    from pcb_train.run_log import RunLog
+
+    log = RunLog(tmp_path, enabled=True, purge_step=None, tensorboard=False)
+    log.path = Path("/dev/full")
+    with pytest.raises(PcbkitError, match="^/dev/full: no space left on device$"):
+        log.write({"iteration": 1, "loss": 0.5})
