@@ -4,9 +4,10 @@ I images (sorted by id), C categories (sorted by id), G annotations kept by lvis
 (0 < area < inf), ordered by (image, file order): the order lvis-api visits them. An (image,
 category) pair is the key `image_index * C + category_index`; `neg_keys` / `nel_keys` hold the
 pairs of each image's `neg_category_ids` / `not_exhaustive_category_ids`. `load_ground_truth`
-reads a file with `pcb_analysis.lvis_json.read_lvis_json` and keeps the last index in memory
-(keyed by path, size and mtime: LVIS val takes seconds to index). Masks are decoded to RLE
-lazily, once (`GroundTruth.rles`).
+reads a file with `pcb_analysis.lvis_json.read_lvis_json`, checks its fields with
+`pcb_analysis.lvis_checks` and keeps the last index in memory (keyed by path, size and mtime:
+LVIS val takes seconds to index). Masks are decoded to RLE lazily, once (`GroundTruth.rles`),
+which checks every segmentation first.
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@ Reading (docs/evaluation.md §3): D detections as arrays in file order: image in
 `GroundTruth.img_ids`, category index, score, box xywh (NaN when absent), segmentation per original
 result, and `order` (position in the file, the tie-breaker lvis-api uses). A results list is a JSON
 list of objects with `image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] and/or
-`segmentation` (RLE). `cap_per_image` (lvis-api's 300 per image) and `cap_per_category` (fixed AP's
-10,000 per class) return the indices they keep; `select` takes a subset.
+`segmentation` (RLE), every field checked by `pcb_analysis.lvis_checks` (one line naming the
+file, the detection's index and the field). `cap_per_image` (lvis-api's 300 per image) and
+`cap_per_category` (fixed AP's 10,000 per class) return the indices they keep; `select` takes a
+subset.
 
 Writing (docs/calibration.md §3): `write_results(target)` yields a `ResultsFile` streaming entries
 to a hidden temporary beside `target` (`pcb_analysis.atomic.atomic_path`); `finish()` closes and
