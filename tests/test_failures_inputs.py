@@ -353,7 +353,8 @@ def _stats_file(tmp_path: Path) -> Path:
     return ClassStats.zeros(3).save(tmp_path / "s.npz")
 
 
-@pytest.mark.parametrize("command", ["evaluate", "stats", "plot-confusion", "calibrate"])
+@pytest.mark.parametrize("command", ["evaluate", "stats", "plot-confusion", "calibrate", "dump-logits",
+                                     "synth", "study", "demo"])
 def test_out_under_a_regular_file_fails_before_the_work(
     case: Any, tmp_path: Path, run_pcbkit: Any, monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:
@@ -364,12 +365,23 @@ def test_out_under_a_regular_file_fails_before_the_work(
     monkeypatch.setattr("pcb_analysis.lvis_eval.load_ground_truth", _raise(AssertionError("work started")))
     monkeypatch.setattr("pcb_analysis.plots.from_stats.load_matrices", _raise(AssertionError("work started")))
     monkeypatch.setattr("pcb_train.calibrate.run_calibration", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_train.dump_logits.dump_logits", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_analysis.synth.generate", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_train.study.run_study", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_train.study_demo.run_demo", _raise(AssertionError("work started")))
+    missing = str(tmp_path / "missing")
     args = {
         "evaluate": [*_eval_args(tmp_path, case), "--out", str(out)],
         "stats": ["stats", "--dump", str(tmp_path / "no-dump"), "--out", str(out)],
         "plot-confusion": ["plot-confusion", "--stats", str(_stats_file(tmp_path)), "--out", str(out)],
         "calibrate": ["calibrate", "--stats", str(_stats_file(tmp_path)), "--gt", str(tmp_path / "gt.json"),
                       "--out", str(blocker / "cal")],
+        "dump-logits": ["dump-logits", "--checkpoint", missing, "--config", missing, "--gt", missing,
+                        "--images", missing, "--split", "val", "--out", str(blocker / "dump")],
+        "synth": ["synth", "--out", str(blocker / "data")],
+        "study": ["study", "--config", missing, "--checkpoint", missing, "--train-gt", missing, "--val-gt",
+                  missing, "--images", missing, "--work", str(blocker / "work")],
+        "demo": ["demo", "--work", str(blocker / "work")],
     }[command]
     code, _, err = run_pcbkit(args)
     assert code == 2 and "blocker is a file, not a folder" in one_line(err)
@@ -384,6 +396,23 @@ def test_names_that_become_file_names_refuse_paths(name: str) -> None:
 @pytest.mark.parametrize("name", ["val", "val..v2", "train-2017"])
 def test_ordinary_names_pass(name: str) -> None:
     assert check_name(name, "--split") == name
+
+
+@pytest.mark.parametrize(("command", "option"), [("dump-logits", "--split"), ("study", "--name")])
+def test_names_of_dumps_and_studies_refuse_paths(
+    tmp_path: Path, run_pcbkit: Any, monkeypatch: pytest.MonkeyPatch, command: str, option: str
+) -> None:
+    monkeypatch.setattr("pcb_train.dump_logits.dump_logits", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_train.study.run_study", _raise(AssertionError("work started")))
+    missing = str(tmp_path / "missing")
+    args = {
+        "dump-logits": ["dump-logits", "--checkpoint", missing, "--config", missing, "--gt", missing,
+                        "--images", missing, "--out", str(tmp_path / "dump"), "--split", "../up"],
+        "study": ["study", "--config", missing, "--checkpoint", missing, "--train-gt", missing, "--val-gt",
+                  missing, "--images", missing, "--work", str(tmp_path / "w"), "--name", "../up"],
+    }[command]
+    code, _, err = run_pcbkit(args)
+    assert code == 2 and f"{option} '../up': not usable in a file name" in one_line(err)
 
 
 def test_calibrate_split_cannot_escape_out(tmp_path: Path, run_pcbkit: Any) -> None:
