@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.lvis_checks import int_column, unique_ids
 from pcb_analysis.lvis_json import read_lvis_json
 
 FREQUENCIES = ("r", "c", "f")
@@ -89,9 +92,14 @@ class CategorySpace:
     def from_categories(
         cls, categories: list[dict[str, Any]], source: str | Path | None = None
     ) -> CategorySpace:
-        """Build from an LVIS `categories` list (any order; sorted by id here)."""
+        """Build from an LVIS `categories` list (any order; sorted by id here). Ids are checked by the
+        field-check layer of LVIS JSON (`pcb_analysis.lvis_checks`): integers, no repeats."""
+        if not isinstance(categories, list):
+            raise input_error(source, "field 'categories' is not a list")
+        ids = int_column(categories, "id", source or "<categories>", "categories")
+        unique_ids(ids, source or "<categories>", "categories", "category")
         try:
-            cats = sorted(categories, key=lambda c: int(c["id"]))
+            cats = [categories[int(i)] for i in np.argsort(ids, kind="stable")]
             return cls(
                 ids=tuple(int(c["id"]) for c in cats),
                 names=tuple(str(c["name"]) for c in cats),

@@ -4,14 +4,14 @@ I images (sorted by id), C categories (sorted by id), G annotations kept by lvis
 (0 < area < inf), ordered by (image, file order): the order lvis-api visits them. An (image,
 category) pair is the key `image_index * C + category_index`; `neg_keys` / `nel_keys` hold the
 pairs of each image's `neg_category_ids` / `not_exhaustive_category_ids`. `load_ground_truth`
-reads a file with `pcb_analysis.lvis_json.read_lvis_json` and keeps the last index in memory
-(keyed by path, size and mtime: LVIS val takes seconds to index). Masks are decoded to RLE
-lazily, once (`GroundTruth.rles`).
+reads a file with `pcb_analysis.lvis_json.read_lvis_json`, checks its fields with
+`pcb_analysis.lvis_checks` and keeps the last index in memory (keyed by path, size and mtime:
+LVIS val takes seconds to index). Masks are decoded to RLE lazily, once (`GroundTruth.rles`),
+which checks every segmentation first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,15 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from pcb_analysis.errors import input_error
+from pcb_analysis.lvis_checks import (
+    box_column,
+    column,
+    int_column,
+    is_integral,
+    number_column,
+    segm_problem,
+    unique_ids,
+)
 from pcb_analysis.lvis_json import check_lvis_sections, read_lvis_json
 
 FREQ_LABELS = ("r", "c", "f")
@@ -47,6 +56,7 @@ class GroundTruth:
     ann_ignore: np.ndarray  # [G] bool (the optional "ignore" field)
     ann_bbox: np.ndarray  # [G, 4] float64 xywh
     ann_segm: list[Any]  # [G] raw segmentation (polygons or RLE)
+    ann_pos: np.ndarray | None = None  # [G] int64 position in the file's 'annotations' (for messages)
     _rles: list[Any] | None = field(default=None, repr=False)
 
     @property
@@ -64,6 +74,11 @@ class GroundTruth:
             for g, segm in enumerate(self.ann_segm):
                 h = int(self.heights[self.ann_img[g]])
                 w = int(self.widths[self.ann_img[g]])
+                problem = "is missing (segm needs it)" if segm is None else segm_problem(segm, h, w)
+                if problem is not None:
+                    pos = int(self.ann_pos[g]) if self.ann_pos is not None else g
+                    where = f"annotations[{pos}] (id {int(self.ann_id[g])})"
+                    raise input_error(self.source, f"{where}: field 'segmentation' {problem}")
                 out.append(to_rle(segm, h, w))
             self._rles = out
         return self._rles
@@ -104,16 +119,6 @@ def load_ground_truth(gt: str | Path | dict[str, Any] | GroundTruth) -> GroundTr
     return index
 
 
-def _field(rows: Sequence[dict[str, Any]], name: str, source: str, section: str) -> list[Any]:
-    try:
-        return [r[name] for r in rows]
-    except KeyError:
-        bad = next(i for i, r in enumerate(rows) if name not in r)
-        raise input_error(source, f"not an LVIS file: {section}[{bad}] has no field '{name}'") from None
-    except TypeError:
-        raise input_error(source, f"not an LVIS file: '{section}' must be a list of objects") from None
-
-
 def _index_ground_truth(data: Any, source: str) -> GroundTruth:
     data = check_lvis_sections(data, source)
     images, anns, cats = data["images"], data["annotations"], data["categories"]
@@ -122,8 +127,9 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
     if not cats:
         raise input_error(source, "field 'categories': no categories")
 
-    cat_ids_raw = np.asarray(_field(cats, "id", source, "categories"), dtype=np.int64)
-    freq_raw = _field(cats, "frequency", source, "categories")
+    cat_ids_raw = int_column(cats, "id", source, "categories")
+    unique_ids(cat_ids_raw, source, "categories", "category")
+    freq_raw = column(cats, "frequency", source, "categories")
     bad = sorted({str(f) for f in freq_raw if f not in FREQ_LABELS})
     if bad:
         raise input_error(
@@ -131,19 +137,20 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
         )
     order = np.argsort(cat_ids_raw, kind="stable")
     cat_ids = cat_ids_raw[order]
-    if np.unique(cat_ids).shape[0] != cat_ids.shape[0]:
-        raise input_error(source, "field 'categories[].id': duplicate category ids")
     cat_freq = np.asarray(freq_raw)[order].astype("<U1")
 
-    img_ids_raw = np.asarray(_field(images, "id", source, "images"), dtype=np.int64)
-    heights_raw = np.asarray(_field(images, "height", source, "images"), dtype=np.int64)
-    widths_raw = np.asarray(_field(images, "width", source, "images"), dtype=np.int64)
-    neg_raw = _field(images, "neg_category_ids", source, "images")
-    nel_raw = _field(images, "not_exhaustive_category_ids", source, "images")
+    img_ids_raw = int_column(images, "id", source, "images")
+    unique_ids(img_ids_raw, source, "images", "image")
+    heights_raw = int_column(images, "height", source, "images")
+    widths_raw = int_column(images, "width", source, "images")
+    for name, values in (("height", heights_raw), ("width", widths_raw)):
+        if (values < 1).any():
+            i = int(np.argmax(values < 1))
+            raise input_error(source, f"images[{i}].{name} is {int(values[i])} (must be >= 1)")
+    neg_raw = column(images, "neg_category_ids", source, "images")
+    nel_raw = column(images, "not_exhaustive_category_ids", source, "images")
     iorder = np.argsort(img_ids_raw, kind="stable")
     img_ids = img_ids_raw[iorder]
-    if np.unique(img_ids).shape[0] != img_ids.shape[0]:
-        raise input_error(source, "field 'images[].id': duplicate image ids")
     heights, widths = heights_raw[iorder], widths_raw[iorder]
     num_cats = int(cat_ids.shape[0])
 
@@ -153,6 +160,9 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
         for pos, lst in enumerate(lists):
             if not isinstance(lst, list):
                 raise input_error(source, f"field 'images[{pos}].{name}' is not a list")
+            if not set(map(type, lst)) <= {int} and not all(map(is_integral, lst)):
+                bad_id = next(c for c in lst if not is_integral(c))
+                raise input_error(source, f"images[{pos}].{name} holds {bad_id!r}, not an integer id")
             flat.extend(lst)
             img_idx.extend([pos] * len(lst))
         if not flat:
@@ -171,11 +181,13 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
     nel_keys = keys_of(nel_raw, "not_exhaustive_category_ids")
 
     if anns:
-        a_img = np.asarray(_field(anns, "image_id", source, "annotations"), dtype=np.int64)
-        a_cat = np.asarray(_field(anns, "category_id", source, "annotations"), dtype=np.int64)
-        a_id = np.asarray(_field(anns, "id", source, "annotations"), dtype=np.int64)
-        a_area = np.asarray(_field(anns, "area", source, "annotations"), dtype=np.float64)
-        a_bbox = np.asarray(_field(anns, "bbox", source, "annotations"), dtype=np.float64).reshape(-1, 4)
+        a_img = int_column(anns, "image_id", source, "annotations")
+        a_cat = int_column(anns, "category_id", source, "annotations")
+        a_id = int_column(anns, "id", source, "annotations")
+        unique_ids(a_id, source, "annotations", "annotation")
+        a_area = number_column(anns, "area", source, "annotations")
+        a_bbox = box_column(column(anns, "bbox", source, "annotations"), np.arange(len(anns)), source,
+                            "annotations")
         a_ign = np.asarray([bool(a.get("ignore", 0)) for a in anns], dtype=bool)
         a_segm = [a.get("segmentation") for a in anns]
     else:
@@ -195,9 +207,6 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
         raise input_error(
             source, f"annotations[{bad_i}].category_id {int(a_cat[bad_i])} is not in 'categories'"
         )
-    if a_area.size and not np.all(np.isfinite(a_area)):
-        bad_i = int(np.argmax(~np.isfinite(a_area)))
-        raise input_error(source, f"annotations[{bad_i}].area is not finite")
     # lvis-api's get_ann_ids keeps 0 < area < inf only.
     keep = (a_area > 0) & (a_area < np.inf)
     # Visit order of lvis-api: images in sorted id order, annotations in file order within an image.
@@ -219,4 +228,5 @@ def _index_ground_truth(data: Any, source: str) -> GroundTruth:
         ann_ignore=a_ign[order_a],
         ann_bbox=a_bbox[order_a],
         ann_segm=[a_segm[i] for i in order_a],
+        ann_pos=order_a.astype(np.int64),
     )

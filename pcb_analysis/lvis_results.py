@@ -4,8 +4,10 @@ Reading (docs/evaluation.md §3): D detections as arrays in file order: image in
 `GroundTruth.img_ids`, category index, score, box xywh (NaN when absent), segmentation per original
 result, and `order` (position in the file, the tie-breaker lvis-api uses). A results list is a JSON
 list of objects with `image_id`, `category_id`, `score`, and `bbox` [x, y, w, h] and/or
-`segmentation` (RLE). `cap_per_image` (lvis-api's 300 per image) and `cap_per_category` (fixed AP's
-10,000 per class) return the indices they keep; `select` takes a subset.
+`segmentation` (RLE), every field checked by `pcb_analysis.lvis_checks` (one line naming the
+file, the detection's index and the field). `cap_per_image` (lvis-api's 300 per image) and
+`cap_per_category` (fixed AP's 10,000 per class) return the indices they keep; `select` takes a
+subset.
 
 Writing (docs/calibration.md §3): `write_results(target)` yields a `ResultsFile` streaming entries
 to a hidden temporary beside `target` (`pcb_analysis.atomic.atomic_path`); `finish()` closes and
@@ -28,8 +30,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from pcb_analysis.atomic import atomic_path
+from pcb_analysis.atomic import atomic_path, os_errors_named
 from pcb_analysis.errors import ApiMisuseError, input_error
+from pcb_analysis.lvis_checks import box_column, check_results_segms, int_column, number_column
 from pcb_analysis.lvis_gt import GroundTruth
 from pcb_analysis.lvis_json import read_json
 
@@ -62,24 +65,9 @@ def load_results(results: str | Path | list[dict[str, Any]], gt: GroundTruth, io
     if not results:
         raise input_error(source, "results list is empty (no detections to evaluate)")
     n = len(results)
-    try:
-        img_raw = np.fromiter((r["image_id"] for r in results), dtype=np.int64, count=n)
-        cat_raw = np.fromiter((r["category_id"] for r in results), dtype=np.int64, count=n)
-        score = np.fromiter((r["score"] for r in results), dtype=np.float64, count=n)
-    except (KeyError, TypeError, ValueError):
-        for i, r in enumerate(results):
-            if not isinstance(r, dict):
-                raise input_error(source, f"results[{i}] is not an object") from None
-            for name in ("image_id", "category_id", "score"):
-                if name not in r:
-                    raise input_error(source, f"results[{i}] has no field '{name}'") from None
-                if not isinstance(r[name], (int, float)) or isinstance(r[name], bool):
-                    raise input_error(source, f"results[{i}].{name} is not a number") from None
-        raise
-    bad = ~np.isfinite(score)
-    if bad.any():
-        i = int(np.argmax(bad))
-        raise input_error(source, f"results[{i}].score is {score[i]} (scores must be finite numbers)")
+    img_raw = int_column(results, "image_id", source, "results")
+    cat_raw = int_column(results, "category_id", source, "results")
+    score = number_column(results, "score", source, "results")
     img = np.searchsorted(gt.img_ids, img_raw)
     img_c = np.minimum(img, gt.img_ids.shape[0] - 1)
     if not np.all(gt.img_ids[img_c] == img_raw):
@@ -99,24 +87,15 @@ def load_results(results: str | Path | list[dict[str, Any]], gt: GroundTruth, io
     has_bbox = np.fromiter(("bbox" in r for r in results), dtype=bool, count=n)
     bbox = np.full((n, 4), np.nan)
     if has_bbox.any():
-        try:
-            given = [r["bbox"] for r in results if "bbox" in r]
-            bbox[has_bbox] = np.asarray(given, dtype=np.float64).reshape(-1, 4)
-        except (TypeError, ValueError):
-            raise input_error(source, "field 'bbox': every bbox must be four numbers [x, y, w, h]") from None
-        if not np.all(np.isfinite(bbox[has_bbox])):
-            i = int(np.argmax(has_bbox & ~np.all(np.isfinite(bbox), axis=1)))
-            raise input_error(source, f"results[{i}].bbox has a non-finite value")
+        with_box = np.flatnonzero(has_bbox)
+        bbox[has_bbox] = box_column([results[i]["bbox"] for i in with_box], with_box, source, "results")
     segm: list[Any] | None = None
     if iou_type == "bbox":
         if not has_bbox.all():
             i = int(np.argmax(~has_bbox))
             raise input_error(source, f"results[{i}] has no field 'bbox' (needed for bbox evaluation)")
     else:
-        segm = [r.get("segmentation") for r in results]
-        missing = [i for i, s in enumerate(segm) if s is None and not has_bbox[i]]
-        if missing:
-            raise input_error(source, f"results[{missing[0]}] has neither 'segmentation' nor 'bbox'")
+        segm = check_results_segms(results, has_bbox, img_c, gt.heights, gt.widths, source)
     return Detections(
         img=img_c.astype(np.int64),
         cat=cat.astype(np.int64),
@@ -185,18 +164,20 @@ class ResultsFile:
 
     def add(self, entries: Sequence[dict[str, Any]]) -> None:
         assert self._f is not None, "ResultsFile: add() after finish()"
-        for e in entries:
-            self._f.write(("," if self.count else "") + self._dumps(e))
-            self.count += 1
+        with os_errors_named(self.target):
+            for e in entries:
+                self._f.write(("," if self.count else "") + self._dumps(e))
+                self.count += 1
 
     def finish(self) -> None:
         """Close the list and sync the file: `tmp` is then a complete results file."""
         if self._f is None:
             return
-        self._f.write("]\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with os_errors_named(self.target):
+            self._f.write("]\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
         self._f = None
 
 

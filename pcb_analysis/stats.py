@@ -39,6 +39,7 @@ from pcb_analysis.class_sums import (
 from pcb_analysis.dumps import DEFAULT_CHUNK_ROWS as DUMP_CHUNK_ROWS
 from pcb_analysis.dumps import MANIFEST_NAME, DumpReader
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.stats_file import meta_count, read_meta, read_npz
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
@@ -380,34 +381,10 @@ class ClassStats:
     def load(cls, path: str | Path, categories: CategorySpace | None = None) -> ClassStats:
         """Read a file written by `save`, validating it; with `categories`, refuse a different space."""
         path = Path(path)
-        if not path.is_file():
-            raise input_error(path, "statistics file not found")
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                missing = [a for a in (*_ARRAYS, "meta") if a not in data.files]
-                if missing:
-                    raise input_error(path, f"not a pcbkit statistics file: missing array(s) {missing}")
-                names = ("S", "n", "H", "meta", *(a for a in _OPTIONAL_ARRAYS if a in data.files))
-                arrays = {a: np.asarray(data[a]) for a in names}
-        except PcbkitError:
-            raise
-        except Exception as err:  # zipfile.BadZipFile, OSError, ValueError, EOFError, zlib.error ...
-            raise input_error(path, f"unreadable statistics file (corrupted or truncated?): {err}") from err
-        try:
-            meta = json.loads(str(arrays["meta"]))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise input_error(path, f"field 'meta': not valid JSON ({err})") from err
-        if not isinstance(meta, dict) or meta.get("kind") != FILE_KIND:
-            got = meta.get("kind") if isinstance(meta, dict) else meta
-            raise input_error(path, f"field 'meta.kind': expected {FILE_KIND!r}, got {got!r}")
-        if meta.get("schema_version") != SCHEMA_VERSION:
-            raise input_error(
-                path,
-                f"field 'meta.schema_version': {meta.get('schema_version')!r}, "
-                f"this pcbkit reads {SCHEMA_VERSION}",
-            )
+        arrays = read_npz(path, (*_ARRAYS, "meta"), _OPTIONAL_ARRAYS)
+        meta = read_meta(arrays, path, FILE_KIND, SCHEMA_VERSION)
         S, n, H = arrays["S"], arrays["n"], arrays["H"]
-        k = int(meta.get("num_classes", -1))
+        k = meta_count(meta, "num_classes", path)
         if S.shape != (k, k) or n.shape != (k,) or H.shape != (k, k):
             raise input_error(
                 path,
@@ -448,7 +425,8 @@ class ClassStats:
                 if not np.isfinite(arr).all() or (arr < 0).any():
                     raise input_error(path, f"array {name!r} must be finite and non-negative")
                 optional[name] = torch.from_numpy(arr.copy())
-        counts = meta.get("counts") or {}
+        rows, background, ignored = (meta_count(meta, f"counts.{c}", path, 0)
+                                     for c in ("rows", "background", "ignored"))
         return cls(
             S=torch.from_numpy(S.copy()),
             n=torch.from_numpy(n.copy()),
@@ -456,9 +434,9 @@ class ClassStats:
             categories=space,
             source=str(meta.get("source") or ""),
             split=meta.get("split"),
-            rows=int(counts.get("rows", 0)),
-            background=int(counts.get("background", 0)),
-            ignored=int(counts.get("ignored", 0)),
+            rows=rows,
+            background=background,
+            ignored=ignored,
             extra=dict(meta.get("extra") or {}),
             **optional,
         )

@@ -190,6 +190,9 @@ def _read_yaml(path: Path, depth: int = 0) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise PcbkitError(f"{path}: not valid YAML{at}") from None
+    except UnicodeDecodeError as err:
+        bad = err.object[err.start]
+        raise PcbkitError(f"{path}: not a UTF-8 text file (byte {err.start} is 0x{bad:02x})") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

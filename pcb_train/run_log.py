@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pcb_analysis.atomic import write_text_atomic
+from pcb_analysis.atomic import os_errors_named, write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class RunLog:
     def write(self, record: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with os_errors_named(self.path), open(self.path, "a", encoding="utf-8") as f:  # full disk: one line
             f.write(json.dumps(record, allow_nan=False) + "\n")
         if self.writer is not None:
             step = int(record["iteration"])

@@ -8,6 +8,8 @@ from typing import Any
 
 import click
 
+from pcb_analysis.paths import check_name, check_output_path
+
 
 def _statistics_table() -> Any:
     # lazy: pcb_analysis.calibration imports torch, which `pcbkit --help` must not pay for
@@ -149,6 +151,9 @@ def calibrate_cmd(
         select_stats,
     )
 
+    check_output_path(out, "--out", folder=True)
+    if split is not None:
+        check_name(split, "--split")
     gammas = parse_grid(gamma_text, "--gamma")
     taus = parse_grid(tau_text, "--tau")
     grids = parse_grids(grid_texts)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from pcb_analysis.paths import check_output_path
+
 FOLDER = click.Path(file_okay=False)
 
 
@@ -31,6 +33,9 @@ def demo_cmd(
     # lazy: the library imports torch, which `pcbkit --help` must not pay for
     from pcb_train.study_demo import DemoConfig, run_demo
 
+    for path, option in ((data, "--data"), (work, "--work"), (report, "--report")):
+        if path is not None:
+            check_output_path(path, option, folder=True)
     suffix = "-quick" if quick else ""
     cfg = DemoConfig(
         data=Path(data or f"data/synth{suffix}"),

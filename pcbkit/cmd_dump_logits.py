@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from pcb_analysis.paths import check_name, check_output_path
+
 FILE = click.Path(dir_okay=False, path_type=Path)
 FOLDER = click.Path(file_okay=False, path_type=Path)
 
@@ -65,6 +67,8 @@ def dump_logits_cmd(
     # lazy: the library imports torch, which `pcbkit --help` must not pay for
     from pcb_train.dump_logits import BOXES_CHOICES, DumpLogitsConfig, dump_logits
 
+    check_output_path(out, "--out", folder=True)
+    check_name(split, "--split")  # calibrate names its results files after the dump's split
     cfg = DumpLogitsConfig(
         checkpoint=checkpoint,
         config=config_path,

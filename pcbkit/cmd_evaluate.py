@@ -10,6 +10,7 @@ import click
 
 from pcb_analysis.atomic import write_json_atomic
 from pcb_analysis.errors import PcbkitError
+from pcb_analysis.paths import check_output_path
 
 METRIC_ORDER = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 _LABELS = {"segm": "mask", "bbox": "box", "segm_fixed": "mask fixed", "bbox_fixed": "box fixed"}
@@ -84,16 +85,20 @@ def evaluate_cmd(
         raise PcbkitError(f"--bootstrap must be >= 1 (got {n_boot})")
     if reference and (n_boot is not None or other_path):
         raise PcbkitError("--bootstrap / --compare use pcbkit's evaluator only; drop --reference")
+    if reference and fixed_ap:
+        raise PcbkitError("--fixed-ap is computed by pcbkit's evaluator only; drop --reference")
+    if out:
+        check_output_path(out, "--out")  # before the work, not after it
     types = ("segm", "bbox") if iou_type == "both" else (iou_type,)
     t0 = time.perf_counter()
     gt = load_ground_truth(gt_path)
     report: dict[str, dict[str, float]] = {}
     for t in types:
-        if reference:
-            load_results(results_path, gt, t)  # same input checks as the fast path
+        if reference:  # lvis-api sees only input that passed pcbkit's checks
+            load_results(results_path, gt, t)
+            if t == "segm":
+                gt.rles()  # checks every ground-truth segmentation
             report[t] = reference_evaluate(gt_path, results_path, t, max_dets=max_dets)
-            if fixed_ap:
-                raise PcbkitError("--fixed-ap is computed by pcbkit's evaluator only; drop --reference")
         else:
             report[t] = evaluate(gt, results_path, t, max_dets=max_dets, workers=workers)
             if fixed_ap:

@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.paths import check_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ def plot_confusion_cmd(
         raise input_error(
             pairs_csv, f"--pairs-csv extension must be .csv, got {pairs_csv.suffix or '(none)'!r}"
         )
+    for path, option in ((out, "--out"), (pairs_csv, "--pairs-csv")):
+        if path is not None:
+            check_output_path(path, option)
     views = (
         [v for v in ALL_VIEWS if v != "difference" or compare_path is not None] if view == "all" else [view]
     )

@@ -8,6 +8,8 @@ import time
 
 import click
 
+from pcb_analysis.paths import check_output_path
+
 
 @click.command("stats")
 @click.option(
@@ -85,6 +87,7 @@ def stats_cmd(
     from pcb_analysis.folds import fold_statistics, write_fold_statistics
     from pcb_analysis.regime import diagnose, stats_from_dump
 
+    check_output_path(out, "--out")  # before the dump is read, not after
     if threads:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()

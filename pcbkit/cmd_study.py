@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from pcb_analysis.paths import check_name, check_output_path
+
 FILE = click.Path(dir_okay=False)
 FOLDER = click.Path(file_okay=False)
 
@@ -38,6 +40,10 @@ def study_cmd(
     # lazy: the library imports torch, which `pcbkit --help` must not pay for
     from pcb_train.study import StudyInputs, run_study
 
+    check_name(name, "--name")  # folders and files of the study are named after it
+    for path, option in ((work, "--work"), (report, "--report")):
+        if path is not None:
+            check_output_path(path, option, folder=True)
     inp = StudyInputs(
         train_gt=Path(train_gt), val_gt=Path(val_gt), images=Path(images),
         work=Path(work or f"runs/study/{name}"), report=Path(report or f"reports/{name}"),

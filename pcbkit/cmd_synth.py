@@ -12,6 +12,8 @@ from pathlib import Path
 
 import click
 
+from pcb_analysis.paths import check_output_path
+
 
 @click.command("synth", short_help="Generate the synthetic long-tailed LVIS dataset.")
 @click.option(
@@ -39,6 +41,7 @@ def synth_cmd(
     """Generate the synthetic long-tailed LVIS-format dataset (confusable r/c/f class families)."""
     from pcb_analysis.synth import SynthConfig, generate  # heavy: see the module docstring
 
+    check_output_path(out_dir, "--out", folder=True)
     cfg = SynthConfig(
         seed=seed, num_classes=classes, train_images=train_images, val_images=val_images, size=size,
         neg_mode=neg_mode,

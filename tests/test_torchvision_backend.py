@@ -539,7 +539,7 @@ def test_checkpoint_mismatches_are_refused(tmp_path: Path, backend: TorchvisionB
     with pytest.raises(PcbkitError, match="checkpoint file not found"):
         backend.load_checkpoint(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(PcbkitError, match="junk.pth: cannot read checkpoint"):
+    with pytest.raises(PcbkitError, match="junk.pth: is not a pcbkit/detectron2 checkpoint"):
         backend.load_checkpoint(tmp_path / "junk.pth")
 
 

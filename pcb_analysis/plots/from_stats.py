@@ -70,7 +70,10 @@ def difference_labels(st: ClassStats, other: ClassStats, a: Path, b: Path) -> tu
     return (a.stem, b.stem) if a.stem != b.stem else (str(a), str(b))
 
 
-def _matrix(st: ClassStats, label: str) -> Matrix:
+def _matrix(st: ClassStats, label: str, path: Path) -> Matrix:
+    if int(st.n.sum()) == 0:
+        raise input_error(path, "the statistics hold no positives (every class is empty): no confusion "
+                                "matrix to plot (was the dump empty of labelled proposals?)")
     cm = st.confusion().detach().cpu().numpy()
     empty = st.empty_classes().detach().cpu().numpy().astype(bool)
     return Matrix(cm, empty, label)
@@ -83,7 +86,7 @@ def load_matrices(
     st = ClassStats.load(stats_path)
     k = int(st.n.shape[0])
     space = category_space(st, stats_path, categories_json)
-    main = _matrix(st, stats_path.stem)
+    main = _matrix(st, stats_path.stem, stats_path)
     if compare_path is None:
         return StatsMatrices(space, main, None)
     other = ClassStats.load(compare_path)
@@ -94,4 +97,4 @@ def load_matrices(
     if other_space is not None:
         space.check_same(other_space, f"{compare_path} (--compare)")
     label_a, label_b = difference_labels(st, other, stats_path, compare_path)
-    return StatsMatrices(space, replace(main, label=label_a), _matrix(other, label_b))
+    return StatsMatrices(space, replace(main, label=label_a), _matrix(other, label_b, compare_path))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pcb_analysis.atomic import atomic_path
+from pcb_analysis.atomic import atomic_path, os_errors_named
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.plots.checks import check_figure_path
 
@@ -62,7 +62,7 @@ def save_figure(fig: Figure, out: Path, dpi: int) -> Path:
     out = check_figure_path(out)
     fmt = out.suffix.lower().lstrip(".")
     try:
-        with atomic_path(out, suffix=out.suffix) as tmp:
+        with atomic_path(out, suffix=out.suffix) as tmp, os_errors_named(out):
             fig.savefig(tmp, format=fmt, dpi=dpi, **_format_kwargs(fmt))
     finally:
         fig.clear()

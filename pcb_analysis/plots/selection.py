@@ -128,7 +128,7 @@ def select_block(
 
     # most-confused
     d = np.abs(m - m.T)
-    np.fill_diagonal(d, 0.0)
+    np.fill_diagonal(d, -1.0)  # never pick a class twice, even when M is symmetric (D = 0)
     outside = np.setdiff1d(np.arange(n_cls), eligible)
     d[outside, :] = -1.0
     d[:, outside] = -1.0

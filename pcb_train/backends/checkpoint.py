@@ -4,12 +4,16 @@ A checkpoint is a dict {"format": CHECKPOINT_FORMAT, "schema": CHECKPOINT_SCHEMA
 "model_config" (dict), "categories" (dict | None), "model" (state dict), **extra}; `extra` holds
 the training loop's state and must be weights_only-safe too. A bare state dict is also accepted
 by `checkpoint_model_state` (metadata empty). `checkpoint_info` checks the metadata against the
-model config (class count, structure, backend) and the category space.
+model config (class count, structure, backend) and the category space. `check_checkpoint_file`
+(called by every checkpoint reader) refuses, in one line, a file that is no checkpoint at all
+(random bytes, JSON: neither a torch zip archive nor a pickle) or an incomplete one (a zip archive
+without its central directory: a truncated copy or an interrupted download).
 """
 
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pcb_analysis.atomic import atomic_path
+from pcb_analysis.atomic import atomic_path, os_errors_named
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import PcbkitError, input_error
 from pcb_train.backends.base import CheckpointInfo
@@ -61,21 +65,44 @@ def make_checkpoint(
 
 
 def save_checkpoint(path: str | Path, ckpt: Mapping[str, Any]) -> None:
-    """torch.save atomically (a crash never leaves a truncated file under the final name)."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(ckpt), tmp)
+    """torch.save atomically (a crash never leaves a truncated file under the final name). torch
+    writes into a Python file object, so a full disk raises OSError (ENOSPC), named by
+    `os_errors_named`, rather than torch's "inline_container.cc ... unexpected pos"."""
+    with atomic_path(path) as tmp, os_errors_named(path), open(tmp, "wb") as f:
+        torch.save(dict(ckpt), f)
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOL = 0x80  # first byte of a pickle of protocol >= 2 (torch's legacy format, .pkl files)
+NOT_A_CHECKPOINT = "is not a pcbkit/detectron2 checkpoint"
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """`path` when it exists and looks like a complete torch / pickle file, else one PcbkitError."""
+    p = Path(path)
+    if not p.is_file():
+        raise input_error(p, "checkpoint file not found")
+    with open(p, "rb") as f:
+        head = f.read(4)
+    if head.startswith(_ZIP_MAGIC):
+        if not zipfile.is_zipfile(p):
+            raise input_error(p, f"{NOT_A_CHECKPOINT} that is complete (a truncated zip archive)")
+        return p
+    if not head or head[0] != _PICKLE_PROTOCOL:
+        raise input_error(p, f"{NOT_A_CHECKPOINT} (neither a torch zip archive nor a pickle)")
+    return p
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file on the CPU with `weights_only=True`; clear errors for bad files."""
-    p = Path(path)
-    if not p.is_file():
-        raise input_error(p, "checkpoint file not found")
+    p = check_checkpoint_file(path)
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors, unsupported globals, truncated zip, ...
+    except Exception as err:  # pickle errors, unsupported globals, damaged archive members, ...
         msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise input_error(p, f"cannot read checkpoint with weights_only=True ({msg[:200]})") from err
+        if len(msg) > 200:
+            msg = msg[:197].rsplit(" ", 1)[0] + " ..."
+        raise input_error(p, f"{NOT_A_CHECKPOINT} readable with weights_only=True ({msg})") from err
     if not isinstance(obj, dict):
         raise input_error(p, f"not a checkpoint (a {type(obj).__name__}, expected a dict)")
     return obj

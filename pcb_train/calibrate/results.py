@@ -24,6 +24,7 @@ from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS, MAX_DETS, default_workers
 from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
 from pcb_analysis.lvis_json import gc_paused
 from pcb_analysis.lvis_results import PerClassTop, ResultsFile, load_results, write_results
+from pcb_analysis.paths import check_name
 from pcb_train.calibrate.report import CalibrationReport, table_csv
 from pcb_train.calibrate.rows import StatRow
 
@@ -229,6 +230,7 @@ def open_row_results(
     max_dets: int = MAX_DETS,
 ) -> Iterator[RowResults]:
     """`RowResults` for `rows` under `out`; leaving the block without `finish()` keeps nothing."""
+    check_name(split, "split name")  # it becomes part of the file names: nothing outside `out`
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -24,6 +24,7 @@ from pcb_analysis.errors import input_error
 from pcb_train.backends.base import CheckpointInfo
 from pcb_train.backends.checkpoint import (
     CHECKPOINT_FORMAT,
+    check_checkpoint_file,
     checkpoint_info,
     checkpoint_model_state,
     file_sha256,
@@ -90,9 +91,7 @@ def load_checkpoint(
 ) -> CheckpointInfo:
     """Load a trained model into `model`: a pcbkit checkpoint or a detectron2 checkpoint of this
     architecture (see the module docstring); every weight must fit."""
-    p = Path(path)
-    if not p.is_file():
-        raise input_error(p, "checkpoint file not found")
+    p = check_checkpoint_file(path)  # not found, not a torch/pickle file, truncated: one line
     obj: Any = None
     reason: str | None = "a .pkl file (detectron2 / Caffe2 pickle)"
     if p.suffix != ".pkl":
