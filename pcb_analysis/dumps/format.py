@@ -10,10 +10,11 @@ or statistics; the writer, the manifest merge and the reader build on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ DEFAULT_SHARD_ROWS = 65_536  # ~158 MB of float16 logits per shard at K = 1,203
 DEFAULT_CHUNK_ROWS = 8_192  # ~20 MB of float16 logits per chunk at K = 1,203
 REGRESSED_KINDS = ("none", "agnostic", "per_class")
 # Provenance keys that must agree when a writer resumes a dump or when rank manifests merge:
-# mixing rows of two checkpoints or configs would silently corrupt every statistic.
-MUST_MATCH_PROVENANCE = ("checkpoint_hash", "config")
+# mixing rows of two checkpoints, ground truths or configs would silently corrupt every statistic.
+MUST_MATCH_PROVENANCE = ("checkpoint_hash", "gt_hash", "config")
+IDENTITY_KEYS = ("checkpoint_hash", "gt_hash", "config_hash")
 
 SHARD_RE = re.compile(r"^shard-r(\d{2,})-(\d{5,})$")
 RANK_MANIFEST_RE = re.compile(r"^manifest-r(\d{2,})\.json$")
@@ -76,6 +78,33 @@ def column_specs(num_classes: int, regressed: str = "none") -> dict[str, ColumnS
 
 
 IMAGES_SPEC = ColumnSpec("images", "<i8", ())  # per-shard image list, not a per-row column
+
+
+def dump_identity(provenance: Mapping[str, Any]) -> dict[str, str | None]:
+    """The identity of the run that writes a dump: {checkpoint_hash, gt_hash, config_hash} (None for
+    what the provenance lacks). Every shard carries it; a shard of another run is refused."""
+    config = provenance.get("config")
+    config_hash = None
+    if config is not None:
+        text = json.dumps(config, sort_keys=True, default=str).encode("utf-8")
+        config_hash = hashlib.sha256(text).hexdigest()[:16]
+    return {
+        "checkpoint_hash": provenance.get("checkpoint_hash"),
+        "gt_hash": provenance.get("gt_hash"),
+        "config_hash": config_hash,
+    }
+
+
+def identity_difference(found: Any, expected: Mapping[str, Any]) -> str | None:
+    """None when `found` (a shard's identity) is `expected`; else what differs, for a message."""
+    if not isinstance(found, Mapping):
+        return "it carries no run identity (written by another run or an earlier pcbkit)"
+    keys = [k for k in IDENTITY_KEYS if found.get(k) != expected.get(k)]
+    if not keys:
+        return None
+    return "written by another run (" + ", ".join(
+        f"{k} {found.get(k)!r}, expected {expected.get(k)!r}" for k in keys
+    ) + ")"
 
 
 def shard_name(rank: int, index: int) -> str:

@@ -36,6 +36,8 @@ from pcb_analysis.dumps.format import (
     SHARD_RE,
     ColumnSpec,
     column_specs,
+    dump_identity,
+    identity_difference,
     load_json_object,
     npy_header,
     rank_manifest_name,
@@ -111,6 +113,19 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def _damaged_column(shard_dir: Path, rec: Mapping[str, Any]) -> str | None:
+    """The first column whose data fails the CRC-32 of its completion record (None: all intact)."""
+    for name, c in rec["columns"].items():
+        crc = 0
+        with open(shard_dir / c["file"], "rb") as f:
+            f.seek(int(c.get("data_offset", NPY_HEADER_BYTES)))
+            while block := f.read(1 << 22):
+                crc = zlib.crc32(block, crc)
+        if crc != int(c["crc32"]):
+            return name
+    return None
+
+
 def _check_complete_record(shard_dir: Path, specs: Mapping[str, ColumnSpec]) -> dict[str, Any] | None:
     """The shard's completion record if it is present, consistent and every file has its recorded size."""
     try:
@@ -178,6 +193,7 @@ class DumpWriter:
         self.regressed = regressed
         self.check_finite = check_finite
         self.specs = column_specs(self.num_classes, regressed)
+        self.identity = dump_identity(self.provenance)
         self._shards: list[dict[str, Any]] = []
         self._done: set[int] = set()
         self._open: dict[str, _ColumnFile] | None = None
@@ -199,7 +215,7 @@ class DumpWriter:
         if path.exists():
             self._check_compatible(load_json_object(path, "rank manifest"), path)
         prefix = f"shard-r{self.rank:02d}-"
-        removed = 0
+        removed = damaged = 0
         for entry in sorted(self.out_dir.iterdir()):
             if not entry.name.startswith(prefix) or not entry.is_dir():
                 continue
@@ -210,12 +226,28 @@ class DumpWriter:
                 removed += 1
                 continue
             assert m is not None
+            foreign = identity_difference(rec.get("identity"), self.identity)
+            if foreign is not None:
+                raise input_error(
+                    entry, f"cannot resume: shard {foreign}; remove it or use a new output directory"
+                )
+            bad = _damaged_column(entry, rec)
+            if bad is not None:  # its images are dumped again, into a new shard
+                logger.warning(
+                    "dump %s: shard %s fails the CRC-32 of column %r: removed, its images are dumped again",
+                    self.out_dir, entry.name, bad,
+                )
+                shutil.rmtree(entry)
+                damaged += 1
+                continue
             self._next_index = max(self._next_index, int(m.group(2)) + 1)
             images = np.load(entry / rec["columns"][IMAGES_SPEC.name]["file"])
             self._done.update(int(i) for i in images)
             self._shards.append(shard_entry(entry.name, self.rank, rec))
         if removed:
             logger.info("dump %s rank %d: removed %d incomplete shard(s)", self.out_dir, self.rank, removed)
+        if damaged:
+            logger.warning("dump %s rank %d: %d damaged shard(s) will be rewritten", self.out_dir, self.rank, damaged)
         if self._shards:
             logger.info(
                 "dump %s rank %d: resuming after %d complete shard(s), %d image(s) done",
@@ -352,6 +384,7 @@ class DumpWriter:
             "rows": self._open_rows,
             "images": len(self._open_images),
             "columns": columns,
+            "identity": self.identity,
         }
         write_json_atomic(self._open_dir / COMPLETE_NAME, rec, indent=1)
         final = self.out_dir / self._open_name
@@ -391,6 +424,7 @@ class DumpWriter:
             "columns": {n: {"dtype": s.dtype, "tail": list(s.tail)} for n, s in self.specs.items()},
             "world_size": self.world_size,
             "provenance": self.provenance,
+            "identity": self.identity,
             "categories": self.categories.to_dict(),
         }
 
