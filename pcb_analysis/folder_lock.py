@@ -14,6 +14,7 @@ makes removing temporaries safe: nobody else writes into the folder. Details: do
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -177,10 +178,8 @@ def folder_lock(folder: str | Path, command: str, rank: int | None = None) -> It
     finally:
         release(folder, info, rank)
         if not existed:
-            try:
+            with contextlib.suppress(OSError):
                 folder.rmdir()  # only when empty
-            except OSError:
-                pass
 
 
 def temporary_target(name: str) -> str | None:

@@ -42,8 +42,7 @@ from pcb_train.run_dir import FINAL_METRICS, FINAL_MODEL, LAST_CHECKPOINT
 from pcb_train.run_log import RunLog, finite_or_none, format_ap, progress_line
 from pcb_train.samplers import DistributedBatchSampler, RandomSampler
 from pcb_train.schedule import Schedule
-from pcb_train.stop import StopRequest, Stopped
-from pcb_train.workers import ignore_stop_signals, unwrap_worker_errors
+from pcb_train.stop import Stopped, StopRequest
 from pcb_train.train_state import (
     TrainState,
     gather_rng,
@@ -53,6 +52,7 @@ from pcb_train.train_state import (
     seed_everything,
     set_rng_state,
 )
+from pcb_train.workers import ignore_stop_signals, unwrap_worker_errors
 
 logger = logging.getLogger(__name__)
 

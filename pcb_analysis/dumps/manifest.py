@@ -71,7 +71,8 @@ def value_differences(old: Any, new: Any, limit: int = 4) -> str:
     a, b = _flat(old), _flat(new)
     keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
     shown = [
-        f"{k or 'value'}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}" for k in keys[:limit]
+        f"{k or 'value'}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}"
+        for k in keys[:limit]
     ]
     more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
     return "; ".join(shown) + more

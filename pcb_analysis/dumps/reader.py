@@ -207,7 +207,9 @@ class DumpReader:
             ):
                 foreign = identity_difference(found, self.identity)
                 if foreign is not None:
-                    raise input_error(shard_dir, f"shard {name} does not belong to this dump ({where}: {foreign})")
+                    raise input_error(
+                        shard_dir, f"shard {name} does not belong to this dump ({where}: {foreign})"
+                    )
         return ShardInfo(name=name, rows=rows, images=images, columns=columns, offsets=offsets)
 
     @property

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,10 @@ class DumpWriter:
     (|z| > 65504) are refused rather than silently stored as inf. Shards close at image
     boundaries once they hold at least `shard_rows` rows, so each image's rows live in one shard.
     Reopening a directory resumes: complete shards of this rank are kept (their images are in
-    `done_image_ids`), partial ones are deleted, and new shards continue the numbering.
+    `done_image_ids`), partial ones and those failing their CRC-32 are deleted (their images are
+    written again), and new shards continue the numbering. A resume is refused when a shard carries
+    another run's identity (checkpoint, ground truth, config: `dump_identity`), or when the dump holds
+    images outside `image_ids` (the images this run may write; None: no check).
     """
 
     def __init__(
@@ -177,6 +180,7 @@ class DumpWriter:
         world_size: int = 1,
         regressed: str = "none",
         check_finite: bool = True,
+        image_ids: Iterable[int] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise PcbkitError(f"dump writer: rank {rank} outside world size {world_size}")
@@ -194,6 +198,7 @@ class DumpWriter:
         self.check_finite = check_finite
         self.specs = column_specs(self.num_classes, regressed)
         self.identity = dump_identity(self.provenance)
+        self._allowed = None if image_ids is None else {int(i) for i in image_ids}
         self._shards: list[dict[str, Any]] = []
         self._done: set[int] = set()
         self._open: dict[str, _ColumnFile] | None = None
@@ -212,8 +217,10 @@ class DumpWriter:
 
     def _resume(self) -> None:
         path = self.out_dir / rank_manifest_name(self.rank)
+        old: dict[str, Any] = {}
         if path.exists():
-            self._check_compatible(load_json_object(path, "rank manifest"), path)
+            old = load_json_object(path, "rank manifest")
+            self._check_compatible(old, path)
         prefix = f"shard-r{self.rank:02d}-"
         removed = damaged = 0
         for entry in sorted(self.out_dir.iterdir()):
@@ -244,10 +251,22 @@ class DumpWriter:
             images = np.load(entry / rec["columns"][IMAGES_SPEC.name]["file"])
             self._done.update(int(i) for i in images)
             self._shards.append(shard_entry(entry.name, self.rank, rec))
+        beyond = sorted(self._done - self._allowed) if self._allowed is not None else []
+        if beyond:
+            old_prov = old.get("provenance")
+            started = old_prov.get("max_images") if isinstance(old_prov, dict) else None
+            raise input_error(
+                self.out_dir,
+                f"cannot resume: the dump already holds {len(beyond)} image(s) that this run would not "
+                f"dump (e.g. image id {beyond[0]}; it was started with max_images={started}): rerun with "
+                "the images it was started with, or use a new output directory",
+            )
         if removed:
             logger.info("dump %s rank %d: removed %d incomplete shard(s)", self.out_dir, self.rank, removed)
         if damaged:
-            logger.warning("dump %s rank %d: %d damaged shard(s) will be rewritten", self.out_dir, self.rank, damaged)
+            logger.warning(
+                "dump %s rank %d: %d damaged shard(s) will be rewritten", self.out_dir, self.rank, damaged
+            )
         if self._shards:
             logger.info(
                 "dump %s rank %d: resuming after %d complete shard(s), %d image(s) done",
