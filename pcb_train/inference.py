@@ -28,7 +28,7 @@ from pcb_train.backends import build_backend
 from pcb_train.backends.base import CheckpointInfo, DetectorBackend
 from pcb_train.config import TrainConfig, load_config
 from pcb_train.data import LVISDetectionDataset, Target, collate, load_lvis_json
-from pcb_train.workers import ignore_stop_signals, unwrap_worker_errors
+from pcb_train.workers import stop_signals_to_main, unwrap_worker_errors
 
 Batch = tuple[list[Tensor], list[Target]]
 
@@ -105,7 +105,7 @@ def iter_batches(
         pin_memory=False,
         persistent_workers=False,
         generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals if num_workers else None,
+        worker_init_fn=stop_signals_to_main() if num_workers else None,
     )
     with tqdm(
         total=len(indices), unit="img", desc=desc, disable=not progress, mininterval=0.5, dynamic_ncols=True

@@ -5,7 +5,7 @@ the first signal sets `stop.requested`, and the loop saves a checkpoint after th
 iteration (Ctrl-C, a scheduler's pre-emption, torchrun passing on a Ctrl-C); a second signal
 restores the previous handlers and raises KeyboardInterrupt at once. SIGTERM (what schedulers
 such as SLURM send before killing a job) is handled exactly like SIGINT. Data-loader workers
-ignore both (`pcb_train.workers.ignore_stop_signals`; forked ones that have not yet got there
+ignore both unless the main process sends them (`pcb_train.workers`; forked ones that have not yet got there
 inherit this handler, which ignores them too): the main process decides. After the stop checkpoint
 the trainer raises `Stopped`, a KeyboardInterrupt whose message is the one line to print.
 """

@@ -52,7 +52,7 @@ from pcb_train.train_state import (
     seed_everything,
     set_rng_state,
 )
-from pcb_train.workers import ignore_stop_signals, unwrap_worker_errors
+from pcb_train.workers import stop_signals_to_main, unwrap_worker_errors
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # the loader must not draw from the global RNG (exact resume)
-            worker_init_fn=ignore_stop_signals if self.cfg.data.num_workers else None,
+            worker_init_fn=stop_signals_to_main() if self.cfg.data.num_workers else None,
         )
 
     def _autocast(self) -> AbstractContextManager[Any]:
