@@ -5,8 +5,9 @@ refused), labels [R] in {-1, 0..K-1, K}, ious [R], optional regressed [R, 4] or 
 A shard is written under `shard-rNN-IIIII.partial/`, every column file fsynced, `COMPLETE.json`
 written last and atomically, then renamed to its final name and listed in the rank manifest:
 a crash never leaves a half shard that reads as complete. Reopening the directory resumes after
-the complete shards (`done_image_ids`). Column files stream behind a fixed 128-byte .npy header
-filled in when the shard closes (writer memory: one image).
+the complete shards (`done_image_ids`), re-checking their CRC-32 (a damaged one is redone) and the
+run identity they carry (another run's is refused). Column files stream behind a fixed 128-byte
+.npy header filled in when the shard closes (writer memory: one image).
 """
 
 from __future__ import annotations
