@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data._utils import signal_handling
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps import DumpReader
@@ -77,6 +78,10 @@ def write_lock(folder: Path, pid: int, host: str | None = None, name: str = LOCK
     return path
 
 
+def stats_args(dump: Path, out: Path) -> list[str]:
+    return ["stats", "--dump", str(dump), "--out", str(out), "--no-progress"]
+
+
 def killed_atomic_write(target: Path, size: int = 1000) -> Path:
     """Start an atomic write of `target` (pcb_analysis.atomic) in a process that is SIGKILLed mid-way;
     returns the temporary it leaves behind (the real naming, whatever it is)."""
@@ -104,9 +109,9 @@ def test_lock_holds_pid_host_start_and_is_released_also_on_error(tmp_path: Path)
         data = json.loads((folder / LOCK_NAME).read_text())
         assert data["pid"] == os.getpid() == info.pid and data["host"] == socket.gethostname()
         assert data["command"] == "pcbkit test" and data["started"].endswith("+00:00")
-        with pytest.raises(PcbkitError, match=f"is in use by pid {os.getpid()} on host"):
-            with folder_lock(folder, "again"):
-                pass
+        with pytest.raises(PcbkitError, match=f"is in use by pid {os.getpid()} on host"), \
+                folder_lock(folder, "again"):
+            pass
         (folder / "file").write_text("x")
     assert not (folder / LOCK_NAME).exists()
     with pytest.raises(RuntimeError), folder_lock(folder, "pcbkit test"):
@@ -122,9 +127,8 @@ def test_lock_holds_pid_host_start_and_is_released_also_on_error(tmp_path: Path)
 def test_live_lock_is_refused_in_one_line(tmp_path: Path, live_pid: int, holder: str) -> None:
     other = "elsewhere.example" if "other host" in holder else None
     path = write_lock(tmp_path, live_pid if other is None else 1, other)
-    with pytest.raises(PcbkitError) as err:
-        with folder_lock(tmp_path, "pcbkit train"):
-            pass
+    with pytest.raises(PcbkitError) as err, folder_lock(tmp_path, "pcbkit train"):
+        pass
     msg = str(err.value)
     host = other or socket.gethostname()
     pid = live_pid if other is None else 1
@@ -169,7 +173,8 @@ def test_train_refuses_a_folder_in_use_and_leaves_it_alone(
     lock = write_lock(out, live_pid)
     (out / METRICS_FILE).write_text('{"type": "train", "iteration": 0}\n')
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    args = ["train", "--config", str(TINY_YAML), "--out", str(out), "--resume", *tiny_overrides(synth_dataset)]
+    args = ["train", "--config", str(TINY_YAML), "--out", str(out), "--resume",
+            *tiny_overrides(synth_dataset)]
     code, _, err = run_pcbkit(args)
     lines = [x for x in err.splitlines() if x.startswith("pcbkit: error")]
     assert code == 2 and len(lines) == 1 and f"is in use by pid {live_pid}" in lines[0], err
@@ -245,7 +250,11 @@ def test_workers_ignore_a_group_sigterm_but_not_the_main_processes() -> None:
         subprocess.run(["kill", f"-{sig}", str(worker.pid)], check=True)
     time.sleep(0.5)
     assert _alive(worker.pid) and int(next(it)) >= 1
-    os.kill(worker.pid, signal.SIGTERM)  # what torch's shutdown does to a worker that does not exit
+    # what torch's shutdown does to a worker that does not exit in time: unregister it (so that its
+    # exit is not an error), then SIGTERM from the main process
+    signal_handling._remove_worker_pids(id(it))
+    it._worker_pids_set = False  # type: ignore[attr-defined]
+    os.kill(worker.pid, signal.SIGTERM)
     worker.join(timeout=10)
     assert not worker.is_alive() and worker.exitcode == 128 + signal.SIGTERM
     del it
@@ -398,7 +407,7 @@ def test_stats_refuses_a_foreign_shard(
         man["num_rows"] += entry["rows"] - man["shards"][0]["rows"]
         man["shards"][0] = {**entry, "name": name}
     (out / "manifest.json").write_text(json.dumps(man))
-    code, _, err = run_pcbkit(["stats", "--dump", str(out), "--out", str(tmp_path / "s.npz"), "--no-progress"])
+    code, _, err = run_pcbkit(stats_args(out, tmp_path / "s.npz"))
     (line,) = [x for x in err.splitlines() if x.startswith("pcbkit: error:")]
     assert code == 2 and "does not belong to this dump" in line and "checkpoint_hash" in line, err
     assert not (tmp_path / "s.npz").exists()
@@ -416,18 +425,18 @@ def test_damaged_shard_is_rewritten_on_resume(
     data = bytearray(logits.read_bytes())
     data[-1] ^= 0xFF  # same size: only the CRC-32 can tell
     logits.write_bytes(bytes(data))
-    code, _, err = run_pcbkit(["stats", "--dump", str(out), "--out", str(tmp_path / "s.npz"), "--no-progress"])
+    code, _, err = run_pcbkit(stats_args(out, tmp_path / "s.npz"))
     assert code == 2 and "CRC-32" in err
     with caplog.at_level(logging.WARNING):
         code, stdout, err = run_pcbkit(args)
-    assert code == 0 and f"fails the CRC-32 of column 'logits'" in caplog.text and f"wrote {out}" in stdout
+    assert code == 0 and "fails the CRC-32 of column 'logits'" in caplog.text and f"wrote {out}" in stdout
     assert "already dumped" in caplog.text or "dumped" in stdout
     rows = rows_by_image(out)  # every shard read back with its CRC checked
     assert sorted(rows) == sorted(clean)
     for i in rows:
         for c in rows[i]:
             np.testing.assert_array_equal(rows[i][c], clean[i][c])
-    assert run_pcbkit(["stats", "--dump", str(out), "--out", str(tmp_path / "s.npz"), "--no-progress"])[0] == 0
+    assert run_pcbkit(stats_args(out, tmp_path / "s.npz"))[0] == 0
     assert DumpReader(out).num_images == N_IMAGES
 
 

@@ -5,7 +5,8 @@ image_ids [R] <i8, boxes [R, 4] <f4 (xyxy), logits [R, K+1] <f2 (background last
 labels [R] <i4 (-1 ignore, 0..K-1 positive, K background), ious [R] <f4, and optionally
 regressed [R, 4] or [R, K*4] <f4. Every shard also stores images [I] <i8 (all its image ids).
 Directory layout: docs/dumps.md §2. This module knows nothing of writing order, manifests' merge
-or statistics; the writer, the manifest merge and the reader build on it.
+or statistics; the writer, the manifest merge and the reader build on it. It also says what a
+complete shard is (`complete_record`, `damaged_column`) and whose it is (`dump_identity`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import hashlib
 import json
 import re
 import struct
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,3 +160,36 @@ def load_json_object(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise input_error(path, f"{what} is not a JSON object")
     return data
+
+
+def damaged_column(shard_dir: Path, rec: Mapping[str, Any]) -> str | None:
+    """The first column whose data fails the CRC-32 of its completion record (None: all intact)."""
+    for name, c in rec["columns"].items():
+        crc = 0
+        with open(shard_dir / c["file"], "rb") as f:
+            f.seek(int(c.get("data_offset", NPY_HEADER_BYTES)))
+            while block := f.read(1 << 22):
+                crc = zlib.crc32(block, crc)
+        if crc != int(c["crc32"]):
+            return name
+    return None
+
+
+def complete_record(shard_dir: Path, specs: Mapping[str, ColumnSpec]) -> dict[str, Any] | None:
+    """The shard's completion record if it is present, consistent and every file has its recorded size."""
+    try:
+        rec = load_json_object(shard_dir / COMPLETE_NAME, "completion record")
+        cols = rec["columns"]
+        rows = int(rec["rows"])
+        for name, spec in {**specs, IMAGES_SPEC.name: IMAGES_SPEC}.items():
+            c = cols[name]
+            expected_rows = int(rec["images"]) if name == IMAGES_SPEC.name else rows
+            if c["dtype"] != spec.dtype or list(c["shape"]) != [expected_rows, *spec.tail]:
+                return None
+            if (shard_dir / c["file"]).stat().st_size != int(c["bytes"]):
+                return None
+        if set(cols) != set(specs) | {IMAGES_SPEC.name}:
+            return None
+    except (PcbkitError, KeyError, TypeError, ValueError, OSError):
+        return None
+    return rec

@@ -2,10 +2,10 @@
 
 Only shards listed in `manifest.json` are read. On open: format, schema, category space (against
 its hash and `expected_categories`), K, every shard's .npy header and byte size (a truncated shard
-fails before any row is read) and identity (a shard of another run is refused). While streaming `Chunk`s (dict column -> array [n, ...], rows
-`start .. start+n` of one shard): CRC-32 of each column read, finite logits, labels in -1..K.
-File reads and CRC-32 run in a prefetch thread; with `reuse_buffers`, memory stays at a few chunks
-whatever the dump size.
+fails before any row is read) and identity (a shard of another run is refused). While streaming
+`Chunk`s (dict column -> array [n, ...], rows `start .. start+n` of one shard): CRC-32 of each
+column read, finite logits, labels in -1..K. File reads and CRC-32 run in a prefetch thread; with
+`reuse_buffers`, memory stays at a few chunks whatever the dump size.
 """
 
 from __future__ import annotations

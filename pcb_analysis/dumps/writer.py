@@ -37,6 +37,8 @@ from pcb_analysis.dumps.format import (
     SHARD_RE,
     ColumnSpec,
     column_specs,
+    complete_record,
+    damaged_column,
     dump_identity,
     identity_difference,
     load_json_object,
@@ -112,39 +114,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _damaged_column(shard_dir: Path, rec: Mapping[str, Any]) -> str | None:
-    """The first column whose data fails the CRC-32 of its completion record (None: all intact)."""
-    for name, c in rec["columns"].items():
-        crc = 0
-        with open(shard_dir / c["file"], "rb") as f:
-            f.seek(int(c.get("data_offset", NPY_HEADER_BYTES)))
-            while block := f.read(1 << 22):
-                crc = zlib.crc32(block, crc)
-        if crc != int(c["crc32"]):
-            return name
-    return None
-
-
-def _check_complete_record(shard_dir: Path, specs: Mapping[str, ColumnSpec]) -> dict[str, Any] | None:
-    """The shard's completion record if it is present, consistent and every file has its recorded size."""
-    try:
-        rec = load_json_object(shard_dir / COMPLETE_NAME, "completion record")
-        cols = rec["columns"]
-        rows = int(rec["rows"])
-        for name, spec in {**specs, IMAGES_SPEC.name: IMAGES_SPEC}.items():
-            c = cols[name]
-            expected_rows = int(rec["images"]) if name == IMAGES_SPEC.name else rows
-            if c["dtype"] != spec.dtype or list(c["shape"]) != [expected_rows, *spec.tail]:
-                return None
-            if (shard_dir / c["file"]).stat().st_size != int(c["bytes"]):
-                return None
-        if set(cols) != set(specs) | {IMAGES_SPEC.name}:
-            return None
-    except (PcbkitError, KeyError, TypeError, ValueError, OSError):
-        return None
-    return rec
 
 
 class DumpWriter:
@@ -228,7 +197,7 @@ class DumpWriter:
             if not entry.name.startswith(prefix) or not entry.is_dir():
                 continue
             m = SHARD_RE.match(entry.name)
-            rec = _check_complete_record(entry, self.specs) if m else None
+            rec = complete_record(entry, self.specs) if m else None
             if rec is None:
                 shutil.rmtree(entry)
                 removed += 1
@@ -239,7 +208,7 @@ class DumpWriter:
                 raise input_error(
                     entry, f"cannot resume: shard {foreign}; remove it or use a new output directory"
                 )
-            bad = _damaged_column(entry, rec)
+            bad = damaged_column(entry, rec)
             if bad is not None:  # its images are dumped again, into a new shard
                 logger.warning(
                     "dump %s: shard %s fails the CRC-32 of column %r: removed, its images are dumped again",
