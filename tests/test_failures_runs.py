@@ -38,6 +38,7 @@ from pcb_analysis.folder_lock import (
     remove_stale_temporaries,
     temporary_target,
 )
+from pcb_train.calibrate.results import open_row_results
 from pcb_train.dump_logits import check_whole, dump_logits
 from pcb_train.train import LAST_CHECKPOINT, METRICS_FILE, train
 from pcb_train.workers import stop_signals_to_main, unwrap_worker_errors, worker_message
@@ -198,6 +199,20 @@ def test_train_takes_over_a_stale_lock_and_removes_its_stale_checkpoint_temporar
     assert not [p for p in out.iterdir() if temporary_target(p.name)]
 
 
+def test_calibrate_output_folder_is_locked_and_cleaned(tmp_path: Path, live_pid: int) -> None:
+    out = tmp_path / "cal"
+    left = killed_atomic_write(out / "val-none.json", 5000)  # a calibration killed while writing
+    other = killed_atomic_write(out / "notes.txt")
+    with pytest.raises(KeyError), open_row_results(out, "val", [], fixed_ap=False):
+        assert (out / LOCK_NAME).is_file() and not left.exists() and other.exists()
+        raise KeyError("stop here")
+    assert not (out / LOCK_NAME).exists()
+    write_lock(out, live_pid)
+    with pytest.raises(PcbkitError, match=f"is in use by pid {live_pid}"), \
+            open_row_results(out, "val", [], fixed_ap=False):
+        pass
+
+
 # --------------------------------------------------------------------------------------------
 # loader workers: signals ignored, errors re-raised as their one line (items 11, 13)
 
@@ -294,6 +309,27 @@ def test_dump_logits_bad_image_with_workers_is_one_line(
         (line,) = [x for x in err.splitlines() if x.startswith("pcbkit: error:")]
         lines[workers] = line
     assert lines["0"] == lines["2"] and name in lines["0"] and "cannot read image" in lines["0"]
+
+
+def test_train_bad_image_with_workers_is_one_line(
+    synth_dataset: Path, tmp_path: Path, run_pcbkit: RunPcbkit
+) -> None:
+    images = tmp_path / "images"
+    shutil.copytree(synth_dataset / "images", images)
+    for png in (images / "train").glob("*.png"):
+        png.write_bytes(b"not a png")
+    lines = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"run{workers}"
+        args = ["train", "--config", str(TINY_YAML), "--out", str(out), "--no-progress",
+                *tiny_overrides(synth_dataset, f"data.train_images={images}", f"data.num_workers={workers}",
+                                "data.val_ann=null")]
+        code, _, err = run_pcbkit(args)
+        assert code == 2 and "Traceback" not in err and "Caught" not in err and "worker" not in err, err
+        (line,) = [x for x in err.splitlines() if x.startswith("pcbkit: error:")]
+        lines[workers] = line
+        assert not (out / LOCK_NAME).exists()
+    assert lines["0"] == lines["2"] and "cannot read image" in lines["0"]
 
 
 # --------------------------------------------------------------------------------------------
