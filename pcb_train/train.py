@@ -191,7 +191,8 @@ def train(
     over in a directory that already holds a run (its outputs are deleted once every check has
     passed); evaluate_at_end: run the final LVIS evaluation on the validation split; on_log: called
     on rank 0 with every metrics record. Bad input raises PcbkitError before anything is written;
-    Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt.
+    Ctrl-C or SIGTERM saves a checkpoint and raises `pcb_train.stop.Stopped` (a KeyboardInterrupt);
+    the folder is locked while the run goes on (`run_folder_lock`).
     """
     cfg = cfg.resolved()
     ctx = current_context()
