@@ -39,8 +39,15 @@ from pcb_analysis.folder_lock import (
     temporary_target,
 )
 from pcb_train.calibrate.results import open_row_results
+from pcb_train.config import load_config, to_dict
 from pcb_train.dump_logits import check_whole, dump_logits
 from pcb_train.train import LAST_CHECKPOINT, METRICS_FILE, train
+from pcb_train.train_state import (
+    TRAIN_STATE_FORMAT,
+    TRAIN_STATE_SCHEMA,
+    check_resume_state,
+    config_differences,
+)
 from pcb_train.workers import stop_signals_to_main, unwrap_worker_errors, worker_message
 from tests.test_dump_logits import N_IMAGES, TOP_N, cli_args, dump_cfg, rows_by_image, write_model
 from tests.test_train import TINY_YAML, tiny_cfg, tiny_overrides
@@ -211,6 +218,22 @@ def test_calibrate_output_folder_is_locked_and_cleaned(tmp_path: Path, live_pid:
     with pytest.raises(PcbkitError, match=f"is in use by pid {live_pid}"), \
             open_row_results(out, "val", [], fixed_ap=False):
         pass
+
+
+def test_resume_with_another_config_names_the_keys_not_the_configs(tmp_path: Path) -> None:
+    cfg = load_config(TINY_YAML)
+    saved = to_dict(cfg)
+    saved["model"]["pcb_alpha"] = 0.9
+    saved["data"]["train_min_sizes"] = list(range(100, 1000, 8))  # a long value is shortened
+    diffs = config_differences(saved, cfg)
+    assert [d.split(":")[0] for d in diffs] == ["data.train_min_sizes", "model.pcb_alpha"]
+    assert diffs[1] == f"model.pcb_alpha: 0.9 != {cfg.model.pcb_alpha!r}"
+    assert diffs[0].endswith(f"... != {cfg.data.train_min_sizes!r}") and len(diffs[0]) < 140
+    ckpt = {"train_state": {"format": TRAIN_STATE_FORMAT, "schema": TRAIN_STATE_SCHEMA, "config": saved}}
+    with pytest.raises(PcbkitError) as err:
+        check_resume_state(tmp_path / "last_checkpoint.pth", ckpt, cfg)
+    msg = str(err.value)
+    assert "model.pcb_alpha: 0.9" in msg and "\n" not in msg and len(msg) < 400, msg
 
 
 # --------------------------------------------------------------------------------------------
