@@ -5,21 +5,27 @@ Per test-time proposal of an image (R of them, K foreground classes) the backend
 K; the last step of an iterative head), labels [R] (-1 ignore, 0..K-1 the class matched at IoU >=
 0.5, K background), ious [R] and optionally regressed boxes (none, agnostic [R, 4], per-class
 [R, K*4]); `DumpWriter` appends them (pcb_analysis.dumps). `positives_only` keeps labels 0..K-1.
-Resumable (complete shards are skipped), bounded memory (one batch), device from the caller. Under
-torchrun rank r dumps positions r, r + W, ... of the id-sorted split into its own shards; rank 0
-merges the manifests after a barrier. Why and how: docs/calibration.md §5.
+Resumable (complete shards are skipped after their CRC-32 is checked; damaged ones are redone),
+bounded memory (one batch), device from the caller. Under torchrun rank r dumps positions r, r + W,
+... of the id-sorted split into its own shards; rank 0 merges the manifests after a barrier. The
+folder is locked while a run writes (one lock per rank); a resume is refused for another
+checkpoint, ground truth (`gt_hash`), config or a smaller --max-images, every shard carries the
+run's identity, and the run fails unless the dump ends whole. Why and how: docs/calibration.md §5.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pcb_analysis.dumps import DumpWriter, merge_manifests
+from pcb_analysis.dumps import MANIFEST_NAME, DumpReader, DumpWriter, merge_manifests, rank_manifest_name
 from pcb_analysis.errors import PcbkitError
+from pcb_analysis.folder_lock import folder_lock, remove_stale_temporaries
 from pcb_train.backends.base import ProposalRecord
 from pcb_train.data import targets_to
 from pcb_train.distributed import (
@@ -101,6 +107,62 @@ class DumpSummary:
         return self.images_written / self.seconds if self.seconds > 0 else float("nan")
 
 
+def file_hash(path: str | Path) -> str:
+    """sha256 prefix (16 hex digits) of a file's bytes: the ground truth's part of a dump's identity."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _own_files(rank: int) -> tuple[str, ...]:
+    """The manifest files rank `rank` writes: their stale temporaries are its to remove (under its lock)."""
+    return (rank_manifest_name(rank), MANIFEST_NAME) if rank == 0 else (rank_manifest_name(rank),)
+
+
+def check_whole(out: Path, expected_images: int) -> None:
+    """Refuse (PcbkitError) to report a dump as written unless its manifest is finished and lists
+    every image of the split."""
+    reader = DumpReader(out, allow_unfinished=True)
+    if not reader.finished or reader.num_images != expected_images:
+        raise PcbkitError(
+            f"{out}: the dump is not whole ({reader.num_images} of {expected_images} image(s) in complete "
+            f"shards, finished={reader.finished}): rerun the same command to complete it"
+        )
+
+
+def _write_batches(
+    writer: DumpWriter,
+    backend: Any,
+    batches: Iterable[Any],
+    cfg: DumpLogitsConfig,
+    device: Any,
+    summary: DumpSummary,
+) -> None:
+    """Run the detector on every batch and append each image's proposal rows (positives only when asked)."""
+    k = writer.num_classes
+    for images, targets in batches:
+        records = backend.proposal_records(images, targets_to(targets, device), regressed=cfg.boxes)
+        for rec in records:
+            labels = rec.labels
+            positive = (labels >= 0) & (labels < k)
+            if cfg.positives_only:
+                keep = positive.nonzero().flatten()
+                rec = ProposalRecord(
+                    rec.image_id,
+                    rec.boxes[keep],
+                    rec.logits[keep],
+                    labels[keep],
+                    rec.ious[keep],
+                    None if rec.regressed is None else rec.regressed[keep],
+                )
+            writer.add_image(rec.image_id, rec.boxes, rec.logits, rec.labels, rec.ious, rec.regressed)
+            summary.rows += len(rec)
+            summary.positives += int(positive.sum())
+            summary.images_written += 1
+
+
 def dump_logits(cfg: DumpLogitsConfig, ctx: DistContext | None = None) -> DumpSummary:
     """Run the detector of `cfg.checkpoint` over the split and write (or resume) the dump at `cfg.out`.
 
@@ -115,7 +177,6 @@ def dump_logits(cfg: DumpLogitsConfig, ctx: DistContext | None = None) -> DumpSu
     device = resolve_device(cfg.device, ctx.local_rank)
     backend, info, _ = load_detector(cfg.checkpoint, cfg.config, categories, cfg.gt, device)
     ctx = init_distributed(ctx, device)
-    k = categories.num_classes
     try:
         mine = shard_indices(len(dataset), ctx.rank, ctx.world_size)
         prov = provenance(
@@ -124,7 +185,8 @@ def dump_logits(cfg: DumpLogitsConfig, ctx: DistContext | None = None) -> DumpSu
             cfg.config,
             {"dump": {"positives_only": cfg.positives_only, "boxes": cfg.boxes}},
         )
-        prov.update({"gt": str(cfg.gt), "images": str(cfg.images), "max_images": cfg.max_images})
+        prov.update({"gt": str(cfg.gt), "gt_hash": file_hash(cfg.gt), "images": str(cfg.images),
+                     "max_images": cfg.max_images})
         summary = DumpSummary(
             out=cfg.out,
             split=cfg.split,
@@ -135,60 +197,49 @@ def dump_logits(cfg: DumpLogitsConfig, ctx: DistContext | None = None) -> DumpSu
             images_skipped=0,
             images_written=0,
         )
-        with DumpWriter(
-            cfg.out,
-            categories,
-            cfg.split,
-            prov,
-            shard_rows=cfg.shard_rows,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            regressed=cfg.boxes,
-        ) as writer:
-            done = writer.done_image_ids
-            todo = [i for i in mine if dataset.entries[i].image_id not in done]
-            summary.images_skipped = len(mine) - len(todo)
-            if summary.images_skipped:
-                logger.info(
-                    "%s: resuming, %d of %d image(s) of rank %d already dumped",
-                    cfg.out, summary.images_skipped, len(mine), ctx.rank,
+        # rank 0 holds the folder's lock, every other rank one of its own (it writes its own shards)
+        lock_rank = ctx.rank if ctx.rank > 0 else None
+        with folder_lock(cfg.out, "pcbkit dump-logits", lock_rank):
+            remove_stale_temporaries(cfg.out, _own_files(ctx.rank))
+            with DumpWriter(
+                cfg.out,
+                categories,
+                cfg.split,
+                prov,
+                shard_rows=cfg.shard_rows,
+                rank=ctx.rank,
+                world_size=ctx.world_size,
+                regressed=cfg.boxes,
+                image_ids=[e.image_id for e in dataset.entries],
+            ) as writer:
+                done = writer.done_image_ids
+                todo = [i for i in mine if dataset.entries[i].image_id not in done]
+                summary.images_skipped = len(mine) - len(todo)
+                if summary.images_skipped:
+                    logger.info(
+                        "%s: resuming, %d of %d image(s) of rank %d already dumped",
+                        cfg.out, summary.images_skipped, len(mine), ctx.rank,
+                    )
+                batches = iter_batches(
+                    dataset,
+                    todo,
+                    cfg.batch_size,
+                    cfg.num_workers,
+                    device=device,
+                    progress=cfg.progress and ctx.is_main,
+                    desc=f"dump {cfg.split}",
                 )
-            batches = iter_batches(
-                dataset,
-                todo,
-                cfg.batch_size,
-                cfg.num_workers,
-                device=device,
-                progress=cfg.progress and ctx.is_main,
-                desc=f"dump {cfg.split}",
-            )
-            for images, targets in batches:
-                records = backend.proposal_records(images, targets_to(targets, device), regressed=cfg.boxes)
-                for rec in records:
-                    labels = rec.labels
-                    positive = (labels >= 0) & (labels < k)
-                    if cfg.positives_only:
-                        keep = positive.nonzero().flatten()
-                        rec = ProposalRecord(
-                            rec.image_id,
-                            rec.boxes[keep],
-                            rec.logits[keep],
-                            labels[keep],
-                            rec.ious[keep],
-                            None if rec.regressed is None else rec.regressed[keep],
-                        )
-                    writer.add_image(rec.image_id, rec.boxes, rec.logits, rec.labels, rec.ious, rec.regressed)
-                    summary.rows += len(rec)
-                    summary.positives += int(positive.sum())
-                    summary.images_written += 1
-        if ctx.distributed:
-            barrier(ctx)
-            if ctx.is_main:
-                merge_manifests(cfg.out, ctx.world_size)
+                _write_batches(writer, backend, batches, cfg, device, summary)
+            if ctx.distributed:
+                barrier(ctx)
+                if ctx.is_main:
+                    merge_manifests(cfg.out, ctx.world_size)
+                    summary.merged = True
+                barrier(ctx)  # nobody returns (and reads manifest.json) before it exists
+            else:
                 summary.merged = True
-            barrier(ctx)  # nobody returns (and reads manifest.json) before it exists
-        else:
-            summary.merged = True
+            if ctx.is_main:
+                check_whole(cfg.out, len(dataset))
         summary.seconds = time.perf_counter() - t0
         return summary
     finally:

@@ -7,7 +7,8 @@ image folder, id-sorted (`LVISDetectionDataset(train=False)`); each rank takes i
 of positions (`pcb_train.distributed.shard_indices`). Batches are (images [3, H, W] float in
 [0, 1] on the model's device, targets on the CPU); image decoding runs ahead in `num_workers`
 loader workers. The loader draws its seed from a private generator, so running inference (also
-in the middle of training) never moves the caller's global RNG.
+in the middle of training) never moves the caller's global RNG. Workers ignore SIGINT / SIGTERM
+and their errors arrive as the one-line message they are (`pcb_train.workers`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pcb_train.backends import build_backend
 from pcb_train.backends.base import CheckpointInfo, DetectorBackend
 from pcb_train.config import TrainConfig, load_config
 from pcb_train.data import LVISDetectionDataset, Target, collate, load_lvis_json
+from pcb_train.workers import stop_signals_to_main, unwrap_worker_errors
 
 Batch = tuple[list[Tensor], list[Target]]
 
@@ -103,11 +105,12 @@ def iter_batches(
         pin_memory=False,
         persistent_workers=False,
         generator=torch.Generator(),
+        worker_init_fn=stop_signals_to_main() if num_workers else None,
     )
     with tqdm(
         total=len(indices), unit="img", desc=desc, disable=not progress, mininterval=0.5, dynamic_ncols=True
     ) as bar:
-        for images, targets in loader:
+        for images, targets in unwrap_worker_errors(loader):
             if device is not None:
                 images = [im.to(device, non_blocking=True) for im in images]
             yield images, targets

@@ -6,8 +6,11 @@
     metrics.jsonl        train / eval records (`pcb_train.run_log`)
     final_metrics.json   the final LVIS evaluation
     events.out.tfevents.*  TensorBoard scalars (when `tensorboard` is installed)
-Rank 0 writes every file, each atomically. A new run (or --force) deletes these files only, never
-anything else in the folder; a resumed run cuts metrics.jsonl back to its checkpoint.
+Rank 0 writes every file, each atomically, while it holds the folder's lock (`.pcbkit.lock`,
+`pcb_analysis.folder_lock`): a second run on the same folder is refused, and the run removes the
+temporaries its killed predecessors left (`.last_checkpoint.pth.*.tmp`, ...). A new run (or
+--force) deletes these files only, never anything else in the folder; a resumed run cuts
+metrics.jsonl back to its checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ LAST_CHECKPOINT = "last_checkpoint.pth"
 FINAL_MODEL = "model_final.pth"
 FINAL_METRICS = "final_metrics.json"
 RUN_FILES = (CONFIG_FILE, LAST_CHECKPOINT, FINAL_MODEL, METRICS_FILE, FINAL_METRICS)
+TEMPORARY_TARGETS = RUN_FILES
+"""The files whose stale atomic-write temporaries a run removes from its folder once it holds the lock."""
 
 
 def existing_outputs(out: Path) -> list[str]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,12 +26,14 @@ import torch
 from torch import Tensor
 
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.folder_lock import folder_lock, remove_stale_temporaries
 from pcb_train.backends import build_backend, read_checkpoint
 from pcb_train.cls_loss import build_cls_loss
 from pcb_train.config import TrainConfig
 from pcb_train.data import LVISDetectionDataset
 from pcb_train.distributed import (
     DistContext,
+    all_reduce_max_,
     barrier,
     current_context,
     init_distributed,
@@ -43,6 +47,7 @@ from pcb_train.run_dir import (
     FINAL_METRICS,
     FINAL_MODEL,
     LAST_CHECKPOINT,
+    TEMPORARY_TARGETS,
     existing_outputs,
     prepare_run_dir,
 )
@@ -186,7 +191,8 @@ def train(
     over in a directory that already holds a run (its outputs are deleted once every check has
     passed); evaluate_at_end: run the final LVIS evaluation on the validation split; on_log: called
     on rank 0 with every metrics record. Bad input raises PcbkitError before anything is written;
-    Ctrl-C saves a checkpoint and re-raises KeyboardInterrupt.
+    Ctrl-C or SIGTERM saves a checkpoint and raises `pcb_train.stop.Stopped` (a KeyboardInterrupt);
+    the folder is locked while the run goes on (`run_folder_lock`).
     """
     cfg = cfg.resolved()
     ctx = current_context()
@@ -294,6 +300,26 @@ def _build_trainer(
     )
 
 
+@contextmanager
+def run_folder_lock(out: Path, ctx: DistContext, device: torch.device) -> Iterator[None]:
+    """Hold `out`'s lock (rank 0, the rank that writes) and remove the stale temporaries of its run
+    files; every rank raises when rank 0 could not take the lock (no rank waits for it)."""
+    failed = torch.zeros(1, device=device)
+    with ExitStack() as stack:
+        if ctx.is_main:
+            try:
+                stack.enter_context(folder_lock(out, "pcbkit train"))
+            except PcbkitError:
+                all_reduce_max_(failed.fill_(1.0))  # the other ranks learn it, then rank 0 raises
+                raise
+        all_reduce_max_(failed)
+        if failed.item() > 0:
+            raise PcbkitError(f"{out}: rank 0 could not lock the run folder (its error says why)")
+        if ctx.is_main:
+            remove_stale_temporaries(out, TEMPORARY_TARGETS)
+        yield
+
+
 def _train(
     cfg: TrainConfig,
     out_dir: str | Path | None,
@@ -309,6 +335,25 @@ def _train(
     device = resolve_device(cfg.device, ctx.local_rank, option="device")
     amp_dtype = resolve_amp(cfg.solver.amp, device)
     plan = _plan(cfg, ctx, out)
+    with run_folder_lock(out, ctx, device):
+        return _train_locked(cfg, plan, ctx, device, amp_dtype, resume, force, evaluate_at_end, progress,
+                             on_log, wall_start)
+
+
+def _train_locked(
+    cfg: TrainConfig,
+    plan: RunPlan,
+    ctx: DistContext,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    resume: bool,
+    force: bool,
+    evaluate_at_end: bool,
+    progress: bool,
+    on_log: OnLog | None,
+    wall_start: float,
+) -> TrainResult:
+    out = plan.out
     ckpt = _resume_checkpoint(out, cfg, resume, force)
     barrier(ctx)  # every rank has checked the folder before rank 0 writes to it
 

@@ -175,8 +175,14 @@ def config_differences(saved: Mapping[str, Any], current: TrainConfig) -> list[s
         if key in RESUME_MUTABLE:
             continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            out.append(f"{key}: {a.get(key, '<absent>')!r} != {b.get(key, '<absent>')!r}")
+            out.append(f"{key}: {_short(a.get(key, '<absent>'))} != {_short(b.get(key, '<absent>'))}")
     return out
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr of a config value, cut to `limit` characters (a message names keys, not whole configs)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_resume_state(path: Path, ckpt: Mapping[str, Any], cfg: TrainConfig) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
@@ -41,7 +42,7 @@ from pcb_train.run_dir import FINAL_METRICS, FINAL_MODEL, LAST_CHECKPOINT
 from pcb_train.run_log import RunLog, finite_or_none, format_ap, progress_line
 from pcb_train.samplers import DistributedBatchSampler, RandomSampler
 from pcb_train.schedule import Schedule
-from pcb_train.stop import StopRequest
+from pcb_train.stop import Stopped, StopRequest
 from pcb_train.train_state import (
     TrainState,
     gather_rng,
@@ -51,6 +52,7 @@ from pcb_train.train_state import (
     seed_everything,
     set_rng_state,
 )
+from pcb_train.workers import stop_signals_to_main, unwrap_worker_errors
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,7 @@ class Trainer:
         self.bar: Any = None
         self._last_lr = 0.0
         self._last_active = False
+        self.stop_signal: int | None = None  # the signal that stopped `fit` (another rank's: SIGINT)
 
     @property
     def iteration(self) -> int:
@@ -177,6 +180,7 @@ class Trainer:
             num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),  # the loader must not draw from the global RNG (exact resume)
+            worker_init_fn=stop_signals_to_main() if self.cfg.data.num_workers else None,
         )
 
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -201,12 +205,14 @@ class Trainer:
         if self.iteration < self.schedule.max_iter:
             self._announce()
         stopped = False
+        self.stop_signal = None
         with StopRequest() as stop, logging_redirect_tqdm(), self.bar:
-            batches: Iterator[Any] = iter(loader)
+            batches: Iterator[Any] = unwrap_worker_errors(loader)
             while not stopped and self.iteration < self.schedule.max_iter:
                 values = self.run_step(batches, stop)
                 stopped = values is None or self._after_step(values, stop)
             del batches
+            self.stop_signal = stop.signum
         return not stopped
 
     def run_step(self, batches: Iterator[Any], stop: StopRequest) -> dict[str, float] | None:
@@ -344,17 +350,17 @@ class Trainer:
     # -- the end ------------------------------------------------------------------------------
 
     def stop_early(self) -> None:
-        """After a stop request: checkpoint, close the log, and raise KeyboardInterrupt."""
+        """After a stop request: checkpoint, close the log, and raise `Stopped` (a KeyboardInterrupt
+        whose message says where the run stopped and how to continue it)."""
         self.checkpoint()
         self.log.close()
         barrier(self.ctx)
-        logger.warning(
-            "stopped at iteration %d of %d; checkpoint %s (continue with --resume)",
-            self.iteration,
-            self.schedule.max_iter,
-            self.ckpt_path,
+        signum = self.stop_signal if self.stop_signal is not None else signal.SIGINT
+        raise Stopped(
+            f"stopped by {signal.Signals(signum).name} at iteration {self.iteration} of "
+            f"{self.schedule.max_iter}; checkpoint {self.ckpt_path} (continue with --resume)",
+            signum,
         )
-        raise KeyboardInterrupt
 
     def finish(self, evaluate_at_end: bool) -> dict[str, Any] | None:
         """Final checkpoint and model_final.pth (unless a finished run is only resumed), then the final

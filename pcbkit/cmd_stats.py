@@ -92,6 +92,9 @@ def stats_cmd(
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
     reader = DumpReader(dump_dir, allow_unfinished=allow_partial)
+    # bounded by memory before anything is allocated: the read buffers plus a float32 softmax of a chunk
+    chunk_rows = reader.check_chunk_memory(chunk_rows, ("image_ids", "logits", "labels"),
+                                           work_bytes_per_row=8 * (reader.num_classes + 1))
     st = stats_from_dump(reader, gt=gt, clip_mass=not no_clip_mass, clip_rows=clip_rows or None,
                          progress=not no_progress, chunk_rows=chunk_rows, split=split_name)
     folds = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import click
@@ -47,10 +48,12 @@ def train_cmd(
     """Train the detector of CONFIG; OVERRIDES are dotted key=value pairs (solver.max_iter=100).
 
     Writes config.yaml, last_checkpoint.pth, model_final.pth, metrics.jsonl, final_metrics.json
-    and TensorBoard events to the run folder. Ctrl-C saves a checkpoint; --resume continues exactly.
+    and TensorBoard events to the run folder (locked while the run goes on). Ctrl-C or SIGTERM saves
+    a checkpoint; --resume continues exactly.
     """
     # lazy: pcb_train imports torch, which `pcbkit --help` must not pay for
     from pcb_train.config import load_config
+    from pcb_train.stop import Stopped
     from pcb_train.train import train
 
     if resume and force:
@@ -58,9 +61,13 @@ def train_cmd(
     if int(os.environ.get("RANK", "0")) > 0:  # torchrun: only rank 0 talks
         logging.getLogger().setLevel(logging.WARNING)
     cfg = load_config(config_path, overrides)
-    result = train(
-        cfg, out_dir, resume=resume, force=force, evaluate_at_end=not no_eval, progress=not no_progress
-    )
+    try:
+        result = train(
+            cfg, out_dir, resume=resume, force=force, evaluate_at_end=not no_eval, progress=not no_progress
+        )
+    except Stopped as stop:  # SIGINT / SIGTERM: the checkpoint is saved; one line, 128 + signal number
+        click.echo(f"pcbkit: {stop}", err=True)
+        sys.exit(stop.exit_code)
     if int(os.environ.get("RANK", "0")) > 0:
         return
     spi = (

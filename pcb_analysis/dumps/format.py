@@ -5,15 +5,18 @@ image_ids [R] <i8, boxes [R, 4] <f4 (xyxy), logits [R, K+1] <f2 (background last
 labels [R] <i4 (-1 ignore, 0..K-1 positive, K background), ious [R] <f4, and optionally
 regressed [R, 4] or [R, K*4] <f4. Every shard also stores images [I] <i8 (all its image ids).
 Directory layout: docs/dumps.md §2. This module knows nothing of writing order, manifests' merge
-or statistics; the writer, the manifest merge and the reader build on it.
+or statistics; the writer, the manifest merge and the reader build on it. It also says what a
+complete shard is (`complete_record`, `damaged_column`) and whose it is (`dump_identity`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import struct
-from collections.abc import Sequence
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +35,9 @@ DEFAULT_SHARD_ROWS = 65_536  # ~158 MB of float16 logits per shard at K = 1,203
 DEFAULT_CHUNK_ROWS = 8_192  # ~20 MB of float16 logits per chunk at K = 1,203
 REGRESSED_KINDS = ("none", "agnostic", "per_class")
 # Provenance keys that must agree when a writer resumes a dump or when rank manifests merge:
-# mixing rows of two checkpoints or configs would silently corrupt every statistic.
-MUST_MATCH_PROVENANCE = ("checkpoint_hash", "config")
+# mixing rows of two checkpoints, ground truths or configs would silently corrupt every statistic.
+MUST_MATCH_PROVENANCE = ("checkpoint_hash", "gt_hash", "config")
+IDENTITY_KEYS = ("checkpoint_hash", "gt_hash", "config_hash")
 
 SHARD_RE = re.compile(r"^shard-r(\d{2,})-(\d{5,})$")
 RANK_MANIFEST_RE = re.compile(r"^manifest-r(\d{2,})\.json$")
@@ -76,6 +80,33 @@ def column_specs(num_classes: int, regressed: str = "none") -> dict[str, ColumnS
 
 
 IMAGES_SPEC = ColumnSpec("images", "<i8", ())  # per-shard image list, not a per-row column
+
+
+def dump_identity(provenance: Mapping[str, Any]) -> dict[str, str | None]:
+    """The identity of the run that writes a dump: {checkpoint_hash, gt_hash, config_hash} (None for
+    what the provenance lacks). Every shard carries it; a shard of another run is refused."""
+    config = provenance.get("config")
+    config_hash = None
+    if config is not None:
+        text = json.dumps(config, sort_keys=True, default=str).encode("utf-8")
+        config_hash = hashlib.sha256(text).hexdigest()[:16]
+    return {
+        "checkpoint_hash": provenance.get("checkpoint_hash"),
+        "gt_hash": provenance.get("gt_hash"),
+        "config_hash": config_hash,
+    }
+
+
+def identity_difference(found: Any, expected: Mapping[str, Any]) -> str | None:
+    """None when `found` (a shard's identity) is `expected`; else what differs, for a message."""
+    if not isinstance(found, Mapping):
+        return "it carries no run identity (written by another run or an earlier pcbkit)"
+    keys = [k for k in IDENTITY_KEYS if found.get(k) != expected.get(k)]
+    if not keys:
+        return None
+    return "written by another run (" + ", ".join(
+        f"{k} {found.get(k)!r}, expected {expected.get(k)!r}" for k in keys
+    ) + ")"
 
 
 def shard_name(rank: int, index: int) -> str:
@@ -129,3 +160,36 @@ def load_json_object(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise input_error(path, f"{what} is not a JSON object")
     return data
+
+
+def damaged_column(shard_dir: Path, rec: Mapping[str, Any]) -> str | None:
+    """The first column whose data fails the CRC-32 of its completion record (None: all intact)."""
+    for name, c in rec["columns"].items():
+        crc = 0
+        with open(shard_dir / c["file"], "rb") as f:
+            f.seek(int(c.get("data_offset", NPY_HEADER_BYTES)))
+            while block := f.read(1 << 22):
+                crc = zlib.crc32(block, crc)
+        if crc != int(c["crc32"]):
+            return name
+    return None
+
+
+def complete_record(shard_dir: Path, specs: Mapping[str, ColumnSpec]) -> dict[str, Any] | None:
+    """The shard's completion record if it is present, consistent and every file has its recorded size."""
+    try:
+        rec = load_json_object(shard_dir / COMPLETE_NAME, "completion record")
+        cols = rec["columns"]
+        rows = int(rec["rows"])
+        for name, spec in {**specs, IMAGES_SPEC.name: IMAGES_SPEC}.items():
+            c = cols[name]
+            expected_rows = int(rec["images"]) if name == IMAGES_SPEC.name else rows
+            if c["dtype"] != spec.dtype or list(c["shape"]) != [expected_rows, *spec.tail]:
+                return None
+            if (shard_dir / c["file"]).stat().st_size != int(c["bytes"]):
+                return None
+        if set(cols) != set(specs) | {IMAGES_SPEC.name}:
+            return None
+    except (PcbkitError, KeyError, TypeError, ValueError, OSError):
+        return None
+    return rec

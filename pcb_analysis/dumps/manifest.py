@@ -31,18 +31,51 @@ from pcb_analysis.errors import input_error
 logger = logging.getLogger(__name__)
 
 # Header fields two rank manifests must share to be merged.
-_MERGE_KEYS = ("format", "schema_version", "category_hash", "num_classes", "split", "regressed", "columns")
+_MERGE_KEYS = (
+    "format", "schema_version", "category_hash", "num_classes", "split", "regressed", "columns", "identity"
+)
+_SHOWN_CHARS = 60  # a differing value longer than this is shortened in messages
 
 
 def shard_entry(name: str, rank: int, rec: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest's record of one complete shard, from its completion record `rec`."""
-    return {
+    entry = {
         "name": name,
         "rank": rank,
         "rows": int(rec["rows"]),
         "images": int(rec["images"]),
         "columns": rec["columns"],
     }
+    if "identity" in rec:
+        entry["identity"] = rec["identity"]
+    return entry
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def value_differences(old: Any, new: Any, limit: int = 4) -> str:
+    """The dotted keys where two (nested) values differ, with both short values:
+    'dump.positives_only: False -> True' (the first `limit`, then how many more)."""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k, "<absent>") != b.get(k, "<absent>")]
+    shown = [
+        f"{k or 'value'}: {_short(a.get(k, '<absent>'))} -> {_short(b.get(k, '<absent>'))}"
+        for k in keys[:limit]
+    ]
+    more = f"; and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(shown) + more
 
 
 def check_provenance(old: Mapping[str, Any], new: Mapping[str, Any], path: Path, what: str) -> None:
@@ -50,7 +83,9 @@ def check_provenance(old: Mapping[str, Any], new: Mapping[str, Any], path: Path,
     for key in MUST_MATCH_PROVENANCE:
         if key in old and key in new and old[key] != new[key]:
             raise input_error(
-                path, f"provenance {key!r} differs from the {what} ({old[key]!r} vs {new[key]!r})"
+                path,
+                f"provenance {key!r} differs from the {what} ({value_differences(old[key], new[key])}; "
+                f"the {what}'s value first)",
             )
     differing = sorted(k for k in set(old) & set(new) if old[k] != new[k])
     if differing:

@@ -2,16 +2,17 @@
 
 Only shards listed in `manifest.json` are read. On open: format, schema, category space (against
 its hash and `expected_categories`), K, every shard's .npy header and byte size (a truncated shard
-fails before any row is read). While streaming `Chunk`s (dict column -> array [n, ...], rows
-`start .. start+n` of one shard): CRC-32 of each column read, finite logits, labels in -1..K.
-File reads and CRC-32 run in a prefetch thread; with `reuse_buffers`, memory stays at a few chunks
-whatever the dump size.
+fails before any row is read) and identity (a shard of another run is refused). While streaming
+`Chunk`s (dict column -> array [n, ...], rows `start .. start+n` of one shard): CRC-32 of each
+column read, finite logits, labels in -1..K. File reads and CRC-32 run in a prefetch thread; with
+`reuse_buffers`, memory stays at a few chunks whatever the dump size.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import zlib
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps.format import (
+    COMPLETE_NAME,
     DEFAULT_CHUNK_ROWS,
     FORMAT_NAME,
     IMAGES_SPEC,
@@ -33,6 +35,7 @@ from pcb_analysis.dumps.format import (
     SCHEMA_VERSION,
     SHARD_RE,
     column_specs,
+    identity_difference,
     load_json_object,
     read_npy_header,
 )
@@ -134,6 +137,8 @@ class DumpReader:
         self.split = str(man.get("split", ""))
         self.provenance: dict[str, Any] = dict(man.get("provenance", {}))
         self.regressed = str(man.get("regressed", "none"))
+        identity = man.get("identity")  # absent in dumps of earlier pcbkit versions: nothing to check
+        self.identity: dict[str, Any] | None = dict(identity) if isinstance(identity, Mapping) else None
         try:
             self.specs = column_specs(k, self.regressed)
         except PcbkitError as err:
@@ -194,11 +199,47 @@ class DumpReader:
             if size != offset + n * spec.row_bytes:
                 raise input_error(fpath, f"shard {name} is truncated: {size} bytes for {n} rows")
             offsets[col] = offset
+        if self.identity is not None:
+            for found, where in (
+                (entry.get("identity"), "its manifest entry"),
+                (load_json_object(shard_dir / COMPLETE_NAME, "completion record").get("identity"),
+                 COMPLETE_NAME),
+            ):
+                foreign = identity_difference(found, self.identity)
+                if foreign is not None:
+                    raise input_error(
+                        shard_dir, f"shard {name} does not belong to this dump ({where}: {foreign})"
+                    )
         return ShardInfo(name=name, rows=rows, images=images, columns=columns, offsets=offsets)
 
     @property
     def columns(self) -> tuple[str, ...]:
         return tuple(self.specs)
+
+    def chunk_rows(self, rows: int) -> int:
+        """The rows a chunk of at most `rows` can really hold here (chunks never span two shards)."""
+        return max(1, min(int(rows), max((s.rows for s in self.shards), default=1)))
+
+    def check_chunk_memory(
+        self, rows: int, columns: Iterable[str], work_bytes_per_row: int = 0, buffers: int = 4,
+        available: int | None = None, option: str = "--chunk-rows",
+    ) -> int:
+        """Refuse (PcbkitError, before anything is allocated) a chunk size whose buffers would need
+        more than half the available memory; returns the effective chunk rows.
+
+        Memory: `buffers` chunks of `columns` (iter_chunks' prefetch + 2) plus `work_bytes_per_row`
+        of the caller's own work per row. `available`: bytes (default: MemAvailable of the system)."""
+        n = self.chunk_rows(rows)
+        per_row = sum(self.specs[c].row_bytes for c in columns) * buffers + work_bytes_per_row
+        need = n * per_row
+        avail = available if available is not None else available_memory()
+        if avail is not None and need > avail // 2:
+            fit = max(1, avail // 2 // max(per_row, 1))
+            raise PcbkitError(
+                f"{option} {rows:,}: chunks of {n:,} rows would need about {need / 2**30:.1f} GiB, more than "
+                f"half of the {avail / 2**30:.1f} GiB of memory available; use {option} {fit:,} or less"
+            )
+        return n
 
     def image_ids(self) -> np.ndarray:
         """All image ids of the dump (also those with no rows), in shard order. [I] int64."""
@@ -228,6 +269,7 @@ class DumpReader:
         """
         if rows < 1:
             raise PcbkitError(f"iter_chunks: rows must be >= 1, got {rows}")
+        rows = self.chunk_rows(rows)  # a chunk never spans two shards: no buffer beyond the largest
         names = list(self.specs) if columns is None else list(columns)
         unknown = [c for c in names if c not in self.specs]
         if unknown:
@@ -389,6 +431,20 @@ class DumpReader:
         with tqdm(total=self.num_rows, **bar_args) as bar:
             for chunk in self.iter_chunks(reuse_buffers=True):
                 bar.update(len(chunk["labels"]))
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable; None where it is unknown)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _read_exact(f: Any, view: memoryview, path: Path) -> None:

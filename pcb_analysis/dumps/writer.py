@@ -5,8 +5,9 @@ refused), labels [R] in {-1, 0..K-1, K}, ious [R], optional regressed [R, 4] or 
 A shard is written under `shard-rNN-IIIII.partial/`, every column file fsynced, `COMPLETE.json`
 written last and atomically, then renamed to its final name and listed in the rank manifest:
 a crash never leaves a half shard that reads as complete. Reopening the directory resumes after
-the complete shards (`done_image_ids`). Column files stream behind a fixed 128-byte .npy header
-filled in when the shard closes (writer memory: one image).
+the complete shards (`done_image_ids`), re-checking their CRC-32 (a damaged one is redone) and the
+run identity they carry (another run's is refused). Column files stream behind a fixed 128-byte
+.npy header filled in when the shard closes (writer memory: one image).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import os
 import shutil
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,10 @@ from pcb_analysis.dumps.format import (
     SHARD_RE,
     ColumnSpec,
     column_specs,
+    complete_record,
+    damaged_column,
+    dump_identity,
+    identity_difference,
     load_json_object,
     npy_header,
     rank_manifest_name,
@@ -111,26 +116,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _check_complete_record(shard_dir: Path, specs: Mapping[str, ColumnSpec]) -> dict[str, Any] | None:
-    """The shard's completion record if it is present, consistent and every file has its recorded size."""
-    try:
-        rec = load_json_object(shard_dir / COMPLETE_NAME, "completion record")
-        cols = rec["columns"]
-        rows = int(rec["rows"])
-        for name, spec in {**specs, IMAGES_SPEC.name: IMAGES_SPEC}.items():
-            c = cols[name]
-            expected_rows = int(rec["images"]) if name == IMAGES_SPEC.name else rows
-            if c["dtype"] != spec.dtype or list(c["shape"]) != [expected_rows, *spec.tail]:
-                return None
-            if (shard_dir / c["file"]).stat().st_size != int(c["bytes"]):
-                return None
-        if set(cols) != set(specs) | {IMAGES_SPEC.name}:
-            return None
-    except (PcbkitError, KeyError, TypeError, ValueError, OSError):
-        return None
-    return rec
-
-
 class DumpWriter:
     """Write one rank's shards of a dump; resumable, and never leaves a half shard that reads as complete.
 
@@ -148,7 +133,10 @@ class DumpWriter:
     (|z| > 65504) are refused rather than silently stored as inf. Shards close at image
     boundaries once they hold at least `shard_rows` rows, so each image's rows live in one shard.
     Reopening a directory resumes: complete shards of this rank are kept (their images are in
-    `done_image_ids`), partial ones are deleted, and new shards continue the numbering.
+    `done_image_ids`), partial ones and those failing their CRC-32 are deleted (their images are
+    written again), and new shards continue the numbering. A resume is refused when a shard carries
+    another run's identity (checkpoint, ground truth, config: `dump_identity`), or when the dump holds
+    images outside `image_ids` (the images this run may write; None: no check).
     """
 
     def __init__(
@@ -162,6 +150,7 @@ class DumpWriter:
         world_size: int = 1,
         regressed: str = "none",
         check_finite: bool = True,
+        image_ids: Iterable[int] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise PcbkitError(f"dump writer: rank {rank} outside world size {world_size}")
@@ -178,6 +167,8 @@ class DumpWriter:
         self.regressed = regressed
         self.check_finite = check_finite
         self.specs = column_specs(self.num_classes, regressed)
+        self.identity = dump_identity(self.provenance)
+        self._allowed = None if image_ids is None else {int(i) for i in image_ids}
         self._shards: list[dict[str, Any]] = []
         self._done: set[int] = set()
         self._open: dict[str, _ColumnFile] | None = None
@@ -196,26 +187,56 @@ class DumpWriter:
 
     def _resume(self) -> None:
         path = self.out_dir / rank_manifest_name(self.rank)
+        old: dict[str, Any] = {}
         if path.exists():
-            self._check_compatible(load_json_object(path, "rank manifest"), path)
+            old = load_json_object(path, "rank manifest")
+            self._check_compatible(old, path)
         prefix = f"shard-r{self.rank:02d}-"
-        removed = 0
+        removed = damaged = 0
         for entry in sorted(self.out_dir.iterdir()):
             if not entry.name.startswith(prefix) or not entry.is_dir():
                 continue
             m = SHARD_RE.match(entry.name)
-            rec = _check_complete_record(entry, self.specs) if m else None
+            rec = complete_record(entry, self.specs) if m else None
             if rec is None:
                 shutil.rmtree(entry)
                 removed += 1
                 continue
             assert m is not None
+            foreign = identity_difference(rec.get("identity"), self.identity)
+            if foreign is not None:
+                raise input_error(
+                    entry, f"cannot resume: shard {foreign}; remove it or use a new output directory"
+                )
+            bad = damaged_column(entry, rec)
+            if bad is not None:  # its images are dumped again, into a new shard
+                logger.warning(
+                    "dump %s: shard %s fails the CRC-32 of column %r: removed, its images are dumped again",
+                    self.out_dir, entry.name, bad,
+                )
+                shutil.rmtree(entry)
+                damaged += 1
+                continue
             self._next_index = max(self._next_index, int(m.group(2)) + 1)
             images = np.load(entry / rec["columns"][IMAGES_SPEC.name]["file"])
             self._done.update(int(i) for i in images)
             self._shards.append(shard_entry(entry.name, self.rank, rec))
+        beyond = sorted(self._done - self._allowed) if self._allowed is not None else []
+        if beyond:
+            old_prov = old.get("provenance")
+            started = old_prov.get("max_images") if isinstance(old_prov, dict) else None
+            raise input_error(
+                self.out_dir,
+                f"cannot resume: the dump already holds {len(beyond)} image(s) that this run would not "
+                f"dump (e.g. image id {beyond[0]}; it was started with max_images={started}): rerun with "
+                "the images it was started with, or use a new output directory",
+            )
         if removed:
             logger.info("dump %s rank %d: removed %d incomplete shard(s)", self.out_dir, self.rank, removed)
+        if damaged:
+            logger.warning(
+                "dump %s rank %d: %d damaged shard(s) will be rewritten", self.out_dir, self.rank, damaged
+            )
         if self._shards:
             logger.info(
                 "dump %s rank %d: resuming after %d complete shard(s), %d image(s) done",
@@ -352,6 +373,7 @@ class DumpWriter:
             "rows": self._open_rows,
             "images": len(self._open_images),
             "columns": columns,
+            "identity": self.identity,
         }
         write_json_atomic(self._open_dir / COMPLETE_NAME, rec, indent=1)
         final = self.out_dir / self._open_name
@@ -391,6 +413,7 @@ class DumpWriter:
             "columns": {n: {"dtype": s.dtype, "tail": list(s.tail)} for n, s in self.specs.items()},
             "world_size": self.world_size,
             "provenance": self.provenance,
+            "identity": self.identity,
             "categories": self.categories.to_dict(),
         }
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.errors import PcbkitError, input_error
+from pcb_analysis.folder_lock import folder_lock, remove_stale_temporaries
 from pcb_analysis.lvis_eval import FIXED_AP_PER_CLASS, MAX_DETS, default_workers, evaluate_full
 from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
 from pcb_analysis.lvis_json import gc_paused
@@ -229,13 +230,18 @@ def open_row_results(
     out: Path, split: str, rows: Sequence[StatRow], *, fixed_ap: bool, suffix: str = "",
     max_dets: int = MAX_DETS,
 ) -> Iterator[RowResults]:
-    """`RowResults` for `rows` under `out`; leaving the block without `finish()` keeps nothing."""
+    """`RowResults` for `rows` under `out`; leaving the block without `finish()` keeps nothing.
+
+    `out` is locked for the block (`pcb_analysis.folder_lock`: a second calibration writing into it
+    is refused), and the temporaries that killed calibrations left there are removed first."""
     check_name(split, "split name")  # it becomes part of the file names: nothing outside `out`
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise input_error(out, f"cannot create the output folder ({err.strerror})") from err
     with ExitStack() as stack:
+        stack.enter_context(folder_lock(out, "pcbkit calibrate"))
+        remove_stale_temporaries(out, (f"{split}-*.json", "metrics*.json", "metrics*.csv"))
         files = {row.slug: stack.enter_context(write_results(out / f"{split}-{row.slug}{suffix}.json"))
                  for row in rows}
         results = RowResults(stack, rows, files, fixed_ap, max_dets)
