@@ -9,6 +9,7 @@ the dump's identity and resume checks in `pcb_analysis.dumps` / `pcb_train.dump_
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -30,6 +31,8 @@ from torch.utils.data._utils import signal_handling
 
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps import DumpReader
+from pcb_analysis.dumps.format import ColumnSpec
+from pcb_analysis.dumps.writer import _ColumnFile
 from pcb_analysis.errors import PcbkitError
 from pcb_analysis.folder_lock import (
     LOCK_NAME,
@@ -580,3 +583,24 @@ def test_signal_to_the_process_group_saves_a_checkpoint_with_workers(
     records = [json.loads(x) for x in (out / METRICS_FILE).read_text().splitlines()]
     assert done >= 2 and [r["iteration"] for r in records] == list(range(done))
     assert not (out / LOCK_NAME).exists()
+
+
+class _FullDisk:
+    """A file object whose writes fail as on a full disk."""
+
+    def write(self, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def close(self) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_dump_shard_write_on_a_full_disk_names_the_file(tmp_path: Path) -> None:
+    """Issue 13 item 12: a full disk while a shard streams a column gives `<file>: no space left on
+    device` (not an unnamed OSError); aborting the shard does not raise a second error."""
+    col = _ColumnFile(tmp_path, ColumnSpec("logits", "<f2", (3,)))
+    col._f.close()
+    col._f = _FullDisk()  # type: ignore[assignment]
+    with pytest.raises(PcbkitError, match=r"logits\.npy: no space left on device"):
+        col.append(np.zeros((2, 3), dtype=np.float16))
+    col.abort()

@@ -12,6 +12,7 @@ run identity they carry (another run's is refused). Column files stream behind a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pcb_analysis.atomic import write_json_atomic
+from pcb_analysis.atomic import os_errors_named, write_json_atomic
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.dumps.format import (
     COMPLETE_NAME,
@@ -63,8 +64,9 @@ class _ColumnFile:
         self.spec = spec
         self.path = directory / spec.file
         self._dtype = np.dtype(spec.dtype)
-        self._f = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/abort()
-        self._f.write(b"\0" * NPY_HEADER_BYTES)
+        with os_errors_named(self.path):  # a full disk names the shard file (docs/dumps.md)
+            self._f = open(self.path, "wb")  # noqa: SIM115 - closed in finish()/abort()
+            self._f.write(b"\0" * NPY_HEADER_BYTES)
         self.rows = 0
         self.crc = 0
 
@@ -74,16 +76,18 @@ class _ColumnFile:
             return
         data = memoryview(arr).cast("B")
         self.crc = zlib.crc32(data, self.crc)
-        self._f.write(data)
+        with os_errors_named(self.path):
+            self._f.write(data)
         self.rows += arr.shape[0]
 
     def finish(self) -> dict[str, Any]:
         shape = (self.rows, *self.spec.tail)
-        self._f.seek(0)
-        self._f.write(npy_header(self.spec.dtype, shape))
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        with os_errors_named(self.path):
+            self._f.seek(0)
+            self._f.write(npy_header(self.spec.dtype, shape))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
         return {
             "file": self.spec.file,
             "dtype": self.spec.dtype,
@@ -94,7 +98,9 @@ class _ColumnFile:
         }
 
     def abort(self) -> None:
-        self._f.close()
+        # already failing (e.g. the disk is full): the shard is discarded anyway
+        with contextlib.suppress(OSError):
+            self._f.close()
 
 
 def _fsync_dir(path: Path) -> None:
