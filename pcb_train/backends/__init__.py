@@ -85,11 +85,6 @@ def build_backend(config: ModelConfig, train_min_sizes: Sequence[int] | None = N
         from pcb_train.backends.torchvision import TorchvisionBackend
 
         return TorchvisionBackend(config, train_min_sizes)
-    if config.backend == "detectron2" and (config.cls_loss != "ce" or config.normalized_classifier):
-        raise PcbkitError(
-            f"model.cls_loss: {config.cls_loss!r} / model.normalized_classifier are implemented for the "
-            "torchvision backend only (docs/losses.md §6)"
-        )
     if config.backend == "detectron2":
         try:
             from pcb_train.backends.detectron2 import Detectron2Backend

@@ -173,6 +173,8 @@ def detectron2_cfg(
     m.PCB.N_ITER = int(c.n_iter)
     m.PCB.STEP_WEIGHTS = [float(w) for w in c.step_weights]
     m.PCB.MODULATION_INIT = str(c.modulation_init)
+    m.PCB.CLS_LOSS = str(c.cls_loss)
+    m.PCB.NORMALIZED_CLASSIFIER = bool(c.normalized_classifier)
     cfg.TEST.DETECTIONS_PER_IMAGE = int(c.detections_per_image)
     cfg.INPUT.MIN_SIZE_TEST = int(c.min_size)
     cfg.INPUT.MAX_SIZE_TEST = int(c.max_size)

@@ -2,6 +2,7 @@
 already puts the background LAST, logits [R, K+1], labels 0..K-1, K = background).
 
     box_outputs         per-step logits [R, K+1] and the last step's deltas of any StandardROIHeads
+                        (a loss family's raw outputs mapped by `PCBROIHeads.score_logits`)
     mask_probabilities  mask probabilities [D, 1, M, M] of each instance's predicted class only
     original_rows       proposal rows of `fast_rcnn_inference`'s kept indices
 
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from pcb_train.normed_layers import NormedConv2d
+
 if TYPE_CHECKING:
     from detectron2.structures import Instances
 
@@ -22,9 +25,11 @@ if TYPE_CHECKING:
 def box_outputs(
     roi_heads: nn.Module, features: dict[str, Tensor], proposals: list[Instances]
 ) -> tuple[tuple[Tensor, ...], Tensor]:
-    """(per-step logits [R, K+1] background last, last deltas) of any StandardROIHeads."""
+    """(per-step logits [R, K+1] background last, last deltas) of any StandardROIHeads; the raw
+    outputs of a Seesaw / EQLv2 head go through its `score_logits` (docs/losses.md §4)."""
     if hasattr(roi_heads, "box_predictions"):
-        return roi_heads.box_predictions(features, proposals)
+        step_logits, deltas = roi_heads.box_predictions(features, proposals)
+        return tuple(roi_heads.score_logits(z) for z in step_logits), deltas
     feats = [features[f] for f in roi_heads.box_in_features]
     x = roi_heads.box_pooler(feats, [p.proposal_boxes for p in proposals])
     logits, deltas = roi_heads.box_predictor(roi_heads.box_head(x))
@@ -60,7 +65,10 @@ def mask_probabilities(
             break
         x = layer(x)
     classes = torch.cat([i.pred_classes for i in instances]).to(x.device)
-    weight = predictor.weight[:, :, 0, 0]  # [K or 1, C]
+    weight = predictor.weight
+    if isinstance(predictor, NormedConv2d):  # cosine mask predictor (docs/losses.md §2)
+        x, weight = predictor.normalized_input(x), predictor.normalized_weight()
+    weight = weight[:, :, 0, 0]  # [K or 1, C]
     if weight.shape[0] == 1:  # class-agnostic masks
         classes = torch.zeros_like(classes)
     logits = torch.einsum("dchw,dc->dhw", x, weight[classes].to(x.dtype))

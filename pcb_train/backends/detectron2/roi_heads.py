@@ -7,7 +7,10 @@ Importing this module imports detectron2 and registers `PCBROIHeads` in its ROI_
 `build_model` / `DefaultTrainer` work unchanged. Training: the classification loss of every step
 (PCB with the online matrix when MODEL.PCB.ENABLED, from `resolve_start_iter`), box loss from the
 last step; inference: the last step, after `score_transform` when set. The online matrix
-(`roi_heads.confusion`) is saved with the weights. Keys and details: docs/backends.md §7.
+(`roi_heads.confusion`) is saved with the weights. MODEL.PCB.CLS_LOSS seesaw | eqlv2 swaps in the
+loss family of `pcb_train.loss_families` (K+2 / sigmoid K+1 outputs; `score_logits` maps them to the
+[R, K+1] layout inference and the records use) and NORMALIZED_CLASSIFIER the cosine layers
+(docs/losses.md). Keys and details: docs/backends.md §7.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from pcb_train.iterative_head import (
     iterative_cls_loss,
     share_checkpoint_keys,
 )
+from pcb_train.loss_families import CLS_LOSSES, FamilyLoss, build_family, num_cls_outputs
+from pcb_train.normed_layers import NormedConv2d, NormedLinear
 from pcb_train.pcb_loss import DEFAULT_ALPHA, DEFAULT_MOMENTUM, OnlineConfusion
 from pcb_train.schedule import DEFAULT_PCB_START_FRACTION, pcb_start_iteration
 
@@ -59,6 +64,8 @@ def add_pcb_config(cfg: CfgNode) -> CfgNode:
     pcb.N_ITER = 3
     pcb.STEP_WEIGHTS = list(DEFAULT_STEP_WEIGHTS)
     pcb.MODULATION_INIT = "default"
+    pcb.CLS_LOSS = "ce"
+    pcb.NORMALIZED_CLASSIFIER = False
     frozen = cfg.is_frozen()
     cfg.defrost()
     cfg.MODEL.PCB = pcb
@@ -106,6 +113,8 @@ class PCBROIHeads(StandardROIHeads):
         iterative: use the iterative head (n_iter weight-shared steps).
         n_iter, step_weights: its steps and their classification-loss weights.
         modulation_init: "default" or "identity" initialisation of the modulation MLPs.
+        cls_loss: "ce", "seesaw" (K+2 outputs) or "eqlv2" (sigmoid K+1 outputs); docs/losses.md.
+        normalized_classifier: cosine box classifier and mask predictor (temperature 20).
         roi_channels, roi_size: C and S of the box RoI features (inferred when None).
     """
 
@@ -121,6 +130,8 @@ class PCBROIHeads(StandardROIHeads):
         n_iter: int = 3,
         step_weights: Sequence[float] = DEFAULT_STEP_WEIGHTS,
         modulation_init: str = "default",
+        cls_loss: str = "ce",
+        normalized_classifier: bool = False,
         roi_channels: int | None = None,
         roi_size: int | None = None,
         **kwargs: Any,
@@ -128,11 +139,16 @@ class PCBROIHeads(StandardROIHeads):
         super().__init__(**kwargs)
         predictor = self.box_predictor
         sigmoid = getattr(predictor, "use_sigmoid_ce", False) or getattr(predictor, "use_fed_loss", False)
-        if pcb_loss and sigmoid:
+        if cls_loss not in CLS_LOSSES:
+            raise ApiMisuseError(f"PCBROIHeads: cls_loss must be one of {CLS_LOSSES}, got {cls_loss!r}")
+        if (pcb_loss or cls_loss != "ce") and sigmoid:
             raise ApiMisuseError(
-                "PCBROIHeads: the PCB loss is a softmax loss; "
+                "PCBROIHeads: the PCB loss is a softmax loss and the loss families bring their own outputs; "
                 "disable MODEL.ROI_BOX_HEAD.USE_SIGMOID_CE / USE_FED_LOSS"
             )
+        self._set_classifier(cls_loss, bool(normalized_classifier))
+        # the family's statistics (Seesaw counts, EQLv2 gradient sums) are buffers: saved with the model
+        self.family_loss: FamilyLoss | None = build_family(cls_loss, self.num_classes)
         if alpha < 0.0:
             raise ApiMisuseError(f"PCBROIHeads: alpha must be >= 0, got {alpha}")
         self.pcb_loss = bool(pcb_loss)
@@ -156,9 +172,13 @@ class PCBROIHeads(StandardROIHeads):
             share_checkpoint_keys(self)
         else:
             self.step_weights = (1.0,)
-        self.confusion: OnlineConfusion | None = (
-            OnlineConfusion(self.num_classes, momentum) if self.pcb_loss else None
-        )
+        self.confusion: OnlineConfusion | None = None
+        if self.pcb_loss:
+            self.confusion = (
+                OnlineConfusion(self.num_classes, momentum)
+                if self.family_loss is None
+                else self.family_loss.make_confusion(momentum)
+            )
         self.score_transform: ScoreTransform | None = None
         self.last_cls_loss: StepClsLosses | None = None
 
@@ -180,18 +200,46 @@ class PCBROIHeads(StandardROIHeads):
             n_iter=int(pcb.N_ITER) if pcb.ITERATIVE else 1,
             step_weights=tuple(float(w) for w in pcb.STEP_WEIGHTS) if pcb.ITERATIVE else (1.0,),
             modulation_init=str(pcb.get("MODULATION_INIT", "default")),
+            cls_loss=str(pcb.get("CLS_LOSS", "ce")),
+            normalized_classifier=bool(pcb.get("NORMALIZED_CLASSIFIER", False)),
             roi_channels=int(input_shape[in_features[0]].channels),
             roi_size=int(cfg.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION),
         )
         return ret
+
+    def _set_classifier(self, cls_loss: str, normalized: bool) -> None:
+        """K+2 (Seesaw) class outputs and / or the cosine classifier and mask predictor; detectron2's
+        initialisation for new plain layers (normal std 0.01, bias 0), `NormedLinear`'s for cosine."""
+        predictor = self.box_predictor
+        old = predictor.cls_score
+        width = num_cls_outputs(cls_loss, self.num_classes)
+        if normalized:
+            predictor.cls_score = NormedLinear(old.in_features, width)
+        elif width != old.out_features:
+            layer = nn.Linear(old.in_features, width)
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.constant_(layer.bias, 0.0)
+            predictor.cls_score = layer
+        mask_predictor = getattr(getattr(self, "mask_head", None), "predictor", None)
+        if normalized and isinstance(mask_predictor, nn.Conv2d):
+            c = mask_predictor
+            self.mask_head.predictor = NormedConv2d(c.in_channels, c.out_channels, c.kernel_size[0])
+
+    def score_logits(self, logits: Tensor) -> Tensor:
+        """Raw class outputs -> [R, K+1] logits (background last) whose softmax is the model's
+        test-time scores: the logits for CE, the family's `test_logits` for Seesaw / EQLv2."""
+        if self.family_loss is None:
+            return logits
+        return self.family_loss.test_logits(logits)
 
     # -- box head --------------------------------------------------------------------------
 
     def box_predictions(
         self, features: dict[str, Tensor], proposals: list[Instances]
     ) -> tuple[tuple[Tensor, ...], Tensor]:
-        """RoI-align + box head (all steps) for `proposal_boxes`: (per-step logits [R, K+1],
-        background last; the last step's deltas [R, 4K] or [R, 4])."""
+        """RoI-align + box head (all steps) for `proposal_boxes`: (per-step raw class outputs: [R, K+1]
+        background last, [R, K+2] for Seesaw, see `score_logits`; the last step's deltas [R, 4K] or
+        [R, 4])."""
         feats = [features[f] for f in self.box_in_features]
         x = self.box_pooler(feats, [p.proposal_boxes for p in proposals])
         if self.iterative_head is not None:
@@ -220,7 +268,7 @@ class PCBROIHeads(StandardROIHeads):
             gt_classes = torch.empty(0, dtype=torch.int64, device=device)
             proposal_boxes = gt_boxes = torch.empty((0, 4), device=device)
         storage = get_event_storage()
-        _log_accuracy(step_logits[-1].detach(), gt_classes, storage)
+        _log_accuracy(self.score_logits(step_logits[-1].detach()), gt_classes, storage)
         cls = iterative_cls_loss(
             step_logits,
             gt_classes,
@@ -228,6 +276,7 @@ class PCBROIHeads(StandardROIHeads):
             confusion=self.confusion,
             alpha=self.alpha,
             pcb_started=self.confusion is not None and self.pcb_started(),
+            family=self.family_loss,
         )
         self.last_cls_loss = cls
         if self.confusion is not None:
@@ -258,14 +307,15 @@ class PCBROIHeads(StandardROIHeads):
         return self.predict(step_logits[-1], deltas, proposals)
 
     def predict(self, logits: Tensor, deltas: Tensor, proposals: list[Instances]) -> list[Instances]:
-        """detectron2's post-processing of the last step, after `score_transform` when one is set."""
+        """detectron2's post-processing of the last step (raw outputs, mapped by `score_logits`), after
+        `score_transform` when one is set."""
         predictor = self.box_predictor
-        predictions = (logits, deltas)
+        predictions = (self.score_logits(logits), deltas)
         if self.score_transform is None:
             instances, _ = predictor.inference(predictions, proposals)
             return instances
         boxes = predictor.predict_boxes(predictions, proposals)
-        probs = torch.cat(predictor.predict_probs(predictions, proposals)) if proposals else logits
+        probs = torch.cat(predictor.predict_probs(predictions, proposals)) if proposals else predictions[0]
         q = self.score_transform(probs)
         if q.shape != probs.shape:
             raise ApiMisuseError(f"score_transform returned {tuple(q.shape)}, expected {tuple(probs.shape)}")
