@@ -662,3 +662,101 @@ def test_local_weights_initialise_a_frozen_backbone(tmp_path: Path, backend: Any
         b.model.roi_heads.box_predictor.cls_score.weight,
         backend.model.roi_heads.box_predictor.cls_score.weight,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# loss families (model.cls_loss: seesaw | eqlv2, model.normalized_classifier; docs/losses.md)
+
+
+def family_overrides(cls_loss: str, pcb: bool) -> list[str]:
+    """The synthetic family configs' switches: Seesaw with the cosine classifier, EQLv2 without."""
+    normed = "true" if cls_loss == "seesaw" else "false"
+    return [f"model.cls_loss={cls_loss}", f"model.normalized_classifier={normed}", *(PCB if pcb else [])]
+
+
+@needs_detectron2
+@pytest.mark.parametrize("pcb", [False, True])
+@pytest.mark.parametrize("cls_loss", ["seesaw", "eqlv2"])
+def test_family_training_with_simple_trainer(cls_loss: str, pcb: bool) -> None:
+    from pcb_train.loss_families import EQLv2Loss, SeesawLoss
+    from pcb_train.normed_layers import NormedConv2d, NormedLinear
+
+    b = tiny_backend(*family_overrides(cls_loss, pcb))
+    heads = b.model.roi_heads
+    cls = heads.box_predictor.cls_score
+    assert cls.out_features == (K + 2 if cls_loss == "seesaw" else K + 1)
+    assert isinstance(cls, NormedLinear) == (cls_loss == "seesaw")
+    assert isinstance(heads.mask_head.predictor, NormedConv2d) == (cls_loss == "seesaw")
+    assert isinstance(heads.family_loss, SeesawLoss if cls_loss == "seesaw" else EQLv2Loss)
+    # the family's statistics are saved with the model
+    keys = set(b.model.state_dict())
+    stat = "family_loss.counts.counts" if cls_loss == "seesaw" else "family_loss.stats.pos_grad"
+    assert f"roi_heads.{stat}" in keys
+    logged = train_steps(b, 3)
+    assert len(logged) == 3
+    for row in logged:
+        for key in ("total_loss", "loss_cls", "loss_box_reg", "loss_mask"):
+            assert torch.isfinite(torch.tensor(row[key])), (key, row)
+    if cls_loss == "seesaw":
+        counts = heads.family_loss.counts.counts
+        assert bool((counts[:K] > 0).all())  # every class is in every batch
+    else:
+        stats = heads.family_loss.stats
+        assert int(stats.steps) > 0 and bool((stats.pos_grad > 0).all())
+    if not pcb:
+        assert heads.confusion is None
+        assert heads.last_cls_loss is not None and heads.last_cls_loss.alphas == (0.0,)
+        return
+    assert [row["pcb/active"] for row in logged] == [0.0, 1.0, 1.0]
+    assert heads.last_cls_loss is not None and heads.last_cls_loss.alphas == (0.0, 0.2, 0.4)
+    conf = heads.confusion
+    assert conf is not None and conf.ready
+    rows = conf.matrix.sum(dim=1)
+    if cls_loss == "seesaw":  # softmax of the K class logits, renormalised rows
+        torch.testing.assert_close(rows, torch.ones(K, dtype=torch.float64))
+    else:  # sigmoid scores, rows not renormalised
+        assert not torch.allclose(rows, torch.ones(K, dtype=torch.float64))
+
+
+def _hand_scores(cls_loss: str, raw: Tensor) -> Tensor:
+    """The family's test-time scores [R, K+1] written out from the raw head outputs: Seesaw
+    softmax(classes) x P(fg) and P(bg); EQLv2 s_j = sigmoid(z_j)(1 - sigmoid(z_K)), background 1 - S
+    (scaled to sum 1 when S > 1)."""
+    raw = raw.double()
+    if cls_loss == "seesaw":
+        obj = raw[:, K:].softmax(dim=1)
+        return torch.cat([raw[:, :K].softmax(dim=1) * obj[:, :1], obj[:, 1:]], dim=1)
+    s = raw[:, :K].sigmoid() * (1.0 - raw[:, K:].sigmoid())
+    total = s.sum(dim=1, keepdim=True)
+    return torch.cat([s / total.clamp_min(1.0), (1.0 - total).clamp_min(0.0)], dim=1)
+
+
+@needs_detectron2
+@pytest.mark.parametrize("cls_loss", ["seesaw", "eqlv2"])
+def test_family_scores_are_the_test_time_formula(cls_loss: str) -> None:
+    """Records hold [R, K+1] logits whose softmax is the family's own test-time scores, and the
+    model's in-model detections equal `infer`'s (both go through `score_logits`)."""
+    b = tiny_backend(*family_overrides(cls_loss, True), seed=3)
+    train_steps(b, 2)
+    images = make_images()
+    targets = make_targets(images)
+    captured: list[Tensor] = []
+    hook = b.model.roi_heads.box_predictor.register_forward_hook(lambda m, i, o: captured.append(o[0]))
+    try:
+        records = b.proposal_records(images, targets)
+    finally:
+        hook.remove()
+    raw = captured[-1]  # the iterative head runs the predictor once per step: the last step's outputs
+    assert raw.shape[1] == (K + 2 if cls_loss == "seesaw" else K + 1)
+    logits = torch.cat([r.logits for r in records])
+    assert logits.shape == (raw.shape[0], K + 1)
+    q = logits.double().softmax(dim=1)
+    torch.testing.assert_close(q, _hand_scores(cls_loss, raw), atol=1e-6, rtol=1e-5)
+    out = b.infer(images, {"none": identity})["none"]
+    with torch.no_grad():
+        own = b.model.eval()(b.detectron2_inputs(images))
+    for det, ref in zip(out, own, strict=True):
+        inst = ref["instances"]
+        assert torch.equal(det["boxes"], inst.pred_boxes.tensor)
+        assert torch.equal(det["scores"], inst.scores)
+        assert torch.equal(det["labels"], inst.pred_classes)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pcb_analysis.errors import PcbkitError
 from pcb_train.backends import build_backend
 from pcb_train.backends.torchvision.model import build_model
 from pcb_train.config import ModelConfig, load_config
@@ -101,11 +100,6 @@ def test_mapped_scores_reproduce_the_models_test_time_scores(cls_loss: str) -> N
         assert d["scores"].numel() > 0
         torch.testing.assert_close(d["scores"], o["scores"])
         assert torch.equal(d["labels"], o["labels"])
-
-
-def test_detectron2_refuses_other_families() -> None:
-    with pytest.raises(PcbkitError, match="model.cls_loss"):
-        build_backend(ModelConfig(backend="detectron2", cls_loss="seesaw"))
 
 
 # --------------------------------------------------------------------------------------------
