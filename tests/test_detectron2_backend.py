@@ -736,7 +736,8 @@ def _hand_scores(cls_loss: str, raw: Tensor) -> Tensor:
 def test_family_scores_are_the_test_time_formula(cls_loss: str) -> None:
     """Records hold [R, K+1] logits whose softmax is the family's own test-time scores, and the
     model's in-model detections equal `infer`'s (both go through `score_logits`)."""
-    b = tiny_backend(*family_overrides(cls_loss, True), seed=3)
+    # score threshold 0: the young Seesaw model's scores are small, and the detections must exist
+    b = tiny_backend(*family_overrides(cls_loss, True), "model.score_thresh=0.0", seed=3)
     train_steps(b, 2)
     images = make_images()
     targets = make_targets(images)
@@ -757,6 +758,34 @@ def test_family_scores_are_the_test_time_formula(cls_loss: str) -> None:
         own = b.model.eval()(b.detectron2_inputs(images))
     for det, ref in zip(out, own, strict=True):
         inst = ref["instances"]
+        assert 0 < len(inst) <= DETS
         assert torch.equal(det["boxes"], inst.pred_boxes.tensor)
         assert torch.equal(det["scores"], inst.scores)
         assert torch.equal(det["labels"], inst.pred_classes)
+        # class-specific (cosine, for Seesaw) mask logits vs detectron2's all-class head
+        assert float((det["masks"] != inst.pred_masks).float().mean()) < 1e-3
+
+
+@needs_detectron2
+def test_family_checkpoint_round_trip(tmp_path: Path) -> None:
+    """The family's statistics travel with the weights (pcbkit and detectron2 checkpoints); a
+    checkpoint of another family does not load."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    trained = tiny_backend(*family_overrides("seesaw", True))
+    train_steps(trained, 2)
+    state = trained.model.state_dict()
+    path = tmp_path / "pcbkit.pth"
+    save_checkpoint(path, make_checkpoint(state, trained.config, categories=categories()))
+    fresh = tiny_backend(*family_overrides("seesaw", True), seed=11)
+    assert not torch.equal(
+        fresh.model.roi_heads.family_loss.counts.counts, trained.model.roi_heads.family_loss.counts.counts
+    )
+    fresh.load_checkpoint(path, categories())
+    assert _states_equal(fresh.model.state_dict(), state)
+    DetectionCheckpointer(trained.model, str(tmp_path)).save("model_seesaw")
+    again = tiny_backend(*family_overrides("seesaw", True), seed=12)
+    DetectionCheckpointer(again.model).load(str(tmp_path / "model_seesaw.pth"))
+    assert _states_equal(again.model.state_dict(), state)
+    with pytest.raises(PcbkitError):
+        tiny_backend(*family_overrides("eqlv2", True)).load_checkpoint(path)
