@@ -1,7 +1,7 @@
 """`pcbkit demo`: the whole calibration study on the embedded synthetic dataset, over training seeds.
 
     synth (one dataset, seed `seed`) -> for each training seed seed, seed + 1, ..., seed + seeds - 1:
-        train (softmax, PCB) -> dump-logits -> stats -> calibrate -> bootstrap   -> one report
+        train (models; default softmax, PCB) -> dump-logits -> stats -> calibrate -> bootstrap   -> one report
 
 The training seed (model initialisation, sampler order, augmentation stream) is what varies; the
 dataset is the same for every seed. The first seed works in `work` itself (today's paths, so its
@@ -39,6 +39,30 @@ from pcb_train.study_bootstrap import DEFAULT_RESAMPLES
 from pcb_train.train import train
 
 DEMO_MODELS = (("softmax", "configs/synth_tiny_softmax.yaml"), ("pcb", "configs/synth_tiny_pcb.yaml"))
+DEFAULT_MODEL_NAMES = tuple(name for name, _ in DEMO_MODELS)
+
+
+def parse_models(spec: str, configs: Path = Path("configs")) -> tuple[tuple[str, str], ...]:
+    """`--models softmax,pcb,seesaw,seesaw_pcb` -> ((name, configs/synth_tiny_<name>.yaml), ...).
+
+    The first model is the reference of the report's comparisons. One-line PcbkitError for an empty
+    list, a repeated name, a name that is not a plain word, or a name without its config file."""
+    names = [n.strip() for n in spec.split(",")]
+    if not spec.strip() or any(not n for n in names):
+        raise PcbkitError(f"--models {spec!r}: expected comma-separated model names, e.g. softmax,pcb")
+    out: list[tuple[str, str]] = []
+    for name in names:
+        if not name.replace("_", "").isalnum():
+            raise PcbkitError(f"--models: model name {name!r} must be letters, digits and '_'")
+        if name in (n for n, _ in out):
+            raise PcbkitError(f"--models: model {name!r} is listed twice")
+        config = configs / f"synth_tiny_{name}.yaml"
+        if not config.is_file():
+            known = sorted(f.stem.removeprefix("synth_tiny_") for f in configs.glob("synth_tiny_*.yaml"))
+            raise PcbkitError(f"--models: unknown model {name!r} ({config} not found; "
+                              f"known: {', '.join(known)})")
+        out.append((name, str(config)))
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -54,6 +78,7 @@ class DemoConfig:
     train_dump_images: int = 600
     seeds: int = 1  # training seeds per model
     bootstrap: int = DEFAULT_RESAMPLES  # image resamples of the paired intervals; 0: none
+    models: tuple[tuple[str, str], ...] = DEMO_MODELS  # (name, config); the first is the reference
 
 
 def training_seeds(cfg: DemoConfig) -> list[int]:
@@ -90,14 +115,14 @@ def _train_overrides(cfg: DemoConfig, num_classes: int, seed: int | None = None)
 
 
 def train_models(cfg: DemoConfig, scfg: Any, seed: int, log: StepLog) -> tuple[list[StudyModel], int]:
-    """Train (cached) both demo models with training seed `seed`; returns them and max_iter."""
+    """Train (cached) the demo's models with training seed `seed`; returns them and max_iter."""
     work, prefix = seed_work(cfg, seed), ("" if seed == cfg.seed else f"seed{seed}/")
     models: list[StudyModel] = []
     max_iter = 0
-    for name, config_path in DEMO_MODELS:
+    for name, config_path in cfg.models:
         tcfg = load_config(cfg.configs / Path(config_path).name,
                            overrides=_train_overrides(cfg, scfg.num_classes, seed))
-        max_iter = int(tcfg.solver.max_iter or 0)  # both demo models share the solver (learning curve)
+        max_iter = int(tcfg.solver.max_iter or 0)  # the demo models share the solver (learning curve)
         run_dir = work / "runs" / name
         ins = {"config": to_dict(tcfg), "data": file_fingerprint(cfg.data / "train.json")}
         step = f"{prefix}train-{name}"
@@ -150,25 +175,34 @@ def run_demo(cfg: DemoConfig) -> Path:
     elapsed = time.perf_counter() - t0
     seed_text = (f"training seed {seeds[0]}" if len(seeds) == 1
                  else f"{len(seeds)} training seeds ({', '.join(map(str, seeds))}) per model")
+    names = [name for name, _ in cfg.models]
+    default = tuple(names) == DEFAULT_MODEL_NAMES
+    model_text = (f"two tiny Mask R-CNNs trained on a **2-core CPU**, {seed_text}: `softmax` "
+                  "(cross-entropy, random sampler) and `pcb` (online confusion matrix, fightback loss, "
+                  "3-step iterative RoI head)") if default else (
+        f"{len(names)} tiny Mask R-CNNs trained on a **2-core CPU**, {seed_text}: "
+        + ", ".join(f"`{n}` (`{c}`)" for n, c in cfg.models)
+        + f"; the loss families are described in docs/losses.md, comparisons are against `{names[0]}`")
     preamble = (
         f"Produced by `pcbkit demo{' --quick' if cfg.quick else ''}"
-        f"{f' --seeds {len(seeds)}' if len(seeds) > 1 else ''}` on the embedded **synthetic** "
+        f"{f' --seeds {len(seeds)}' if len(seeds) > 1 else ''}"
+        f"{'' if default else ' --models ' + ','.join(names)}` on the embedded **synthetic** "
         f"long-tailed dataset (`pcbkit synth`, seed {cfg.seed}: {scfg.num_classes} classes, "
         f"{scfg.train_images} train / {scfg.val_images} val images of {scfg.size} px; one dataset for every "
-        f"seed), with two tiny Mask R-CNNs trained on a **2-core CPU**, {seed_text}: `softmax` "
-        "(cross-entropy, random sampler) and `pcb` (online "
-        "confusion matrix, fightback loss, 3-step iterative RoI head). The statistics come from positive "
+        f"seed), with {model_text}. The statistics come from positive "
         "proposals (IoU >= 0.5) dumped on train "
         f"({'all' if inp.train_dump_images is None else inp.train_dump_images} images) and val. The numbers "
         "are not comparable with the paper's LVIS numbers; they show the method's mechanics end to end. The "
         f"whole pipeline takes {log.total / 60:.1f} min of wall time on this machine (the steps' times "
         f"below, each from the run that produced its outputs; this invocation: {elapsed / 60:.1f} min)."
     )
-    notes = [
+    pcb_note = [
         "The pcb model's iterative head starts with g = 1, c = 0 (`model.modulation_init: identity`, a "
         "pcbkit option; the official code's default initialisation scales the RoI features down at the "
         "start, which a tiny detector trained from scratch for a few hundred iterations does not recover "
-        "from). See `configs/synth_tiny_pcb.yaml`.",
+        "from). See `configs/synth_tiny_pcb.yaml`."] if "pcb" in names else []
+    notes = [
+        *pcb_note,
         "Synthetic data, tiny models and a few minutes of CPU training: absolute APs are far from LVIS "
         "numbers; only differences the reading calls an effect are more than noise (see \"Differences "
         "with 95% intervals\").",

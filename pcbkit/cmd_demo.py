@@ -25,13 +25,16 @@ FOLDER = click.Path(file_okay=False)
               help="Training seeds per model (seed, seed+1, ...; one dataset); the report gives mean ± std.")
 @click.option("--bootstrap", type=click.IntRange(min=0), default=200, show_default=True,
               help="Image resamples of the paired bootstrap intervals (0: none).")
+@click.option("--models", default="softmax,pcb", show_default=True,
+              help="Comma-separated models, each configs/synth_tiny_<name>.yaml (e.g. softmax,pcb,seesaw,"
+                   "seesaw_pcb; docs/losses.md); the first is the reference of the comparisons.")
 def demo_cmd(
     quick: bool, force: bool, data: str | None, work: str | None, report: str | None, seed: int, seeds: int,
-    bootstrap: int,
+    bootstrap: int, models: str,
 ) -> None:
-    """Run the demo: synth, train softmax + PCB, dump, stats, calibrate, report."""
+    """Run the demo: synth, train the models (softmax + PCB by default), dump, stats, calibrate, report."""
     # lazy: the library imports torch, which `pcbkit --help` must not pay for
-    from pcb_train.study_demo import DemoConfig, run_demo
+    from pcb_train.study_demo import DemoConfig, parse_models, run_demo
 
     for path, option in ((data, "--data"), (work, "--work"), (report, "--report")):
         if path is not None:
@@ -46,6 +49,7 @@ def demo_cmd(
         seed=seed,
         seeds=seeds,
         bootstrap=bootstrap,
+        models=parse_models(models),
     )
     t0 = time.perf_counter()
     path = run_demo(cfg)
