@@ -27,7 +27,7 @@ from typing import Any
 from pcb_analysis import plots
 from pcb_analysis.atomic import write_json_atomic, write_text_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, STATISTICS
-from pcb_analysis.errors import PcbkitError
+from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.folds import fold_path, fold_statistics, write_fold_statistics
 from pcb_analysis.lvis_eval import lvis_equivalent_cap
 from pcb_analysis.reading import CROSS_FITTED, SWEEP, comparisons
@@ -436,22 +436,45 @@ def _regime_subtitles(stats: Mapping[str, Path]) -> dict[str, str]:
 def run_study(
     name: str, config: Path, checkpoint: Path, inp: StudyInputs
 ) -> Path:
-    """The study for an existing checkpoint on real data (e.g. LVIS v0.5/v1): no synth, no training."""
-    for p, what in ((config, "config"), (checkpoint, "checkpoint"), (inp.train_gt, "train ground truth"),
-                    (inp.val_gt, "val ground truth"), (inp.images, "image directory")):
+    """The study for one existing checkpoint on real data (e.g. LVIS v0.5/v1): no synth, no training."""
+    return run_study_models([StudyModel(name=name, config=config, checkpoint=checkpoint)], inp, title=name)
+
+
+def run_study_models(models: Sequence[StudyModel], inp: StudyInputs, *, title: str) -> Path:
+    """The study for existing checkpoints side by side (one report; the first model is the reference of
+    the comparisons, `pcb_analysis.reading.model_pairs`). Model names must differ."""
+    if not models:
+        raise ApiMisuseError("run_study_models: no models")
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise PcbkitError(f"study: model names must differ (got {', '.join(names)})")
+    for m in models:
+        for p, what in ((m.config, "config"), (m.checkpoint, "checkpoint")):
+            if not Path(p).exists():
+                raise PcbkitError(f"{p}: {what} of model {m.name!r} not found")
+    for p, what in ((inp.train_gt, "train ground truth"), (inp.val_gt, "val ground truth"),
+                    (inp.images, "image directory")):
         if not Path(p).exists():
             raise PcbkitError(f"{p}: {what} not found")
     log = StepLog()
     t0 = time.perf_counter()
-    model = StudyModel(name=name, config=config, checkpoint=checkpoint)
-    stats = {name: dump_and_stats(model, inp, log)}
-    rows = calibrate_all(model, stats[name], inp, log)
-    boot = bootstrap_model(model, rows, inp, log)
+    stats = {m.name: dump_and_stats(m, inp, log) for m in models}
+    rows: list[dict[str, Any]] = []
+    boots: list[Path] = []
+    for m in models:
+        mine = calibrate_all(m, stats[m.name], inp, log)
+        rows += mine
+        boot = bootstrap_model(m, mine, inp, log)
+        if boot is not None:
+            boots.append(boot)
+    which = (f"checkpoint `{models[0].checkpoint}` (config `{models[0].config}`)" if len(models) == 1
+             else "the checkpoints " + ", ".join(f"`{m.name}`: `{m.checkpoint}` (config `{m.config}`)"
+                                                 for m in models) + f", compared against `{models[0].name}`")
     preamble = (
-        f"Produced by `pcbkit study` for checkpoint `{checkpoint}` (config `{config}`) on `{inp.val_gt}`, "
+        f"Produced by `pcbkit study` for {which} on `{inp.val_gt}`, "
         f"with statistics from positive proposals of `{inp.train_gt}` and of the val split. Wall time of the "
         f"whole study: {log.total / 60:.1f} min (the steps' times below, each from the run that produced its "
         f"outputs; this invocation: {(time.perf_counter() - t0) / 60:.1f} min)."
     )
-    return write_report([model], stats, rows, inp, log, title=f"pcbkit study: {name}", preamble=preamble,
-                        boot={0: [boot]} if boot else None)
+    return write_report(models, stats, rows, inp, log, title=f"pcbkit study: {title}", preamble=preamble,
+                        boot={0: boots} if boots else None)

@@ -368,6 +368,7 @@ def test_out_under_a_regular_file_fails_before_the_work(
     monkeypatch.setattr("pcb_train.dump_logits.dump_logits", _raise(AssertionError("work started")))
     monkeypatch.setattr("pcb_analysis.synth.generate", _raise(AssertionError("work started")))
     monkeypatch.setattr("pcb_train.study.run_study", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_train.study.run_study_models", _raise(AssertionError("work started")))
     monkeypatch.setattr("pcb_train.study_demo.run_demo", _raise(AssertionError("work started")))
     missing = str(tmp_path / "missing")
     args = {
@@ -404,6 +405,7 @@ def test_names_of_dumps_and_studies_refuse_paths(
 ) -> None:
     monkeypatch.setattr("pcb_train.dump_logits.dump_logits", _raise(AssertionError("work started")))
     monkeypatch.setattr("pcb_train.study.run_study", _raise(AssertionError("work started")))
+    monkeypatch.setattr("pcb_train.study.run_study_models", _raise(AssertionError("work started")))
     missing = str(tmp_path / "missing")
     args = {
         "dump-logits": ["dump-logits", "--checkpoint", missing, "--config", missing, "--gt", missing,
