@@ -182,7 +182,8 @@ def run_demo(cfg: DemoConfig) -> Path:
                   "3-step iterative RoI head)") if default else (
         f"{len(names)} tiny Mask R-CNNs trained on a **2-core CPU**, {seed_text}: "
         + ", ".join(f"`{n}` (`{c}`)" for n, c in cfg.models)
-        + f"; the loss families are described in docs/losses.md, comparisons are against `{names[0]}`")
+        + f"; the loss families are described in docs/losses.md; `{names[0]}` is the reference of the "
+        "comparisons")
     preamble = (
         f"Produced by `pcbkit demo{' --quick' if cfg.quick else ''}"
         f"{f' --seeds {len(seeds)}' if len(seeds) > 1 else ''}"
