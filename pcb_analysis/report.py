@@ -229,6 +229,9 @@ def write_study_report(
                   "evaluated together (docs/calibration.md §8). An in-sample inverse can map a rare val "
                   "instance onto its own class (an oracle); out of fold it cannot. Regime: of the full val "
                   "statistics.", "", study_table(agg, "val", models, CROSS_FITTED), ""]
+    if any(r.get("source") == "train" and not r.get("protocol") for r in agg):
+        parts += ["## Table 1 layout: train-set statistics (Table 4's protocol)", "",
+                  study_table(agg, "train", models), ""]
     parts += ["## Table 4 layout: val-set vs train-set statistics", "", train_vs_val_table(agg, models), ""]
     if any(r.get("protocol") == SWEEP for r in agg):
         parts += ["## Knob sweeps (val statistics, in sample)", "", sweep_table(agg, models), ""]

@@ -251,6 +251,7 @@ def test_report_has_cross_fitted_and_sweep_sections(tmp_path: Path) -> None:
     text = write_study_report(tmp_path, PROTOCOL_ROWS, ["softmax"], title="t", preamble="p").read_text()
     assert "## Table 1 layout: cross-fitted val statistics (out of sample)" in text
     assert "## Knob sweeps (val statistics, in sample)" in text
+    assert "## Table 1 layout: train-set statistics (Table 4's protocol)" in text  # all three protocols
     plain = write_study_report(tmp_path / "plain", ROWS, ["softmax", "pcb"], title="t",
                                preamble="p").read_text()
     assert "cross-fitted" not in plain and "Knob sweeps" not in plain
