@@ -16,11 +16,13 @@ from pcb_train.config import ModelConfig, load_config
 from pcb_train.long_tail_losses import eqlv2_scores, seesaw_scores
 from pcb_train.normed_layers import NormedConv2d, NormedLinear
 from pcb_train.train import FINAL_MODEL, METRICS_FILE, train
+from tests.test_train import PCB_FROM as TRAIN_PCB_FROM
+from tests.test_train import tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 K = 12
 ITERS = 12
-PCB_FROM = 10  # seed 2: the first 10 batches hold every class of the shared synthetic dataset
+PCB_FROM = TRAIN_PCB_FROM  # seed 2: the first 10 batches hold every class of the shared synthetic data
 
 
 def _tiny(cls_loss: str, **kw: object) -> ModelConfig:
@@ -107,30 +109,19 @@ def test_mapped_scores_reproduce_the_models_test_time_scores(cls_loss: str) -> N
 
 
 def _overrides(data: Path, cls_loss: str, pcb: bool) -> list[str]:
-    return [
-        f"model.num_classes={K}",
-        "model.min_size=64",
-        "model.max_size=64",
+    """test_train's tiny run (same data, seed 2, PCB from iteration 10), with the family's loss, a
+    shorter schedule and fewer val images; later overrides win."""
+    flag = "true" if pcb else "false"
+    return tiny_overrides(
+        data,
         f"model.cls_loss={cls_loss}",
         f"model.normalized_classifier={'true' if cls_loss == 'seesaw' else 'false'}",
-        f"model.iterative_head={'true' if pcb else 'false'}",
-        f"model.pcb_loss={'true' if pcb else 'false'}",
-        f"model.pcb_start={PCB_FROM}",
-        "model.pcb_start_unit=iteration",
-        f"data.train_ann={data / 'train.json'}",
-        f"data.train_images={data / 'images'}",
-        f"data.val_ann={data / 'val.json'}",
-        f"data.val_images={data / 'images'}",
-        "data.num_workers=0",
+        f"model.iterative_head={flag}",
+        f"model.pcb_loss={flag}",
         "data.max_val_images=4",
-        "solver.ims_per_batch=4",
         f"solver.max_iter={ITERS}",
-        "solver.warmup_iters=5",
         "solver.lr_steps=[11]",
-        "log_period=1",
-        "checkpoint_period=1000",
-        "seed=2",
-    ]
+    )
 
 
 @pytest.mark.parametrize("cls_loss", ["seesaw", "eqlv2"])
