@@ -41,7 +41,7 @@ from pcb_analysis.study_stats import METRICS, aggregate_seeds, format_effect, me
 __all__ = [
     "METRICS", "PAPER_PCB_V05", "PAPER_TABLE1", "budget_note", "chance_note", "effects_table",
     "markdown_table", "paper_table", "pct", "reading", "regime_section", "rows_to_csv", "seeds_section",
-    "study_table", "train_vs_val_table", "write_study_report",
+    "study_table", "sweep_rows", "train_vs_val_table", "write_study_report",
 ]
 STAT_ORDER = ROW_STATISTICS  # the statistics table's order; other statistics after them, by name
 
@@ -264,16 +264,25 @@ def write_study_report(
     return path
 
 
+def sweep_rows(
+    rows: Sequence[Mapping[str, Any]], model: str
+) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """One model's sweep: the parameter-free rows at the knobs' ends (none, and ms / cm with val
+    statistics in sample; statistics order) and its SWEEP rows (by estimator family, then value)."""
+    ends = [r for r in rows if r["model"] == model and r["stat"] in ("none", "ms", "cm")
+            and not r.get("protocol") and r["source"] in ("-", "val")]
+    grid = [r for r in rows if r["model"] == model and r.get("protocol") == SWEEP]
+    return (sorted(ends, key=lambda r: _stat_key(r["stat"])),
+            sorted(grid, key=lambda r: (str(r.get("family")), float(r.get("value") or 0.0))))
+
+
 def sweep_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str]) -> str:
     """The knob sweeps (rows of protocol SWEEP) beside the parameter-free rows at their ends (none,
     ms, cm with val statistics, in sample): mask AP@300, APr, APf, fixed AP, mean ± std over seeds."""
     body = []
     for model in models:
-        ends = [r for r in rows if r["model"] == model and r["stat"] in ("none", "ms", "cm")
-                and not r.get("protocol") and r["source"] in ("-", "val")]
-        grid = [r for r in rows if r["model"] == model and r.get("protocol") == SWEEP]
-        grid.sort(key=lambda r: (str(r.get("family")), float(r.get("value") or 0.0)))
-        for r in [*sorted(ends, key=lambda r: _stat_key(r["stat"])), *grid]:
+        ends, grid = sweep_rows(rows, model)
+        for r in [*ends, *grid]:
             body.append([model, r["stat"]] + [mean_cell(r, m) for m in ("AP", "APr", "APf", "AP_fixed")])
     return markdown_table(["model", "statistic", "AP@300", "APr", "APf", "AP_fixed"], body) + "\n\n" + (
         "Ends of each knob: cm-diagshrink lambda = 1 is ms, lambda = 0 is cm; cm-tikhonov tau = 0 is cm "

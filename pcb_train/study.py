@@ -33,7 +33,14 @@ from pcb_analysis.lvis_eval import lvis_equivalent_cap
 from pcb_analysis.reading import CROSS_FITTED, SWEEP, comparisons
 from pcb_analysis.regime import RegimeDiagnostics, diagnose, stats_from_dump
 from pcb_analysis.regime_line import regime_fields, regime_text
-from pcb_analysis.report import markdown_table, regime_section, rows_to_csv, seeds_section, write_study_report
+from pcb_analysis.report import (
+    markdown_table,
+    regime_section,
+    rows_to_csv,
+    seeds_section,
+    sweep_rows,
+    write_study_report,
+)
 from pcb_analysis.stats import ClassStats
 from pcb_analysis.study_stats import aggregate_seeds
 from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models, parse_grids
@@ -410,14 +417,10 @@ def sweep_figures(rows: Sequence[Mapping[str, Any]], models: Sequence[str], rep:
     agg = aggregate_seeds(rows)
     parts = []
     for model in models:
-        mine = []
-        for r in agg:
-            end = not r.get("protocol") and r["stat"] in ("none", "ms", "cm") and r["source"] in ("-", "val")
-            if r["model"] != model or not (end or r.get("protocol") == SWEEP):
-                continue
-            segm = {m: r.get(m) for m in ("AP", "APr", "APf")}
-            mine.append({"stat": r["stat"], "family": r.get("family", r["stat"]), "knob": r.get("knob"),
-                         "value": r.get("value"), "metrics": {"segm": segm}})
+        ends, grid = sweep_rows(agg, model)
+        mine = [{"stat": r["stat"], "family": r.get("family", r["stat"]), "knob": r.get("knob"),
+                 "value": r.get("value"), "metrics": {"segm": {m: r.get(m) for m in ("AP", "APr", "APf")}}}
+                for r in [*ends, *grid]]
         for knob in dict.fromkeys(str(r["knob"]) for r in mine if r["knob"]):
             name = f"sweep_{model}_{knob}.png"
             plots.plot_sweep(mine, knob, rep / name, dpi=REPORT_DPI,
