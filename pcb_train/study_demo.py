@@ -24,7 +24,6 @@ from pcb_analysis.errors import PcbkitError
 from pcb_analysis.synth import SynthConfig, generate
 from pcb_train.config import load_config, to_dict
 from pcb_train.study import (
-    REPORT_DPI,
     StepLog,
     StudyInputs,
     StudyModel,
@@ -33,9 +32,9 @@ from pcb_train.study import (
     dump_and_stats,
     file_fingerprint,
     run_step,
-    write_report,
 )
 from pcb_train.study_bootstrap import DEFAULT_RESAMPLES
+from pcb_train.study_report import REPORT_DPI, write_report
 from pcb_train.train import train
 
 DEMO_MODELS = (("softmax", "configs/synth_tiny_softmax.yaml"), ("pcb", "configs/synth_tiny_pcb.yaml"))

@@ -315,7 +315,8 @@ def test_cli_stats_prints_the_diagnostics(tmp_path: Path) -> None:
 
 def test_study_notes_and_report_section_leave_empty_classes_out(tmp_path: Path) -> None:
     from pcb_analysis.report import regime_section
-    from pcb_train.study import StudyModel, matrix_notes, regime_diagnostics
+    from pcb_train.study import StudyModel
+    from pcb_train.study_report import matrix_notes, regime_diagnostics
 
     # the 4-class example above: r mean 0.10 over the one rare class with positives (0.55 if class
     # 1's identity row were counted)
