@@ -168,12 +168,16 @@ def seesaw_scores(raw: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------- EQLv2
 
 
-def eqlv2_targets(cm: Tensor, labels: Tensor, alpha_r: float) -> Tensor:
+def eqlv2_targets(
+    cm: Tensor, labels: Tensor, alpha_r: float, *, dtype: torch.dtype | None = None
+) -> Tensor:
     """EQLv2 + PCB targets -> [N, K+1] (docs/losses.md §3).
 
     Positive of class y: `t[:K] = a_r * M[:, y] + (1 - a_r) * onehot(y)` (column y of the
     UNNORMALISED matrix, `cm` [K, K] used detached), `t[K] = 0`. A background row (label K) gets
-    EQLv2's plain target onehot(K). alpha_r = 0 gives exactly the one-hot targets.
+    EQLv2's plain target onehot(K). alpha_r = 0 gives exactly the one-hot targets. `dtype`: of the
+    result (default: the matrix's, float32 for a half-precision matrix); the loss asks for its
+    logits' dtype, so that no [N, K+1] tensor is built in float64 only to be cast.
     """
     if cm.dim() != 2 or cm.shape[0] != cm.shape[1]:
         raise ApiMisuseError(f"eqlv2_targets: cm must be [K, K], got {list(cm.shape)}")
@@ -182,15 +186,24 @@ def eqlv2_targets(cm: Tensor, labels: Tensor, alpha_r: float) -> Tensor:
         raise ApiMisuseError(f"eqlv2_targets: alpha_r must be in [0, 1], got {alpha_r}")
     k = cm.shape[0]
     labels = _check_labels(labels, labels.shape[0] if labels.dim() == 1 else -1, 0, k, "eqlv2_targets")
-    dtype = cm.dtype if cm.is_floating_point() and cm.dtype != torch.float16 else torch.float32
-    out = F.one_hot(labels, k + 1).to(dtype)
+    if dtype is None:
+        dtype = cm.dtype if cm.is_floating_point() and cm.dtype != torch.float16 else torch.float32
+    out = one_hot_rows(labels, k + 1, dtype)
     if a == 0.0:
         return out
     pos = (labels < k).nonzero().squeeze(1)
     y = labels.index_select(0, pos)
-    soft = cm.detach().t().index_select(0, y).to(dtype)  # [P, K], row p = column y_p of M
-    out[pos, :k] = a * soft + (1.0 - a) * out[pos, :k]
-    return out
+    # column y_p of M for each positive p: gather the columns, then one [P, K] copy in `dtype`
+    soft = cm.detach().index_select(1, y.to(cm.device)).t().to(device=out.device, dtype=dtype)
+    soft = F.pad(soft * a, (0, 1))  # background column 0
+    soft[torch.arange(y.shape[0], device=out.device), y] += 1.0 - a
+    return out.index_copy_(0, pos, soft)
+
+
+def one_hot_rows(labels: Tensor, width: int, dtype: torch.dtype) -> Tensor:
+    """[N, width] rows with a 1 at each label, directly in `dtype` (F.one_hot builds int64 first)."""
+    out = torch.zeros(labels.shape[0], width, dtype=dtype, device=labels.device)
+    return out.scatter_(1, labels.long()[:, None], 1.0)
 
 
 class EQLv2GradStats(nn.Module):

@@ -29,6 +29,7 @@ from pcb_train.long_tail_losses import (
     SampleCounts,
     eqlv2_targets,
     eqlv2_test_logits,
+    one_hot_rows,
     seesaw_ce,
     seesaw_test_logits,
 )
@@ -151,9 +152,9 @@ class EQLv2Loss(nn.Module):
         if a != 0.0:
             if cm is None:
                 raise ApiMisuseError("EQLv2Loss: alpha_r > 0 needs the confusion matrix")
-            target = eqlv2_targets(cm, lab, a).to(z.dtype)
+            target = eqlv2_targets(cm, lab, a, dtype=z.dtype)
         else:
-            target = F.one_hot(lab, k + 1).to(z.dtype)
+            target = one_hot_rows(lab, k + 1, z.dtype)
         pos_w, neg_w = self.stats.weights(z.device, z.dtype)
         weight = pos_w * target + neg_w * (1.0 - target)
         loss = (F.binary_cross_entropy_with_logits(z, target, reduction="none") * weight).sum() / n

@@ -15,6 +15,7 @@ from pcb_analysis.errors import ApiMisuseError
 from pcb_train.long_tail_losses import (
     eqlv2_scores,
     eqlv2_test_logits,
+    one_hot_rows,
     seesaw_scores,
     seesaw_test_logits,
 )
@@ -144,8 +145,18 @@ def test_eqlv2_targets_golden_and_identity() -> None:
     assert torch.equal(
         eqlv2_targets(cm, torch.tensor([1, 0, 2]), 0.0), F.one_hot(torch.tensor([1, 0, 2]), 3).double()
     )
+    # dtype=: the same targets built directly in float32 (what EQLv2Loss asks for its logits)
+    t32 = eqlv2_targets(cm, torch.tensor([1, 0, 2]), 0.25, dtype=torch.float32)
+    assert t32.dtype == torch.float32 and torch.equal(t32, t.float())
     with pytest.raises(ApiMisuseError):
         eqlv2_targets(cm, torch.tensor([-1]), 0.2)
+
+
+def test_one_hot_rows_equals_one_hot() -> None:
+    labels = torch.tensor([3, 0, 0, 2])
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        got = one_hot_rows(labels, 5, dtype)
+        assert got.dtype == dtype and torch.equal(got, F.one_hot(labels, 5).to(dtype))
 
 
 def test_eqlv2_grad_stats_golden() -> None:
