@@ -25,11 +25,12 @@ from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNN, MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from pcb_analysis.errors import PcbkitError, input_error
 from pcb_train.backends.checkpoint import checkpoint_model_state, read_checkpoint
+from pcb_train.backends.torchvision.roi_align import GatherRoIAlign
 from pcb_train.backends.torchvision.roi_heads import PCBRoIHeads
 from pcb_train.backends.torchvision.tiny import TINY_CANONICAL_SCALE, TINY_SAMPLING_RATIO, TinyBackbone
 from pcb_train.config import ModelConfig
@@ -121,7 +122,7 @@ def build_model(cfg: ModelConfig, train_min_sizes: Sequence[int] | None = None) 
     )
     canonical = {"canonical_scale": TINY_CANONICAL_SCALE} if cfg.arch == "tiny" else {}
     sampling = TINY_SAMPLING_RATIO if cfg.arch == "tiny" else 2
-    box_roi_pool = MultiScaleRoIAlign(levels, BOX_ROI_SIZE, sampling_ratio=sampling, **canonical)
+    box_roi_pool = GatherRoIAlign(levels, BOX_ROI_SIZE, sampling_ratio=sampling, **canonical)
     box_head = TwoMLPHead(c * BOX_ROI_SIZE**2, cfg.box_head_dim)
     box_predictor = FastRCNNPredictor(cfg.box_head_dim, k1)
     n_cls = num_cls_outputs(cfg.cls_loss, cfg.num_classes)  # K+2 for Seesaw (docs/losses.md)
@@ -134,7 +135,7 @@ def build_model(cfg: ModelConfig, train_min_sizes: Sequence[int] | None = None) 
         assert cfg.mask_head_channels and cfg.mask_head_layers and cfg.mask_roi_size
         mc = cfg.mask_head_channels
         mask_parts = {
-            "mask_roi_pool": MultiScaleRoIAlign(
+            "mask_roi_pool": GatherRoIAlign(
                 levels, cfg.mask_roi_size, sampling_ratio=sampling, **canonical
             ),
             "mask_head": MaskRCNNHeads(c, [mc] * cfg.mask_head_layers, 1),
