@@ -193,11 +193,13 @@ def eqlv2_targets(
         return out
     pos = (labels < k).nonzero().squeeze(1)
     y = labels.index_select(0, pos)
-    # column y_p of M for each positive p: gather the columns, then one [P, K] copy in `dtype`
-    soft = cm.detach().index_select(1, y.to(cm.device)).t().to(device=out.device, dtype=dtype)
-    soft = F.pad(soft * a, (0, 1))  # background column 0
-    soft[torch.arange(y.shape[0], device=out.device), y] += 1.0 - a
-    return out.index_copy_(0, pos, soft)
+    # column y_p of M for each positive p; positives repeat a few classes, so the strided column
+    # gather reads each distinct class once ([K, U]) and the rows are then copied per positive
+    classes, which = torch.unique(y, return_inverse=True)
+    cols = cm.detach().index_select(1, classes.to(cm.device)).t().to(device=out.device, dtype=dtype)
+    cols = F.pad(cols * a, (0, 1))  # [U, K+1], background column 0
+    cols[torch.arange(classes.shape[0], device=out.device), classes] += 1.0 - a
+    return out.index_copy_(0, pos, cols.index_select(0, which))
 
 
 def one_hot_rows(labels: Tensor, width: int, dtype: torch.dtype) -> Tensor:

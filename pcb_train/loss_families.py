@@ -146,8 +146,10 @@ class EQLv2Loss(nn.Module):
             )
         labels = labels.long()
         valid, _, n = _split(labels, k)
-        z = (logits.float() if logits.dtype != torch.float64 else logits)[valid]
-        lab = labels[valid]
+        z = logits.float() if logits.dtype != torch.float64 else logits
+        lab = labels
+        if not bool(valid.all()):  # a boolean-mask copy of [N, K+1] (and its backward) only if needed
+            z, lab = z[valid], labels[valid]
         a = float(alpha_r)
         if a != 0.0:
             if cm is None:

@@ -152,6 +152,20 @@ def test_eqlv2_targets_golden_and_identity() -> None:
         eqlv2_targets(cm, torch.tensor([-1]), 0.2)
 
 
+def test_eqlv2_targets_repeated_classes_row_by_row() -> None:
+    """Positives that repeat classes (as a detector's do) get each their own column of M."""
+    gen = torch.Generator().manual_seed(3)
+    cm = torch.rand(6, 6, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([4, 6, 1, 4, 4, 0, 6, 1])
+    t = eqlv2_targets(cm, labels, 0.3)
+    for row, y in zip(t, labels.tolist(), strict=True):
+        want = torch.zeros(7, dtype=torch.float64)
+        want[y] = 1.0
+        if y < 6:
+            want[:6] = 0.3 * cm[:, y] + 0.7 * want[:6]
+        torch.testing.assert_close(row, want, rtol=0, atol=1e-15)
+
+
 def test_one_hot_rows_equals_one_hot() -> None:
     labels = torch.tensor([3, 0, 0, 2])
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
