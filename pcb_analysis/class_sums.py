@@ -324,12 +324,16 @@ class _Window:
     def flush(self) -> None:
         if self.hi == self.lo:
             return
-        self._check(self.acc.sum(), self.lo, self.hi)
         touched = (self.terms > 0).nonzero().flatten()
-        if touched.numel() * 4 < self.k:  # few classes (e.g. image-ordered rows): move only their rows
-            self.S.index_add_(0, touched, self.acc.index_select(0, touched).to(torch.float64))
+        if touched.numel() * 4 < self.k:  # few classes (a training batch, image-ordered rows): only
+            # their rows are read (the others are 0): the finiteness check and the move into S never
+            # walk the whole [K, K] window, which at K = 1,203 would cost more than the batch's math
+            rows = self.acc.index_select(0, touched)
+            self._check(rows.sum(), self.lo, self.hi)
+            self.S.index_add_(0, touched, rows.to(torch.float64))
             self.acc.index_fill_(0, touched, 0.0)
         else:
+            self._check(self.acc.sum(), self.lo, self.hi)
             self.S.add_(self.acc)
             self.acc.zero_()
         self.terms.zero_()
