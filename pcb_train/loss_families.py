@@ -104,7 +104,7 @@ class SeesawLoss(nn.Module):
             if cm is None:
                 raise ApiMisuseError("SeesawLoss: alpha_r > 0 needs the confusion matrix")
             t = fightback_targets(cm, y)[:, :k].to(z.dtype)
-            soft = a * t + (1.0 - a) * F.one_hot(y, k).to(z.dtype)
+            soft = a * t + (1.0 - a) * one_hot_rows(y, k, z.dtype)
         cls = seesaw_ce(
             z.index_select(0, pos)[:, :k], y, self.counts.counts[:k], self.p, self.q, self.eps, soft
         )

@@ -31,17 +31,11 @@ from pcb_analysis.lvis_eval import lvis_equivalent_cap
 from pcb_analysis.reading import CROSS_FITTED, SWEEP
 from pcb_analysis.regime import diagnose, stats_from_dump
 from pcb_analysis.regime_line import regime_fields
-from pcb_analysis.report import (
-    markdown_table,
-)
+from pcb_analysis.report import markdown_table
 from pcb_analysis.stats import ClassStats
 from pcb_train.calibrate import RESULTS_PROTOCOL, CalibrateConfig, calibrate_models, parse_grids
 from pcb_train.dump_logits import DumpLogitsConfig, dump_logits
-from pcb_train.study_bootstrap import (
-    BOOT_SEED,
-    DEFAULT_RESAMPLES,
-    bootstrap_file,
-)
+from pcb_train.study_bootstrap import BOOT_SEED, DEFAULT_RESAMPLES, bootstrap_file
 from pcb_train.study_report import write_report
 
 logger = logging.getLogger(__name__)

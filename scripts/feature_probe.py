@@ -35,10 +35,10 @@ from pcb_train.data import load_lvis_json  # noqa: E402
 
 
 def box_features(
-    model: torch.nn.Module, ann: Path, images: Path
+    model: torch.nn.Module, data: dict, images: Path
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features [N, D], class index [N], model's true-class probability [N]) of every GT box."""
-    data = load_lvis_json(ann)
+    """(features [N, D], class index [N], model's true-class probability [N]) of every GT box of
+    the LVIS dict `data`."""
     index = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
     by_image: dict[int, list[dict]] = {}
     for a in data["annotations"]:
@@ -109,10 +109,11 @@ def main() -> None:
     model = build_model(cfg.model)
     load_weights(model, args.run_dir / "model_final.pth")
     model.eval()
-    cats = sorted(load_lvis_json(cfg.data.train_ann)["categories"], key=lambda c: c["id"])
+    train = load_lvis_json(cfg.data.train_ann)
+    cats = sorted(train["categories"], key=lambda c: c["id"])
     buckets = [c["frequency"] for c in cats]
-    xtr, ytr, ptr = box_features(model, Path(cfg.data.train_ann), Path(cfg.data.train_images))
-    xva, yva, pva = box_features(model, Path(cfg.data.val_ann), Path(cfg.data.val_images))
+    xtr, ytr, ptr = box_features(model, train, Path(cfg.data.train_images))
+    xva, yva, pva = box_features(model, load_lvis_json(cfg.data.val_ann), Path(cfg.data.val_images))
     print(f"{len(ytr)} train / {len(yva)} val GT boxes, features [{xtr.shape[1]}]")
     print(f"model, train boxes: {bucket_means(ptr, ytr, buckets)}")
     print(f"model, val boxes:   {bucket_means(pva, yva, buckets)}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.poolers import _setup_scales  # torchvision's level mapping, reused as is
+from torchvision.ops.poolers import _convert_to_roi_format, _setup_scales  # reused as they are
 
 
 def _axis(start: Tensor, bin_size: Tensor, bins: int, s: int, size: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,7 +98,7 @@ class GatherRoIAlign(MultiScaleRoIAlign):
                 feats, image_shapes, self.canonical_scale, self.canonical_level
             )
         assert self.scales is not None and self.map_levels is not None
-        rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)])
+        rois = _convert_to_roi_format(boxes)
         levels = self.map_levels(boxes) if len(feats) > 1 else torch.zeros(len(rois), dtype=torch.long)
         dims = torch.tensor([[f.shape[2], f.shape[3]] for f in feats])
         sizes = torch.tensor([f.shape[0] * f.shape[2] * f.shape[3] for f in feats])
