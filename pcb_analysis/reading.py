@@ -9,13 +9,14 @@ computes an `Effect` (pcb_analysis.study_stats) per comparison and metric from t
 `reading(rows, models, effects)` writes the sentences. The rule (`effect_verdict`): "same direction
 as the paper" / "the opposite of the paper" only where the 95% paired-bootstrap interval over val
 images excludes 0 and every seed's difference has the sign of the mean; otherwise "no detectable
-effect". Rows are the seed-aggregated rows (`aggregate_seeds`); metrics are fractions.
+effect". The MS / CM sentences are repeated at the LVIS-equivalent cap (`*_cap` metrics) where the rows
+carry it. Rows are the seed-aggregated rows (`aggregate_seeds`); metrics are fractions.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pcb_analysis.study_stats import Effect, effect_verdict, format_effect, mean_cell, row_key
@@ -122,6 +123,37 @@ def _row_delta(b: Mapping[str, Any] | None, a: Mapping[str, Any] | None, m: str)
     return vb - va
 
 
+def _at_cap(
+    none: Mapping[str, Any], ms_val: Mapping[str, Any] | None, cm_val: Mapping[str, Any] | None,
+    eff: Callable[..., str], ver: Callable[..., str], paper_ms: Mapping[str, float],
+    paper_cm: Mapping[str, float], paper_cm_ms: float,
+) -> list[str]:
+    """The same reading at the LVIS-equivalent cap (the budget comparable to the paper's AP, whose
+    300 detections per image bind on 1,230 classes); nothing when the rows carry no capped metrics."""
+    cap = none.get("cap")
+    if cap is None or none.get("APr_cap") is None or none.get("APf_cap") is None:
+        return []
+    if none["APr_cap"] < 0 or none["APf_cap"] < 0:
+        return []
+    out = [f"At the LVIS-equivalent cap of {cap} detections per image (the budget comparable to the "
+           f"paper's): without calibration APr@{cap} is {mean_cell(none, 'APr_cap')} against APf@{cap} "
+           f"{mean_cell(none, 'APf_cap')} (a {100 * (none['APf_cap'] - none['APr_cap']):.1f}-point "
+           "frequency bias)."]
+    for row, name, paper in ((ms_val, "MS", paper_ms), (cm_val, "CM", paper_cm)):
+        if row is not None:
+            out.append(
+                f"At that cap, with the val-set statistics, {name} changes APr@{cap} by "
+                f"{eff(row, none, 'APr_cap')}, APf@{cap} by {eff(row, none, 'APf_cap')} and AP@{cap} by "
+                f"{eff(row, none, 'AP_cap')} points (paper: {paper['APr']:+.1f}, {paper['APf']:+.1f}, "
+                f"{paper['AP']:+.1f}); on APr: {ver(row, none, 'APr_cap', paper['APr'])}, on AP: "
+                f"{ver(row, none, 'AP_cap', paper['AP'])}."
+            )
+    if cm_val is not None and ms_val is not None:
+        out.append(f"At that cap, CM against MS on APr@{cap}: {eff(cm_val, ms_val, 'APr_cap')} points "
+                   f"(paper: {paper_cm_ms:+.1f}): {ver(cm_val, ms_val, 'APr_cap', paper_cm_ms)}.")
+    return out
+
+
 def reading(
     rows: Sequence[Mapping[str, Any]], models: Sequence[str], effects: Effects | None = None
 ) -> list[str]:
@@ -172,6 +204,7 @@ def reading(
                 f"(paper, random sampler: {paper['APr']:+.1f}, {paper['APf']:+.1f}, {paper['AP']:+.1f}); "
                 f"on APr: {ver(row, none, 'APr', paper['APr'])}, on AP: {ver(row, none, 'AP', paper['AP'])}."
             )
+        out += _at_cap(none, ms_val, cm_val, eff, ver, paper_ms, paper_cm, paper_cm_ms["random"])
         if cm_val is not None and ms_val is not None:
             out.append(
                 f"CM against MS on APr: {eff(cm_val, ms_val, 'APr')} points (paper: "

@@ -61,9 +61,9 @@ def _cap_of(rows: Sequence[Mapping[str, Any]]) -> Any:
 
 
 def _headers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """METRICS as column headers: AP_cap is written AP@<cap>, AP at the 300 cap AP@300."""
-    names = {"AP": "AP@300", "AP_cap": f"AP@{_cap_of(rows)}"}
-    return [names.get(m, m) for m in METRICS]
+    """METRICS as column headers: AP at the 300 cap is AP@300, <m>_cap is written <m>@<cap>."""
+    cap = _cap_of(rows)
+    return ["AP@300" if m == "AP" else m.replace("_cap", f"@{cap}") for m in METRICS]
 
 
 def _regime(r: Mapping[str, Any] | None) -> str:
@@ -109,17 +109,22 @@ def train_vs_val_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str])
     return markdown_table([*header, "val-stat regime", "train-stat regime"], body)
 
 
-EFFECT_METRICS = ("AP", "APr", "APc", "APf", "APb")
+EFFECT_METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_cap", "APr_cap", "APf_cap")
 
 
 def effects_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str], effects: Effects) -> str:
     """The key comparisons (`pcb_analysis.reading.comparisons`): b - a in points, the seeds' mean and
-    its 95% paired-bootstrap interval; '*' marks a detectable effect (the reading's rule)."""
+    its 95% paired-bootstrap interval; '*' marks a detectable effect (the reading's rule). Columns at
+    the 300 cap, then at the LVIS-equivalent cap (where the effects were bootstrapped there)."""
     body = []
+    capped = any(m.endswith("_cap") for per in effects.values() for m in per)
+    metrics = [m for m in EFFECT_METRICS if capped or not m.endswith("_cap")]
     for b, a, label in comparisons(rows, models):
         eff = effects.get((b, a), {})
-        body.append([str(b[1]), label] + [format_effect(eff.get(m)) for m in EFFECT_METRICS])
-    return markdown_table(["model", "comparison (b - a)", "AP@300", "APr", "APc", "APf", "APb"], body)
+        body.append([str(b[1]), label] + [format_effect(eff.get(m)) for m in metrics])
+    cap = _cap_of(rows)
+    header = ["AP@300" if m == "AP" else m.replace("_cap", f"@{cap}") for m in metrics]
+    return markdown_table(["model", "comparison (b - a)", *header], body)
 
 
 def chance_note(effects: Effects) -> str:
@@ -150,8 +155,9 @@ def seeds_section(n_seeds: int, resamples: int, *, demo: bool) -> str:
     boot = (
         f"**Intervals.** Paired bootstrap over val images (`pcb_analysis.bootstrap`, {resamples} resamples, "
         "the same resamples for both sides and for every seed): each difference b - a is given as the "
-        "seeds' mean with the 95% percentile interval of its per-resample seed mean. Only AP@300, APr, "
-        "APc, APf (mask) and APb are bootstrapped."
+        "seeds' mean with the 95% percentile interval of its per-resample seed mean. Bootstrapped: AP@300, "
+        "APr, APc, APf (mask) and APb, and mask AP, APr, APc, APf at the LVIS-equivalent cap from the same "
+        "results files; not fixed AP."
         if resamples > 0 else
         "**Intervals.** None: the bootstrap was switched off (`--bootstrap 0`), so no difference is "
         "tested and the reading states none as an effect."

@@ -23,7 +23,7 @@ import numpy as np
 from pcb_analysis.bootstrap import percentile_interval
 from pcb_analysis.errors import ApiMisuseError
 
-METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_cap", "AP_fixed")
+METRICS = ("AP", "APr", "APc", "APf", "APb", "AP_cap", "APr_cap", "APc_cap", "APf_cap", "AP_fixed")
 KEY_FIELDS = ("protocol", "model", "source", "stat")  # a missing protocol: today's val / train sources
 REGIME_FIELDS = ("cond2", "sigma_min", "diag_r", "diag_c", "diag_f", "clipped")
 LOG_FIELDS = ("cond2", "sigma_min")  # averaged geometrically

@@ -27,7 +27,7 @@ from pcb_analysis.atomic import write_json_atomic
 from pcb_analysis.calibration import ROW_STATISTICS, STATISTICS
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_analysis.folds import fold_path, fold_statistics, write_fold_statistics
-from pcb_analysis.lvis_eval import lvis_equivalent_cap
+from pcb_analysis.lvis_eval import MAX_DETS, lvis_equivalent_cap
 from pcb_analysis.reading import CROSS_FITTED, SWEEP
 from pcb_analysis.regime import diagnose, stats_from_dump
 from pcb_analysis.regime_line import regime_fields
@@ -201,9 +201,9 @@ def calibrate_all(
 ) -> list[dict[str, Any]]:
     """The calibration table rows of one model: none + ms/cm/cm-bayes with val and train statistics,
     all from ONE inference pass over val (`calibrate_models`), one results folder per source. Each row
-    has AP at the 300 cap, at the LVIS-equivalent cap round(300 K / 1230) ("AP_cap", with "cap") and
-    fixed AP (docs/evaluation.md §4), its results file ("results", for the bootstrap) and the regime
-    fields of the statistics file it used (`pcb_analysis.regime_line`; none for `none`)."""
+    has AP at the 300 cap, at the LVIS-equivalent cap round(300 K / 1230) ("AP_cap" ... "APf_cap", with
+    "cap") and fixed AP (docs/evaluation.md §4), its results file ("results", for the bootstrap) and the
+    regime fields of the statistics file it used (`pcb_analysis.regime_line`; none for `none`)."""
     k = len(json.loads(Path(inp.val_gt).read_text(encoding="utf-8"))["categories"])
     cap = lvis_equivalent_cap(k)
     common = dict(gt=inp.val_gt, checkpoint=model.checkpoint, config=model.config, images=inp.images,
@@ -249,7 +249,8 @@ def calibrate_all(
                    if protocol == SWEEP else {}),
                 "AP": m["segm"]["AP"], "APr": m["segm"]["APr"], "APc": m["segm"]["APc"],
                 "APf": m["segm"]["APf"],
-                "APb": m["bbox"]["AP"], "AP_cap": m.get(f"segm@{cap}", m["segm"]).get("AP"), "cap": cap,
+                "APb": m["bbox"]["AP"], "cap": cap,
+                **{f"{k}_cap": m.get(f"segm@{cap}", m["segm"]).get(k) for k in ("AP", "APr", "APc", "APf")},
                 "classes": k,
                 "AP_fixed": m.get("segm_fixed", {}).get("AP"),
                 "results": str(c.out / r["results"]),
@@ -268,10 +269,12 @@ def bootstrap_model(
     out = inp.work / "bootstrap" / f"{model.name}.json"
     rows = [r for r in rows if r.get("protocol") != SWEEP]  # sweeps are plotted, not compared
     files = sorted({str(r["results"]) for r in rows})
+    cap = next((int(r["cap"]) for r in rows if r.get("cap") is not None), None)
+    cap = None if cap == MAX_DETS else cap  # at 300 the capped metrics are the standard ones
     ins = {"results": {f: file_fingerprint(Path(f)) for f in files}, "gt": file_fingerprint(inp.val_gt),
-           "resamples": inp.bootstrap, "seed": BOOT_SEED, "version": 1}
+           "resamples": inp.bootstrap, "seed": BOOT_SEED, "cap": cap, "version": 2}
     run_step(log, f"{inp.step_prefix}{model.name}/bootstrap", out.parent, ins, [out],
-             lambda: bootstrap_file(rows, inp.val_gt, out, inp.bootstrap, inp.progress), inp.force)
+             lambda: bootstrap_file(rows, inp.val_gt, out, inp.bootstrap, inp.progress, cap), inp.force)
     return out
 
 

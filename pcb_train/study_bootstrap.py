@@ -1,8 +1,9 @@
 """The study's bootstrap step and the paired effects of its key comparisons.
 
-`resample_metrics(gt, results, n, seed)`: the full-data value and the values on n image resamples
+`resample_metrics(gt, results, n, seed, cap)`: the full-data value and the values on n image resamples
 (`pcb_analysis.bootstrap.draw_resamples(gt.img_ids, n, seed)`, the same for every results file of
-a split) of AP, APr, APc, APf (segm) and APb (bbox AP) of one results file, from
+a split) of AP, APr, APc, APf (segm) and APb (bbox AP) of one results file, and with `cap` of AP,
+APr, APc, APf at `cap` detections per image (AP_cap, ...: the LVIS-equivalent budget), from
 `evaluate_resamples` (matching once per file and IoU type). `bootstrap_model` caches that for every
 row of one model and seed as a study step (`<work>/bootstrap/<model>.json`, keyed by the row's
 results file). `paired_effects(rows, boot, pairs)` then combines, per comparison (b, a) and metric,
@@ -27,9 +28,12 @@ from pcb_analysis.errors import PcbkitError
 from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
 from pcb_analysis.study_stats import Effect, SeedSample, paired_effect, row_key
 
-BOOT_METRICS: dict[str, tuple[str, str]] = {
-    "AP": ("segm", "AP"), "APr": ("segm", "APr"), "APc": ("segm", "APc"), "APf": ("segm", "APf"),
-    "APb": ("bbox", "AP"),
+# name -> (IoU type, metric, capped): capped metrics are read at the LVIS-equivalent per-image cap
+BOOT_METRICS: dict[str, tuple[str, str, bool]] = {
+    "AP": ("segm", "AP", False), "APr": ("segm", "APr", False), "APc": ("segm", "APc", False),
+    "APf": ("segm", "APf", False), "APb": ("bbox", "AP", False),
+    "AP_cap": ("segm", "AP", True), "APr_cap": ("segm", "APr", True), "APc_cap": ("segm", "APc", True),
+    "APf_cap": ("segm", "APf", True),
 }
 DEFAULT_RESAMPLES = 200  # ~4x one evaluation per results file and IoU type (docs/evaluation.md §6)
 BOOT_SEED = 0  # the image resamples; fixed, so every seed and every row shares them
@@ -41,30 +45,35 @@ def _value(v: float | None) -> float | None:
     return None if v is None or math.isnan(v) or v <= -1 else float(v)
 
 
-def resample_metrics(gt: GroundTruth, results: str | Path, n: int, seed: int = BOOT_SEED) -> dict[str, Any]:
-    """{"full": {metric: value}, "resamples": {metric: [n values]}} (None where undefined)."""
+def resample_metrics(
+    gt: GroundTruth, results: str | Path, n: int, seed: int = BOOT_SEED, cap: int | None = None
+) -> dict[str, Any]:
+    """{"full": {metric: value}, "resamples": {metric: [n values]}} (None where undefined); the
+    capped metrics (`BOOT_METRICS`) only with `cap`, evaluated at `cap` detections per image."""
     ids = gt.img_ids
     resamples = [ids, *draw_resamples(ids, n, seed)]
     full: dict[str, float | None] = {}
     per: dict[str, list[float | None]] = {}
-    for iou in ("segm", "bbox"):
-        values = evaluate_resamples(gt, str(results), iou, resamples)
-        for name, (kind, key) in BOOT_METRICS.items():
-            if kind == iou:
+    passes = [("segm", False), ("bbox", False)] + ([("segm", True)] if cap is not None else [])
+    for iou, capped in passes:
+        kw = {"max_dets": cap} if capped and cap is not None else {}
+        values = evaluate_resamples(gt, str(results), iou, resamples, **kw)
+        for name, (kind, key, at_cap) in BOOT_METRICS.items():
+            if kind == iou and at_cap == capped:
                 full[name] = _value(values[0][key])
                 per[name] = [_value(v[key]) for v in values[1:]]
     return {"full": full, "resamples": per}
 
 
 def bootstrap_file(rows: Sequence[Mapping[str, Any]], gt: str | Path, out: Path, n: int,
-                   progress: bool = True) -> None:
-    """`resample_metrics` of every row's results file (each file once) into `out` (JSON)."""
+                   progress: bool = True, cap: int | None = None) -> None:
+    """`resample_metrics` of every row's results file (each file once, at `cap` too) into `out`."""
     index = load_ground_truth(gt)
     files = list(dict.fromkeys(str(r["results"]) for r in rows))
     data = {}
     for f in tqdm(files, desc="bootstrap", unit="file", disable=not progress):
-        data[f] = resample_metrics(index, f, n)
-    write_json_atomic(out, {"resamples": n, "seed": BOOT_SEED, "files": data})
+        data[f] = resample_metrics(index, f, n, cap=cap)
+    write_json_atomic(out, {"resamples": n, "seed": BOOT_SEED, "cap": cap, "files": data})
 
 
 def load_bootstrap(path: Path) -> dict[str, Any]:
@@ -83,6 +92,11 @@ def _sample(a: Mapping[str, Any], b: Mapping[str, Any], m: str) -> SeedSample:
         return math.nan if v is None else float(v)
 
     return SeedSample(full(a), full(b), arr(a), arr(b))
+
+
+def _metrics_of(files: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The bootstrapped metrics every file has (a bootstrap without a cap has no capped ones)."""
+    return [m for m in BOOT_METRICS if all(m in f["full"] for f in files)]
 
 
 def paired_effects(
@@ -105,5 +119,6 @@ def paired_effects(
             if fa is not None and fb is not None:
                 sides.append((fa, fb))
         if sides:
-            out[(b, a)] = {m: paired_effect([_sample(fa, fb, m) for fa, fb in sides]) for m in BOOT_METRICS}
+            have = _metrics_of([f for pair in sides for f in pair])
+            out[(b, a)] = {m: paired_effect([_sample(fa, fb, m) for fa, fb in sides]) for m in have}
     return out

@@ -33,6 +33,9 @@ def row(model: str, source: str, stat: str, ap: float, apr: float, apc: float, a
         "APf": apf,
         "APb": ap + 0.01,
         "AP_cap": ap - 0.01,
+        "APr_cap": apr / 2,
+        "APc_cap": apc - 0.02,
+        "APf_cap": apf + 0.01,
         "cap": 12,
         "classes": 48,
         "AP_fixed": ap + 0.02,
@@ -57,13 +60,15 @@ def test_pct_and_tables() -> None:
     assert pct(0.2345) == "23.4" and pct(-1.0) == "-" and pct(None) == "-" and pct(float("nan")) == "-"
     rows = [{**r, **REGIME} if r["stat"] == "cm" and r["source"] == "val" else r for r in ROWS]
     t1 = study_table(aggregate_seeds(rows), "val", ["softmax", "pcb"]).splitlines()
-    assert t1[0] == ("| model | statistic | AP@300 | APr | APc | APf | APb | AP@12 | AP_fixed "
-                     "| regime of the statistics |")
+    assert t1[0] == ("| model | statistic | AP@300 | APr | APc | APf | APb | AP@12 | APr@12 | APc@12 "
+                     "| APf@12 | AP_fixed | regime of the statistics |")
     # none, MS, CM for softmax (val statistics only), then pcb's none
     assert [r.split(" | ")[1] for r in t1[2:]] == ["none", "MS", "CM", "none"]
-    assert t1[2] == "| softmax | none | 20.0 | 5.0 | 20.0 | 30.0 | 21.0 | 19.0 | 22.0 | - |"
+    assert t1[2] == ("| softmax | none | 20.0 | 5.0 | 20.0 | 30.0 | 21.0 | 19.0 | 2.5 | 18.0 | 31.0 | 22.0 "
+                     "| - |")
     # the regime of the statistics file beside the row that used it
-    assert t1[4] == f"| softmax | CM | 24.0 | 20.0 | 24.0 | 28.0 | 25.0 | 23.0 | 26.0 | {REGIME_TEXT} |"
+    assert t1[4] == (f"| softmax | CM | 24.0 | 20.0 | 24.0 | 28.0 | 25.0 | 23.0 | 10.0 | 22.0 | 29.0 | 26.0 "
+                     f"| {REGIME_TEXT} |")
     t4 = train_vs_val_table(aggregate_seeds(rows), ["softmax"]).splitlines()
     assert t4[0].startswith(
         "| model | statistic | AP@300 none | AP@300 val-stat | AP@300 train-stat | AP@12 none"
@@ -73,8 +78,9 @@ def test_pct_and_tables() -> None:
                      f"| 5.0 | 20.0 | 5.5 | {REGIME_TEXT} | - |")
     csv = rows_to_csv(ROWS[:1]).splitlines()
     assert csv == [
-        "model,source,stat,AP,APr,APc,APf,APb,AP_cap,AP_fixed",
-        "softmax,-,none,0.200000,0.050000,0.200000,0.300000,0.210000,0.190000,0.220000",
+        "model,source,stat,AP,APr,APc,APf,APb,AP_cap,APr_cap,APc_cap,APf_cap,AP_fixed",
+        "softmax,-,none,0.200000,0.050000,0.200000,0.300000,0.210000,0.190000,0.025000,0.180000,0.310000,"
+        "0.220000",
     ]
 
 
@@ -84,13 +90,14 @@ def test_tables_with_seeds_show_mean_and_std() -> None:
     # AP 0.20, 0.24: mean 22.0, sample std |0.24 - 0.20| / sqrt(2) = 2.83 points; APr 5.0, 7.0 -> 6.0 ± 1.4
     assert t1[2].startswith("| softmax | none | 22.0 ± 2.8 | 6.0 ± 1.4 | 20.0 ± 0.0 |")
     csv = rows_to_csv(seeds).splitlines()
-    assert csv[0] == "seed,model,source,stat,AP,APr,APc,APf,APb,AP_cap,AP_fixed"
+    assert csv[0] == "seed,model,source,stat,AP,APr,APc,APf,APb,AP_cap,APr_cap,APc_cap,APf_cap,AP_fixed"
     assert csv[2].startswith("1,softmax,-,none,0.240000,0.070000,")
     proto = rows_to_csv([{**ROWS[1], "protocol": "cross-fitted"}]).splitlines()
     assert proto[0].startswith("protocol,model,") and proto[1].startswith("cross-fitted,softmax,val,ms,")
 
 
-def effects_of(rows: list[dict], interval: float, seeds: tuple[float, ...] | None = None) -> dict:
+def effects_of(rows: list[dict], interval: float, seeds: tuple[float, ...] | None = None,
+               metrics: tuple[str, ...] = ("AP", "APr", "APc", "APf", "APb")) -> dict:
     """Effects of every comparison: the rows' difference with an interval of +-`interval` around it."""
     agg = aggregate_seeds(rows)
     by = {row_key(r): r for r in agg}
@@ -99,7 +106,7 @@ def effects_of(rows: list[dict], interval: float, seeds: tuple[float, ...] | Non
         out[(b, a)] = {m: Effect(by[b][m] - by[a][m], by[b][m] - by[a][m] - interval,
                                  by[b][m] - by[a][m] + interval,
                                  seeds if seeds is not None else (by[b][m] - by[a][m],))
-                       for m in ("AP", "APr", "APc", "APf", "APb")}
+                       for m in metrics}
     return out
 
 
@@ -115,6 +122,34 @@ def test_effects_table() -> None:
     assert t[3].startswith("| softmax | cm (val-stat) - none | +4.0 [+3.0, +5.0] * |")
     # ms (train) - none on AP: 0, interval [-1, +1]: no mark
     assert "| softmax | ms (train-stat) - none | +0.0 [-1.0, +1.0] |" in t[4]
+
+
+def test_effects_table_at_the_cap() -> None:
+    eff = effects_of(ROWS, 0.01, metrics=("AP", "APr", "APc", "APf", "APb", "AP_cap", "APr_cap", "APf_cap"))
+    t = effects_table(aggregate_seeds(ROWS), ["softmax", "pcb"], eff).splitlines()
+    assert t[0] == ("| model | comparison (b - a) | AP@300 | APr | APc | APf | APb | AP@12 | APr@12 "
+                    "| APf@12 |")
+    # cm (val) - none at the cap: AP 0.23 - 0.19 = +4.0; APr 0.20 / 2 - 0.05 / 2 = +7.5;
+    # APf 0.29 - 0.31 = -2.0
+    assert t[3].endswith("| +4.0 [+3.0, +5.0] * | +7.5 [+6.5, +8.5] * | -2.0 [-3.0, -1.0] * |")
+
+
+def test_reading_at_the_lvis_equivalent_cap() -> None:
+    metrics = ("AP", "APr", "APc", "APf", "APb", "AP_cap", "APr_cap", "APf_cap")
+    lines = reading(aggregate_seeds(ROWS), ["softmax", "pcb"], effects_of(ROWS, 0.001, metrics=metrics))
+    # softmax none at the cap: APr 0.05 / 2 = 2.5, APf 0.30 + 0.01 = 31.0 -> a 28.5-point bias
+    assert ("At the LVIS-equivalent cap of 12 detections per image (the budget comparable to the paper's): "
+            "without calibration APr@12 is 2.5 against APf@12 31.0 (a 28.5-point frequency bias).") in lines
+    # CM (val): APr@12 10.0 - 2.5 = +7.5, APf@12 29.0 - 31.0 = -2.0, AP@12 23.0 - 19.0 = +4.0
+    cm = next(s for s in lines if s.startswith("At that cap, with the val-set statistics, CM"))
+    assert ("CM changes APr@12 by +7.5 [+7.4, +7.6], APf@12 by -2.0 [-2.1, -1.9] and AP@12 by +4.0 "
+            "[+3.9, +4.1] points (paper: +19.1, -2.9, +4.4); on APr: same direction as the paper") in cm
+    # CM vs MS at the cap: 10.0 - 5.0 = +5.0
+    assert ("At that cap, CM against MS on APr@12: +5.0 [+4.9, +5.1] points (paper: +9.4): same direction "
+            "as the paper.") in lines
+    # rows without the capped metrics: no sentence at the cap
+    plain = [{k: v for k, v in r.items() if not k.endswith("_cap") or k == "AP_cap"} for r in ROWS]
+    assert not any(s.startswith("At ") for s in reading(aggregate_seeds(plain), ["softmax"]))
 
 
 def test_reading_without_intervals_tests_nothing() -> None:

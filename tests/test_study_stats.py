@@ -129,6 +129,34 @@ def test_one_seed_equals_bootstrap_compare(tmp_path: Path) -> None:
         assert (got[name].delta, got[name].low, got[name].high) == pytest.approx(want, nan_ok=True), name
 
 
+def test_capped_effects_equal_bootstrap_compare_at_that_cap(tmp_path: Path) -> None:
+    case = make_case(seed=4, num_images=20, num_cats=6, dets_per_image=12, crowded_images=0, size=64)
+    other = copy.deepcopy(case.results)
+    rng = np.random.default_rng(2)
+    for d in other:
+        d["score"] = float(np.clip(d["score"] * rng.uniform(0.5, 1.5), 1e-4, 1.0))
+    gt = tmp_path / "gt.json"
+    write_json_atomic(gt, case.gt)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_json_atomic(a, case.results)
+    write_json_atomic(b, other)
+    index = load_ground_truth(gt)
+    boot = {0: {str(p): resample_metrics(index, p, 30, cap=3) for p in (a, b)}}
+    assert set(boot[0][str(a)]["full"]) == {"AP", "APr", "APc", "APf", "APb", "AP_cap", "APr_cap", "APc_cap",
+                                             "APf_cap"}
+    rows = [{**row(0, "none", 0.1), "results": str(a)}, {**row(0, "cm", 0.1), "results": str(b)}]
+    key_a, key_b = (None, "softmax", "-", "none"), (None, "softmax", "val", "cm")
+    got = paired_effects(rows, boot, [(key_b, key_a, "cm - none")])[(key_b, key_a)]
+    for name, metric in (("AP_cap", "AP"), ("APf_cap", "APf")):
+        want = compare(index, str(a), str(b), "segm", n=30, seed=0, max_dets=3)[metric]
+        assert (got[name].delta, got[name].low, got[name].high) == pytest.approx(want, nan_ok=True), name
+    # 3 detections per image bind (12 per image in the files): the capped value differs from the uncapped
+    assert got["AP_cap"].delta != pytest.approx(got["AP"].delta)
+    # without a cap no capped metric is bootstrapped, and effects carry only what every file has
+    plain = {0: {str(p): resample_metrics(index, p, 5) for p in (a, b)}}
+    assert "AP_cap" not in paired_effects(rows, plain, [(key_b, key_a, "cm - none")])[(key_b, key_a)]
+
+
 def test_regime_line() -> None:
     fields = {"cond2": 1234.5, "sigma_min": 0.000567, "diag_r": 0.21, "diag_c": 0.449, "diag_f": 0.8,
               "clipped": 0.031}

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
@@ -97,16 +96,15 @@ def encode_masks(masks: Tensor) -> list[dict[str, Any]]:
     """Binary masks [D, H, W] (bool / uint8 / probabilities >= 0.5) -> COCO RLEs with str counts."""
     if masks.dtype.is_floating_point:
         masks = masks >= 0.5
-    arr = masks.to(device="cpu", dtype=torch.uint8).numpy()
+    h, w = int(masks.shape[1]), int(masks.shape[2])
+    # [D, W, H] C-contiguous: each chunk of it, seen as [H, W, n], is the Fortran-ordered array
+    # pycocotools reads, so no column-major copy of the masks is made
+    arr = masks.to(device="cpu", dtype=torch.uint8).transpose(1, 2).contiguous().numpy()
     out: list[dict[str, Any]] = []
     for start in range(0, arr.shape[0], RLE_CHUNK):
-        chunk = np.asfortranarray(arr[start : start + RLE_CHUNK].transpose(1, 2, 0))
+        chunk = arr[start : start + RLE_CHUNK].transpose(2, 1, 0)
         for rle in mask_utils.encode(chunk):
             counts = rle["counts"]
-            out.append(
-                {
-                    "size": [int(s) for s in rle["size"]],
-                    "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-                }
-            )
+            text = counts.decode("ascii") if isinstance(counts, bytes) else counts
+            out.append({"size": [h, w], "counts": text})
     return out
