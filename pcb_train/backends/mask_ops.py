@@ -19,6 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 RLE_CHUNK = 64  # masks encoded per pycocotools call (bounds the [H, W, n] uint8 copy)
+CHUNK_PIXELS = 1 << 22  # pasted pixels per chunk of `chunk_masks` (small images: many masks at once)
+
+
+def chunk_masks(image_size: tuple[int, int]) -> int:
+    """Masks pasted and encoded together for one image of `image_size`: RLE_CHUNK, or more when the
+    image is small (up to CHUNK_PIXELS pasted pixels; fewer, longer calls, the same values)."""
+    return max(RLE_CHUNK, CHUNK_PIXELS // max(int(image_size[0]) * int(image_size[1]), 1))
 
 
 def _interp_weights(lo: Tensor, hi: Tensor, src_size: int, n: int) -> Tensor:

@@ -23,7 +23,7 @@ from torchvision.ops import boxes as box_ops
 from pcb_analysis.categories import CategorySpace
 from pcb_analysis.errors import ApiMisuseError, PcbkitError
 from pcb_train.backends.base import SelectedDetections
-from pcb_train.backends.mask_ops import RLE_CHUNK, encode_masks, paste_masks
+from pcb_train.backends.mask_ops import chunk_masks, encode_masks, paste_masks
 
 MIN_BOX_SIZE = 1e-2  # detections with a side shorter than this are dropped (torchvision's rule)
 
@@ -104,8 +104,9 @@ def _encode_subset(
     h, w = (int(v) for v in detections["image_size"].tolist())
     idx = torch.tensor(rows, dtype=torch.long, device=probs.device)
     out: list[dict[str, Any]] = []
-    for start in range(0, len(rows), RLE_CHUNK):
-        sel = idx[start : start + RLE_CHUNK]
+    step = chunk_masks((h, w))
+    for start in range(0, len(rows), step):
+        sel = idx[start : start + step]
         out.extend(encode_masks(paste_masks(probs[sel], boxes[sel], (h, w), threshold)))
     return out
 
@@ -123,7 +124,7 @@ def detections_to_lvis(
     `rle_cache` (one dict per image, shared by several detection sets of that image): with
     detections that carry "pairs" (as the torchvision backend's `infer` returns), each pair's mask
     is encoded once. Masks are pasted ("masks" [D, H, W]) or compact ("mask_probs" [D, M, M] with
-    "image_size" (H, W)): those are pasted at `mask_threshold`, RLE_CHUNK at a time."""
+    "image_size" (H, W)): those are pasted at `mask_threshold`, `chunk_masks` at a time."""
     boxes = detections["boxes"].detach().float().cpu()
     scores = detections["scores"].detach().float().cpu().tolist()
     labels = detections["labels"].detach().cpu().tolist()
