@@ -245,4 +245,14 @@ def reading(
         else:  # the paper gives no number for this pair in pcbkit's tables
             out.append(f"{text}; on AP: {ver(other, base, 'AP', None)}, "
                        f"on APr: {ver(other, base, 'APr', None)}.")
+        cap = base.get("cap")
+        if cap is not None and base.get("APr_cap") is not None and other.get("APr_cap") is not None:
+            paper_r = paper_pcb["APr"] if (model, ref) == PCB_PAIR else None
+            paper_a = paper_pcb["AP"] if (model, ref) == PCB_PAIR else None
+            out.append(
+                f"**{model}** vs **{ref}** at the LVIS-equivalent cap of {cap}: AP@{cap} "
+                f"{eff(other, base, 'AP_cap')}, APr@{cap} {eff(other, base, 'APr_cap')}, APf@{cap} "
+                f"{eff(other, base, 'APf_cap')} points; on AP: {ver(other, base, 'AP_cap', paper_a)}, "
+                f"on APr: {ver(other, base, 'APr_cap', paper_r)}."
+            )
     return out

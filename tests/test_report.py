@@ -147,6 +147,11 @@ def test_reading_at_the_lvis_equivalent_cap() -> None:
     # CM vs MS at the cap: 10.0 - 5.0 = +5.0
     assert ("At that cap, CM against MS on APr@12: +5.0 [+4.9, +5.1] points (paper: +9.4): same direction "
             "as the paper.") in lines
+    # pcb vs softmax at the cap: AP@12 0.18 - 0.19 = -1.0, APr@12 0.04 - 0.025 = +1.5, APf@12 0.0
+    pair = next(s for s in lines if s.startswith("**pcb** vs **softmax** at the LVIS-equivalent cap"))
+    assert pair == ("**pcb** vs **softmax** at the LVIS-equivalent cap of 12: AP@12 -1.0 [-1.1, -0.9], "
+                    "APr@12 +1.5 [+1.4, +1.6], APf@12 +0.0 [-0.1, +0.1] points; on AP: the opposite of the "
+                    "paper, on APr: same direction as the paper.")
     # rows without the capped metrics: no sentence at the cap
     plain = [{k: v for k, v in r.items() if not k.endswith("_cap") or k == "AP_cap"} for r in ROWS]
     assert not any(s.startswith("At ") for s in reading(aggregate_seeds(plain), ["softmax"]))
