@@ -14,7 +14,7 @@ from pcb_analysis.atomic import write_json_atomic
 from pcb_analysis.bootstrap import compare
 from pcb_analysis.errors import ApiMisuseError
 from pcb_analysis.eval_cases import make_case
-from pcb_analysis.lvis_gt import load_ground_truth
+from pcb_analysis.lvis_gt import GroundTruth, load_ground_truth
 from pcb_analysis.regime_line import regime_text, sci
 from pcb_analysis.study_stats import (
     NO_EFFECT,
@@ -108,10 +108,12 @@ def test_paired_effect_across_seeds_by_hand() -> None:
         paired_effect([s0, SeedSample(0.1, 0.1, np.zeros(2), np.zeros(2))])
 
 
-def test_one_seed_equals_bootstrap_compare(tmp_path: Path) -> None:
-    case = make_case(seed=3, num_images=24, num_cats=6, dets_per_image=12, crowded_images=0, size=64)
+def two_results(tmp_path: Path, seed: int, num_images: int) -> tuple[GroundTruth, Path, Path]:
+    """A small LVIS case: its ground-truth index, results a.json and b.json (a's scores perturbed)."""
+    case = make_case(seed=seed, num_images=num_images, num_cats=6, dets_per_image=12, crowded_images=0,
+                     size=64)
     other = copy.deepcopy(case.results)
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed - 2)
     for d in other:
         d["score"] = float(np.clip(d["score"] * rng.uniform(0.5, 1.5), 1e-4, 1.0))
     gt = tmp_path / "gt.json"
@@ -119,7 +121,11 @@ def test_one_seed_equals_bootstrap_compare(tmp_path: Path) -> None:
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     write_json_atomic(a, case.results)
     write_json_atomic(b, other)
-    index = load_ground_truth(gt)
+    return load_ground_truth(gt), a, b
+
+
+def test_one_seed_equals_bootstrap_compare(tmp_path: Path) -> None:
+    index, a, b = two_results(tmp_path, seed=3, num_images=24)
     boot = {0: {str(a): resample_metrics(index, a, 40), str(b): resample_metrics(index, b, 40)}}
     rows = [{**row(0, "none", 0.1), "results": str(a)}, {**row(0, "cm", 0.1), "results": str(b)}]
     key_a, key_b = (None, "softmax", "-", "none"), (None, "softmax", "val", "cm")
@@ -130,17 +136,7 @@ def test_one_seed_equals_bootstrap_compare(tmp_path: Path) -> None:
 
 
 def test_capped_effects_equal_bootstrap_compare_at_that_cap(tmp_path: Path) -> None:
-    case = make_case(seed=4, num_images=20, num_cats=6, dets_per_image=12, crowded_images=0, size=64)
-    other = copy.deepcopy(case.results)
-    rng = np.random.default_rng(2)
-    for d in other:
-        d["score"] = float(np.clip(d["score"] * rng.uniform(0.5, 1.5), 1e-4, 1.0))
-    gt = tmp_path / "gt.json"
-    write_json_atomic(gt, case.gt)
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    write_json_atomic(a, case.results)
-    write_json_atomic(b, other)
-    index = load_ground_truth(gt)
+    index, a, b = two_results(tmp_path, seed=4, num_images=20)
     boot = {0: {str(p): resample_metrics(index, p, 30, cap=3) for p in (a, b)}}
     assert set(boot[0][str(a)]["full"]) == {"AP", "APr", "APc", "APf", "APb", "AP_cap", "APr_cap", "APc_cap",
                                              "APf_cap"}
