@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from pcb_analysis.lvis_protocol import MAX_DETS
 from pcb_analysis.study_stats import Effect, effect_verdict, format_effect, mean_cell, row_key
 
 Key = tuple[Any, ...]
@@ -123,15 +124,21 @@ def _row_delta(b: Mapping[str, Any] | None, a: Mapping[str, Any] | None, m: str)
     return vb - va
 
 
+def _has_cap(r: Mapping[str, Any]) -> bool:
+    """The row carries metrics at an LVIS-equivalent cap other than the standard 300."""
+    return r.get("cap") is not None and int(r["cap"]) != MAX_DETS and r.get("APr_cap") is not None
+
+
 def _at_cap(
     none: Mapping[str, Any], ms_val: Mapping[str, Any] | None, cm_val: Mapping[str, Any] | None,
     eff: Callable[..., str], ver: Callable[..., str], paper_ms: Mapping[str, float],
     paper_cm: Mapping[str, float], paper_cm_ms: float,
 ) -> list[str]:
     """The same reading at the LVIS-equivalent cap (the budget comparable to the paper's AP, whose
-    300 detections per image bind on 1,230 classes); nothing when the rows carry no capped metrics."""
+    300 detections per image bind on 1,230 classes); nothing when the rows carry no capped metrics or
+    the cap is the standard 300 (K ~ 1,230: the sentences above already are at that budget)."""
     cap = none.get("cap")
-    if cap is None or none.get("APr_cap") is None or none.get("APf_cap") is None:
+    if not _has_cap(none) or none.get("APf_cap") is None:
         return []
     if none["APr_cap"] < 0 or none["APf_cap"] < 0:
         return []
@@ -246,7 +253,7 @@ def reading(
             out.append(f"{text}; on AP: {ver(other, base, 'AP', None)}, "
                        f"on APr: {ver(other, base, 'APr', None)}.")
         cap = base.get("cap")
-        if cap is not None and base.get("APr_cap") is not None and other.get("APr_cap") is not None:
+        if _has_cap(base) and _has_cap(other):
             paper_r = paper_pcb["APr"] if (model, ref) == PCB_PAIR else None
             paper_a = paper_pcb["AP"] if (model, ref) == PCB_PAIR else None
             out.append(
