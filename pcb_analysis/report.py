@@ -60,10 +60,15 @@ def _cap_of(rows: Sequence[Mapping[str, Any]]) -> Any:
     return next((r["cap"] for r in rows if r.get("cap") is not None), "?")
 
 
+def _column(m: str, cap: Any) -> str:
+    """A metric's column header: AP at the 300 cap is AP@300, <m>_cap is written <m>@<cap>."""
+    return "AP@300" if m == "AP" else m.replace("_cap", f"@{cap}")
+
+
 def _headers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """METRICS as column headers: AP at the 300 cap is AP@300, <m>_cap is written <m>@<cap>."""
+    """METRICS as column headers (`_column`)."""
     cap = _cap_of(rows)
-    return ["AP@300" if m == "AP" else m.replace("_cap", f"@{cap}") for m in METRICS]
+    return [_column(m, cap) for m in METRICS]
 
 
 def _regime(r: Mapping[str, Any] | None) -> str:
@@ -123,8 +128,7 @@ def effects_table(rows: Sequence[Mapping[str, Any]], models: Sequence[str], effe
         eff = effects.get((b, a), {})
         body.append([str(b[1]), label] + [format_effect(eff.get(m)) for m in metrics])
     cap = _cap_of(rows)
-    header = ["AP@300" if m == "AP" else m.replace("_cap", f"@{cap}") for m in metrics]
-    return markdown_table(["model", "comparison (b - a)", *header], body)
+    return markdown_table(["model", "comparison (b - a)", *(_column(m, cap) for m in metrics)], body)
 
 
 def chance_note(effects: Effects) -> str:

@@ -54,12 +54,13 @@ def resample_metrics(
     resamples = [ids, *draw_resamples(ids, n, seed)]
     full: dict[str, float | None] = {}
     per: dict[str, list[float | None]] = {}
-    passes = [("segm", False), ("bbox", False)] + ([("segm", True)] if cap is not None else [])
-    for iou, capped in passes:
-        kw = {"max_dets": cap} if capped and cap is not None else {}
+    # (IoU type, per-image cap): None is the standard 300
+    passes = [("segm", None), ("bbox", None)] + ([("segm", cap)] if cap is not None else [])
+    for iou, max_dets in passes:
+        kw = {} if max_dets is None else {"max_dets": max_dets}
         values = evaluate_resamples(gt, str(results), iou, resamples, **kw)
         for name, (kind, key, at_cap) in BOOT_METRICS.items():
-            if kind == iou and at_cap == capped:
+            if kind == iou and at_cap == (max_dets is not None):
                 full[name] = _value(values[0][key])
                 per[name] = [_value(v[key]) for v in values[1:]]
     return {"full": full, "resamples": per}
